@@ -1,0 +1,173 @@
+// The variant contract and registry.
+//
+// A variant is one self-contained unit: its shape parameters (names, defaults,
+// validation), its input generator, its reference (the same code computes the
+// f64 oracle and the "naive in dtype T" baseline of the correctness rule), its
+// implementations, its FLOP and memory models and the properties to check.
+// Each variant lives in harness/variants/<family>.cpp and registers itself with
+// ATTNBENCH_REGISTER_VARIANT; nothing else in the harness names it.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "harness/dtype.hpp"
+#include "harness/rng.hpp"
+#include "harness/tensor.hpp"
+#include "harness/workspace.hpp"
+
+namespace attnbench {
+
+/// Shape parameters of one case, e.g. {"B":1,"H":8,"N":4096,"D":64,"causal":true}.
+/// After Variant::complete() every parameter of the variant is present.
+using Params = nlohmann::json;
+
+/// One shape parameter. Its type (integer, boolean, number or string) is the
+/// type of `default_value`; suites must give values of that type.
+struct ParamSpec {
+  std::string name;
+  nlohmann::json default_value;
+  std::string help;
+};
+
+enum class Device { cpu, cuda };
+
+/// What an implementation instance is built from. `inputs` are already in the
+/// dtype under test (as cast by Variant::cast_inputs); `outputs` are allocated
+/// with Variant::outputs() and NaN-filled before every checked call.
+struct ImplArgs {
+  const Params& params;
+  DType dtype;
+  const TensorMap& inputs;
+  TensorMap& outputs;
+  Workspace& workspace;
+};
+
+/// A prepared implementation. Construction is setup (weight packing, uploads,
+/// block maps), timed separately; run() is the timed call.
+class Instance {
+ public:
+  virtual ~Instance() = default;
+  /// Computes the outputs (synchronously: when it returns the work is done).
+  virtual void run() = 0;
+  /// Makes the outputs of the last run() visible in ImplArgs::outputs (downloads).
+  virtual void finish() {}
+  /// Device-timed duration of the last run() in seconds, or < 0 for wall time.
+  virtual double device_seconds() const { return -1.0; }
+  /// Bytes of device memory held (CUDA), 0 on the host.
+  virtual size_t device_bytes() const { return 0; }
+};
+
+struct Impl {
+  std::string name;           // "reference", "cpu", "cuda", ...
+  Device device = Device::cpu;
+  std::vector<DType> dtypes;  // dtypes it accepts
+  std::function<std::unique_ptr<Instance>(const ImplArgs&)> make;
+};
+
+/// An Instance whose run() calls a function (most CPU implementations).
+class FunctionInstance final : public Instance {
+ public:
+  explicit FunctionInstance(std::function<void()> f) : f_(std::move(f)) {}
+  void run() override { f_(); }
+
+ private:
+  std::function<void()> f_;
+};
+
+struct OutputSpec {
+  std::string name;
+  DType dtype;
+  Shape shape;
+};
+
+/// Result of one check (equivalence, a property, ...). `passed` follows the
+/// rule in check.hpp; the numbers are what the results file records.
+struct CheckResult {
+  bool passed = true;
+  double max_abs = 0, max_rel = 0, rms_rel = 0, bound = 0;
+  double naive_max_abs = -1;   // error of naive_T, when the rule uses it
+  std::string detail;          // first mismatches on failure
+  nlohmann::json extra = nlohmann::json::object();
+};
+
+/// Runs an implementation on other inputs (same shapes and dtype) and returns
+/// its outputs; given to property checks.
+using RunOn = std::function<TensorMap(const TensorMap& inputs)>;
+
+/// A property every implementation must have (e.g. SE(3) invariance). It may
+/// produce several named results (one per translation scale, say).
+struct Property {
+  std::string name;
+  std::string help;
+  std::function<std::vector<std::pair<std::string, CheckResult>>(
+      const Params&, DType, const TensorMap& inputs, const RunOn& run, Rng& rng,
+      const nlohmann::json& options)>
+      check;
+};
+
+class Variant {
+ public:
+  virtual ~Variant() = default;
+  virtual std::string name() const = 0;
+  virtual std::string summary() const = 0;
+  virtual std::vector<ParamSpec> params() const = 0;
+  virtual std::vector<Impl> impls() const = 0;
+
+  /// Throws InputError("<param>: expected ...") on impossible shapes.
+  virtual void validate(const Params& p) const = 0;
+  /// Input and weight tensors in f64, drawn from per-tensor streams:
+  /// use `Rng(seed, key, tensor_name)`.
+  virtual TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const = 0;
+  virtual std::vector<OutputSpec> outputs(const Params& p, DType dtype) const = 0;
+  /// The reference algorithm. `dtype` f64 gives the oracle; f32 the same code in
+  /// float; bf16/f16 float arithmetic rounded to the dtype at stage boundaries
+  /// (like an eager PyTorch module in that dtype). Inputs are f64 tensors.
+  virtual TensorMap reference(const Params& p, const TensorMap& inputs, DType dtype) const = 0;
+
+  /// Dense-equivalent floating point operations of one forward call.
+  virtual double flops(const Params& p) const = 0;
+  /// Bytes the implementation needs (inputs, outputs and scratch): cases whose
+  /// model exceeds free memory are skipped before anything is allocated.
+  virtual double memory_bytes(const Params& p, const std::string& impl, DType dtype) const = 0;
+
+  /// Casts the f64 master inputs to what implementations in `dtype` read.
+  /// Default: every floating tensor to `dtype`, others unchanged.
+  virtual TensorMap cast_inputs(const Params& p, const TensorMap& inputs64, DType dtype) const;
+  /// Extra checks (default none).
+  virtual std::vector<Property> properties() const { return {}; }
+  /// Extra numbers recorded with a case (density, tiles computed, ...).
+  virtual nlohmann::json case_info(const Params&) const { return nlohmann::json::object(); }
+
+  /// Case files: shape parameters recovered from the tensors of a case file
+  /// (weights, inputs) when its metadata has none. Default: unsupported.
+  virtual Params params_from_tensors(const TensorMap& tensors) const;
+
+  /// Defaults filled in, unknown keys rejected (with did-you-mean), types
+  /// checked, validate() called. `where` prefixes errors ("suites/x.json: groups[0].sweep").
+  Params complete(const Params& given, const std::string& where) const;
+  const Impl* find_impl(const std::string& name) const;
+};
+
+/// All registered variants, by name.
+const std::vector<const Variant*>& variants();
+/// The variant `name` or an InputError with did-you-mean.
+const Variant& find_variant(const std::string& name, const std::string& where);
+
+struct Registrar {
+  explicit Registrar(std::unique_ptr<Variant> v);
+};
+
+#define ATTNBENCH_REGISTER_VARIANT(Type) \
+  static const ::attnbench::Registrar attnbench_registrar_##Type{std::make_unique<Type>()}
+
+/// Is a CUDA device usable in this process (compiled in and a device present)?
+bool cuda_usable();
+/// Why CUDA is not usable (empty when it is).
+std::string cuda_unusable_reason();
+
+}  // namespace attnbench
