@@ -140,6 +140,9 @@ class Variant {
   virtual TensorMap cast_inputs(const Params& p, const TensorMap& inputs64, DType dtype) const;
   /// Extra checks (default none).
   virtual std::vector<Property> properties() const { return {}; }
+  /// Odd shapes every implementation is tested on by the registry-driven
+  /// equivalence test (tests/equivalence_test.cpp); keep each case small (< 1 s).
+  virtual std::vector<Params> test_shapes() const = 0;
   /// Extra numbers recorded with a case (density, tiles computed, ...).
   virtual nlohmann::json case_info(const Params&) const { return nlohmann::json::object(); }
 

@@ -1,0 +1,25 @@
+// The correctness rule (DESIGN §3, FlashAttention's):
+//   an implementation in dtype T passes when
+//   max_abs(impl − oracle) ≤ 2 · max_abs(naive_T − oracle) + floor,
+// where the oracle is the reference in f64 on the same (T-rounded) inputs,
+// naive_T the same reference algorithm computed in T, and
+// floor = floor_ulps · eps(T) · max|oracle|. Non-finite values where the
+// oracle is finite always fail.
+#pragma once
+
+#include "harness/variant.hpp"
+
+namespace attnbench {
+
+inline constexpr double kDefaultFloorUlps = 8.0;
+
+CheckResult check_equivalence(const Tensor& impl, const Tensor& oracle, const Tensor& naive, DType dtype,
+                              double floor_ulps = kDefaultFloorUlps);
+
+/// Passes when max_abs(got − want) ≤ bound (property checks with their own bound).
+CheckResult check_within(const Tensor& got, const Tensor& want, double bound);
+
+/// Combines per-output results: passed if all passed, the worst numbers kept.
+CheckResult worst_of(const std::vector<CheckResult>& results);
+
+}  // namespace attnbench
