@@ -1,0 +1,39 @@
+// Helpers shared by the Eigen references (one header per variant family).
+//
+// A reference is written once, templated on its arithmetic type `Scalar`
+// (double for the f64 oracle, float for f32 and for the "naive in T" baselines
+// of bf16/f16). The 16-bit baselines compute in float and round to the dtype
+// at stage boundaries, like an eager PyTorch module in that dtype: call
+// `round_inplace(x, dtype)` after each stage.
+#pragma once
+
+#include <Eigen/Core>
+
+#include "harness/dtype.hpp"
+
+namespace attnbench::ref {
+
+/// Arithmetic type of the reference in `dtype`: f64 computes in double, every
+/// other floating dtype in float (rounding to 16 bits happens at stage boundaries).
+template <class Scalar>
+using Matrix = Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class Scalar>
+using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
+
+/// Rounds every coefficient of `x` to the nearest value representable in
+/// `dtype` (no-op for f64 and f32; f32 values are already float).
+template <class Derived>
+void round_inplace(Eigen::DenseBase<Derived>& x, DType dtype) {
+  if (dtype != DType::bf16 && dtype != DType::f16) return;
+  for (Eigen::Index i = 0; i < x.rows(); ++i)
+    for (Eigen::Index j = 0; j < x.cols(); ++j)
+      x(i, j) = static_cast<typename Derived::Scalar>(round_to(dtype, double(x(i, j))));
+}
+
+/// Rounds one value to `dtype` in the scalar type of the computation.
+template <class Scalar>
+Scalar round_scalar(Scalar x, DType dtype) {
+  return static_cast<Scalar>(round_to(dtype, double(x)));
+}
+
+}  // namespace attnbench::ref
