@@ -29,13 +29,38 @@ struct RunOptions {
   int check_seeds = 3;
   uint64_t seed = 0;
   double floor_ulps = 8.0;
+  double max_oracle_gflop = 0;  // > 0: skip checks (with a reason) for cases costing more
   BenchSettings bench_settings;
   nlohmann::json property_options = nlohmann::json::object();  // name -> options
   double peak_gflops = 0;  // for pct_peak; 0 = unknown
 };
 
-/// The record for one case; never throws for a failing implementation (the
-/// record says `failed` with a reason) but throws InputError for bad specs.
+/// Runs cases, keeping the oracle of the last (inputs, dtype) so that the
+/// implementations of one shape share it (the suite runner orders cases so).
+class CaseRunner {
+ public:
+  explicit CaseRunner(RunOptions o) : o_(std::move(o)) {}
+  /// The record for one case; never throws for a failing implementation (the
+  /// record says `failed` with a reason) but throws InputError for bad specs.
+  nlohmann::json run(const CaseSpec& c);
+  const RunOptions& options() const { return o_; }
+
+ private:
+  struct Oracle {
+    TensorMap inputs;  // in the case's dtype
+    TensorMap oracle;  // f64
+    TensorMap naive;   // reference in the dtype
+  };
+  const Oracle& oracle(const CaseSpec& c, int seed_index);
+  nlohmann::json check(const CaseSpec& c, const Impl& impl);
+  nlohmann::json bench(const CaseSpec& c, const Impl& impl);
+
+  RunOptions o_;
+  std::string cached_key_;
+  std::vector<Oracle> cached_;
+};
+
+/// Convenience for tests: a fresh CaseRunner's record.
 nlohmann::json run_case(const CaseSpec& c, const RunOptions& o);
 
 /// "B=1,H=8,N=17": a stable key for the case's inputs (independent of impl/dtype).

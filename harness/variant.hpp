@@ -10,6 +10,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,11 @@ class Variant {
   /// Input and weight tensors in f64, drawn from per-tensor streams:
   /// use `Rng(seed, key, tensor_name)`.
   virtual TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const = 0;
+  /// The same values stored in `storage` (f32 for bench-only runs of large
+  /// cases, where an f64 master copy would not fit). Variants with big inputs
+  /// override it to generate directly into `storage`; values must equal
+  /// make_inputs() rounded to `storage`.
+  virtual TensorMap make_inputs_as(const Params& p, uint64_t seed, const std::string& key, DType storage) const;
   virtual std::vector<OutputSpec> outputs(const Params& p, DType dtype) const = 0;
   /// The reference algorithm. `dtype` f64 gives the oracle; f32 the same code in
   /// float; bf16/f16 float arithmetic rounded to the dtype at stage boundaries
@@ -153,7 +159,7 @@ class Variant {
   /// Defaults filled in, unknown keys rejected (with did-you-mean), types
   /// checked, validate() called. `where` prefixes errors ("suites/x.json: groups[0].sweep").
   Params complete(const Params& given, const std::string& where) const;
-  const Impl* find_impl(const std::string& name) const;
+  std::optional<Impl> find_impl(const std::string& name) const;
 };
 
 /// All registered variants, by name.

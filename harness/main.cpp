@@ -1,0 +1,38 @@
+// attnbench: check, time and compare attention implementations.
+#include <cstdio>
+#include <exception>
+
+#include <CLI/CLI.hpp>
+
+#include "harness/cli/commands.hpp"
+#include "harness/errors.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"attnbench: a research harness for attention variants. Checks optimized CPU and CUDA\n"
+               "implementations against Eigen references, times them and writes results for plots.",
+               "attnbench"};
+  app.set_version_flag("--version", ATTNBENCH_VERSION);
+  app.require_subcommand(1);
+  int exit_code = 0;
+  namespace cli = attnbench::cli;
+  cli::add_run(app, exit_code);
+  cli::add_list(app, exit_code);
+  cli::add_compare(app, exit_code);
+  cli::add_roofline(app, exit_code);
+  cli::add_export(app, exit_code);
+  cli::add_verify(app, exit_code);
+  cli::add_merge(app, exit_code);
+  cli::add_report(app, exit_code);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const attnbench::InputError& e) {
+    std::fprintf(stderr, "attnbench: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "attnbench: internal error: %s\n", e.what());
+    return 3;
+  }
+  return exit_code;
+}

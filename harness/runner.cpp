@@ -1,0 +1,227 @@
+#include "harness/runner.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include <fmt/format.h>
+
+#include "harness/bench.hpp"
+#include "harness/check.hpp"
+#include "harness/errors.hpp"
+#include "harness/system.hpp"
+
+namespace attnbench {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+TensorMap allocate_outputs(const Variant& v, const Params& p, DType dtype) {
+  TensorMap out;
+  for (auto& spec : v.outputs(p, dtype)) out.emplace(spec.name, Tensor(spec.dtype, spec.shape));
+  return out;
+}
+
+TensorMap to_f64(const TensorMap& m) {
+  TensorMap out;
+  for (const auto& [name, t] : m) out.emplace(name, is_floating(t.dtype()) ? t.to(DType::f64) : t);
+  return out;
+}
+
+nlohmann::json to_json(const CheckResult& r) {
+  nlohmann::json j = {{"passed", r.passed}, {"max_abs", r.max_abs}, {"max_rel", r.max_rel},
+                      {"rms_rel", r.rms_rel}, {"bound", r.bound}};
+  if (r.naive_max_abs >= 0) j["naive_max_abs"] = r.naive_max_abs;
+  if (!r.detail.empty()) j["detail"] = r.detail;
+  for (const auto& [k, v] : r.extra.items()) j[k] = v;
+  // JSON has no infinity: a non-finite error is recorded as null.
+  for (auto& [k, v] : j.items())
+    if (v.is_number_float() && !std::isfinite(v.get<double>())) v = nullptr;
+  return j;
+}
+
+/// Seeds per checked case are spread so that seed s of one suite never equals
+/// seed s+1 of a suite with the next base seed.
+uint64_t check_seed(uint64_t base, int index) { return base * 1000003ull + uint64_t(index); }
+
+}  // namespace
+
+std::string case_key(const Variant& v, const Params& p) {
+  std::string key = v.name();
+  for (const auto& [k, val] : p.items()) key += "," + k + "=" + (val.is_string() ? val.get<std::string>() : val.dump());
+  return key;
+}
+
+const CaseRunner::Oracle& CaseRunner::oracle(const CaseSpec& c, int seed_index) {
+  const std::string key = case_key(*c.variant, c.params) + "|" + std::string(dtype_name(c.dtype));
+  if (key != cached_key_) {
+    cached_.clear();
+    cached_key_ = key;
+  }
+  while (int(cached_.size()) <= seed_index) {
+    const int s = int(cached_.size());
+    const Variant& v = *c.variant;
+    Oracle o;
+    // The oracle sees exactly the inputs the implementation sees: cast to the
+    // dtype, then widened back to f64.
+    o.inputs = v.cast_inputs(c.params, v.make_inputs(c.params, check_seed(o_.seed, s), case_key(v, c.params)), c.dtype);
+    TensorMap wide = to_f64(o.inputs);
+    o.oracle = v.reference(c.params, wide, DType::f64);
+    o.naive = c.dtype == DType::f64 ? o.oracle : v.reference(c.params, wide, c.dtype);
+    cached_.push_back(std::move(o));
+  }
+  return cached_[size_t(seed_index)];
+}
+
+nlohmann::json CaseRunner::check(const CaseSpec& c, const Impl& impl) {
+  const Variant& v = *c.variant;
+  std::map<std::string, std::vector<CheckResult>> by_name;
+  std::vector<std::string> order;
+  auto add = [&](const std::string& name, CheckResult r) {
+    if (!by_name.count(name)) order.push_back(name);
+    by_name[name].push_back(std::move(r));
+  };
+
+  for (int s = 0; s < std::max(1, o_.check_seeds); ++s) {
+    const Oracle& o = oracle(c, s);
+    std::map<std::string, uint64_t> hashes;
+    for (const auto& [name, t] : o.inputs) hashes[name] = t.hash();
+
+    Workspace ws;
+    TensorMap out = allocate_outputs(v, c.params, c.dtype);
+    for (auto& [name, t] : out) t.fill_nan();
+    {
+      auto inst = impl.make(ImplArgs{c.params, c.dtype, o.inputs, out, ws});
+      inst->run();
+      inst->finish();
+    }
+    for (const auto& [name, t] : o.inputs)
+      if (t.hash() != hashes[name])
+        throw std::runtime_error("implementation modified its input '" + name + "'");
+
+    const bool single = out.size() == 1;
+    for (const auto& [name, t] : out) {
+      const Tensor& want = require(o.oracle, name, "reference outputs");
+      add(single ? "equivalence" : "equivalence/" + name,
+          check_equivalence(t, want, require(o.naive, name, "reference outputs"), c.dtype, o_.floor_ulps));
+    }
+
+    if (s > 0) continue;  // properties draw their own transforms: once per case
+    for (const auto& prop : v.properties()) {
+      const auto opts = o_.property_options.contains(prop.name) ? o_.property_options.at(prop.name)
+                                                                 : nlohmann::json::object();
+      if (opts.is_boolean() && !opts.get<bool>()) continue;
+      RunOn run_on = [&](const TensorMap& inputs) {
+        Workspace pws;
+        TensorMap pout = allocate_outputs(v, c.params, c.dtype);
+        for (auto& [name, t] : pout) t.fill_nan();
+        auto inst = impl.make(ImplArgs{c.params, c.dtype, inputs, pout, pws});
+        inst->run();
+        inst->finish();
+        return pout;
+      };
+      Rng rng(check_seed(o_.seed, 0), case_key(v, c.params), prop.name);
+      for (auto& [name, r] : prop.check(c.params, c.dtype, o.inputs, run_on, rng, opts)) add(name, r);
+    }
+  }
+
+  nlohmann::json checks = nlohmann::json::object();
+  for (const auto& name : order) checks[name] = to_json(worst_of(by_name[name]));
+  return checks;
+}
+
+nlohmann::json CaseRunner::bench(const CaseSpec& c, const Impl& impl) {
+  const Variant& v = *c.variant;
+  const std::string key = case_key(v, c.params);
+  // Bench-only inputs need no f64 master copy.
+  TensorMap inputs = v.cast_inputs(c.params, v.make_inputs_as(c.params, check_seed(o_.seed, 0), key, DType::f32), c.dtype);
+  TensorMap out = allocate_outputs(v, c.params, c.dtype);
+  Workspace ws;
+  const auto t0 = Clock::now();
+  auto inst = impl.make(ImplArgs{c.params, c.dtype, inputs, out, ws});
+  const double setup_s = seconds_since(t0);
+  ws.reset_peak();
+
+  const std::string name = fmt::format("{}/{}/{}", key, impl.name, dtype_name(c.dtype));
+  Timing t = time_instance(name, *inst, o_.bench_settings);
+
+  const double flops = v.flops(c.params);
+  const double gflops = flops / t.median_s / 1e9;
+  nlohmann::json b = {{"median_s", t.median_s}, {"min_s", t.min_s}, {"mean_s", t.mean_s}, {"cv", t.cv},
+                      {"repetitions", t.repetitions}, {"iterations", t.iterations}, {"samples_s", t.samples_s},
+                      {"setup_s", setup_s}, {"flops", flops}, {"gflops", gflops},
+                      {"pct_peak", nullptr}, {"peak_bytes", ws.peak_bytes()},
+                      {"heap_peak_bytes", t.heap_peak_bytes}, {"allocs", t.allocs_per_call}};
+  if (impl.device == Device::cpu && o_.peak_gflops > 0) b["pct_peak"] = 100.0 * gflops / o_.peak_gflops;
+  if (impl.device == Device::cuda) b["device_bytes"] = inst->device_bytes();
+  return b;
+}
+
+nlohmann::json CaseRunner::run(const CaseSpec& c) {
+  const Variant& v = *c.variant;
+  nlohmann::json rec = {{"variant", v.name()}, {"impl", c.impl}, {"dtype", dtype_name(c.dtype)},
+                        {"shape", c.params}, {"status", "ok"}, {"reason", ""}};
+  rec["info"] = v.case_info(c.params);
+  auto skip = [&](const std::string& why) {
+    rec["status"] = "skipped";
+    rec["reason"] = why;
+    return rec;
+  };
+
+  const auto impl = v.find_impl(c.impl);
+  if (!impl) throw InputError("variant '" + v.name() + "' has no implementation '" + c.impl + "'");
+  if (std::find(impl->dtypes.begin(), impl->dtypes.end(), c.dtype) == impl->dtypes.end())
+    return skip(fmt::format("{} does not support {}", c.impl, dtype_name(c.dtype)));
+  if (impl->device == Device::cuda && !cuda_usable()) return skip(cuda_unusable_reason());
+
+  bool do_check = o_.check;
+  std::string check_note;
+  if (do_check && o_.max_oracle_gflop > 0 && v.flops(c.params) > o_.max_oracle_gflop * 1e9) {
+    do_check = false;
+    check_note = fmt::format("checks skipped: case costs {:.1f} GFLOP, above the suite's max_oracle_gflop {}",
+                             v.flops(c.params) / 1e9, o_.max_oracle_gflop);
+  }
+  const double need = v.memory_bytes(c.params, c.impl, c.dtype);
+  const double avail = double(available_memory_bytes());
+  if (need > 0.9 * avail)
+    return skip(fmt::format("memory model needs {}, {} available", gib(need), gib(avail)));
+  if (do_check) {
+    // The oracle runs the reference in f64 next to the implementation.
+    const double oracle_need = need + v.memory_bytes(c.params, "reference", DType::f64);
+    if (oracle_need > 0.9 * avail) {
+      do_check = false;
+      check_note = fmt::format("checks skipped: the f64 oracle needs {}, {} available", gib(oracle_need), gib(avail));
+    }
+  }
+  if (!check_note.empty()) rec["info"]["checks_skipped"] = check_note;
+
+  try {
+    if (do_check) {
+      rec["checks"] = check(c, *impl);
+      for (const auto& [name, r] : rec["checks"].items()) {
+        if (!r["passed"].get<bool>()) {
+          rec["status"] = "failed";
+          rec["reason"] = fmt::format("check {} failed: max_abs {} > bound {:.3g}{}", name, r["max_abs"].dump(),
+                                      r["bound"].get<double>(), r.contains("detail") ? "; " + r["detail"].get<std::string>() : "");
+          break;
+        }
+      }
+    }
+    if (o_.bench && rec["status"] == "ok") rec["bench"] = bench(c, *impl);
+  } catch (const InputError&) {
+    throw;
+  } catch (const std::exception& e) {
+    rec["status"] = "failed";
+    rec["reason"] = std::string("implementation error: ") + e.what();
+  }
+  return rec;
+}
+
+nlohmann::json run_case(const CaseSpec& c, const RunOptions& o) { return CaseRunner(o).run(c); }
+
+}  // namespace attnbench

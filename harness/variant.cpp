@@ -1,0 +1,120 @@
+#include "harness/variant.hpp"
+
+#include <algorithm>
+
+#include "harness/errors.hpp"
+
+#if ATTNBENCH_HAVE_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace attnbench {
+
+namespace {
+std::vector<const Variant*>& registry() {
+  static std::vector<const Variant*> r;
+  return r;
+}
+
+const char* json_type_name(const nlohmann::json& j) {
+  if (j.is_boolean()) return "a boolean";
+  if (j.is_number_integer()) return "an integer";
+  if (j.is_number()) return "a number";
+  if (j.is_string()) return "a string";
+  return j.type_name();
+}
+
+bool same_kind(const nlohmann::json& want, const nlohmann::json& got) {
+  if (want.is_boolean()) return got.is_boolean();
+  if (want.is_number_integer()) return got.is_number_integer();
+  if (want.is_number()) return got.is_number();
+  if (want.is_string()) return got.is_string();
+  return want.type() == got.type();
+}
+}  // namespace
+
+Registrar::Registrar(std::unique_ptr<Variant> v) {
+  auto& r = registry();
+  r.push_back(v.release());
+  std::sort(r.begin(), r.end(), [](const Variant* a, const Variant* b) { return a->name() < b->name(); });
+}
+
+const std::vector<const Variant*>& variants() { return registry(); }
+
+const Variant& find_variant(const std::string& name, const std::string& where) {
+  std::vector<std::string> names;
+  for (const Variant* v : registry()) {
+    if (v->name() == name) return *v;
+    names.push_back(v->name());
+  }
+  std::string list;
+  for (const auto& n : names) list += (list.empty() ? "" : ", ") + n;
+  throw InputError(where + ": unknown variant '" + name + "', expected one of " + list + did_you_mean(name, names));
+}
+
+TensorMap Variant::cast_inputs(const Params&, const TensorMap& inputs64, DType dtype) const {
+  TensorMap out;
+  for (const auto& [name, t] : inputs64) out.emplace(name, is_floating(t.dtype()) ? t.to(dtype) : t);
+  return out;
+}
+
+TensorMap Variant::make_inputs_as(const Params& p, uint64_t seed, const std::string& key, DType storage) const {
+  TensorMap m = make_inputs(p, seed, key);
+  if (storage == DType::f64) return m;
+  for (auto& [name, t] : m)
+    if (t.dtype() == DType::f64) t = t.to(storage);
+  return m;
+}
+
+Params Variant::params_from_tensors(const TensorMap&) const {
+  throw InputError("variant '" + name() + "' does not read case files without shape metadata");
+}
+
+Params Variant::complete(const Params& given, const std::string& where) const {
+  if (!given.is_object()) throw InputError(where + ": expected an object of shape parameters");
+  const auto specs = params();
+  std::vector<std::string> names;
+  for (const auto& s : specs) names.push_back(s.name);
+  for (const auto& [key, value] : given.items()) {
+    auto it = std::find_if(specs.begin(), specs.end(), [&](const ParamSpec& s) { return s.name == key; });
+    if (it == specs.end())
+      throw InputError(where + "." + key + ": unknown parameter of variant '" + name() + "'" +
+                       did_you_mean(key, names));
+    if (!same_kind(it->default_value, value))
+      throw InputError(where + "." + key + ": expected " + json_type_name(it->default_value) + ", got " +
+                       value.dump());
+  }
+  Params p = nlohmann::json::object();
+  for (const auto& s : specs) p[s.name] = given.contains(s.name) ? given.at(s.name) : s.default_value;
+  try {
+    validate(p);
+  } catch (const InputError& e) {
+    throw InputError(where + "." + e.what());
+  }
+  return p;
+}
+
+std::optional<Impl> Variant::find_impl(const std::string& impl_name) const {
+  for (auto& i : impls())
+    if (i.name == impl_name) return i;
+  return std::nullopt;
+}
+
+bool cuda_usable() { return cuda_unusable_reason().empty(); }
+
+std::string cuda_unusable_reason() {
+#if ATTNBENCH_HAVE_CUDA
+  static const std::string reason = [] {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) return std::string("no CUDA device: ") + cudaGetErrorString(e);
+    if (n == 0) return std::string("no CUDA device found");
+    return std::string();
+  }();
+  return reason;
+#else
+  return "built without CUDA (ATTNBENCH_CUDA=OFF)";
+#endif
+}
+
+}  // namespace attnbench
