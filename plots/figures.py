@@ -1,0 +1,533 @@
+"""The figure types. Each takes the records of one variant (or the trainer
+logs), draws what the data supports and returns a list of Figure entries
+(empty when the records lack what the figure needs), so every figure works
+for every variant that produces its fields (docs/plots.md lists them).
+"""
+
+import re
+import textwrap
+from collections import defaultdict
+from dataclasses import dataclass
+
+from matplotlib import ticker
+from matplotlib.lines import Line2D
+
+import layout as layout_mod
+import style
+
+MAX_PANELS = 9
+
+
+@dataclass
+class Figure:
+    kind: str
+    variant: str
+    stem: str
+    title: str
+    pdf: str = ""
+    png: str = ""
+
+
+class Context:
+    """What every figure function needs: palette, output dir, options."""
+
+    def __init__(self, out_dir, impl_palette, titles=True):
+        self.out_dir = out_dir
+        self.impls = impl_palette
+        self.titles = titles
+        self.figures = []
+
+    def finish(self, fig, kind, variant, title, part=None):
+        stem = f"{kind}_{_slug(variant)}" + (f"_{part}" if part else "")
+        if self.titles:
+            width = fig.get_figwidth()
+            fig.suptitle(_wrap(title, int(width * 19)), fontsize=7)
+        pdf, png = style.save(fig, self.out_dir, stem)
+        self.figures.append(Figure(kind, variant, stem, layout_mod.plain(title), pdf.name,
+                                   png.name))
+
+
+def _wrap(text, width):
+    """textwrap that never breaks inside a $...$ math segment."""
+    guarded = re.sub(r"\$[^$]*\$", lambda m: m.group(0).replace(" ", "\0"), text)
+    return "\n".join(line.replace("\0", " ") for line in textwrap.wrap(guarded, width))
+
+
+def _slug(s):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", s)
+
+
+def _title(variant, lay, what, skip=()):
+    cap = lay.caption(skip)
+    return f"{variant}: {what}" + (f" ({cap})" if cap else "")
+
+
+def _panels(records, lay):
+    """{panel key: {impl: [records sorted by x]}} in a stable order."""
+    panels = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        panels[lay.panel_key(r)][r.impl].append(r)
+    out = {}
+    for pk in sorted(panels, key=lay.panel_sort_key):
+        out[pk] = {impl: sorted(rs, key=lay.x) for impl, rs in sorted(panels[pk].items())}
+    return out
+
+
+def _chunks(items, n):
+    return [items[i:i + n] for i in range(0, len(items), n)] or [[]]
+
+
+def _impl_handle(ctx, impl, dashed=False):
+    return Line2D([], [], color=ctx.impls.colour(impl), marker=ctx.impls.marker(impl),
+                  linestyle="--" if dashed else "-", label=impl)
+
+
+def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None, lay=None,
+               ylog=True, decorate=None, extra_handles=(), yformatter=None, impl_filter=None):
+    """Generic 'quantity vs the size axis, one line per impl, panels by the
+    other varying parameters'. `y_of(rec)` returns the value or None."""
+    recs = [r for r in records if y_of(r) is not None and (impl_filter is None or impl_filter(r))]
+    if not recs:
+        return
+    lay = lay or layout_mod.choose(recs)
+    if lay.x_key is None:
+        return
+    panels = _panels(recs, lay)
+    keys = list(panels)
+    for part, chunk in enumerate(_chunks(keys, MAX_PANELS), start=1):
+        fig, axes = style.figure(len(chunk))
+        impls_seen = []
+        for ax, pk in zip(axes, chunk):
+            xs_all = []
+            for impl, rs in panels[pk].items():
+                xs = [lay.x(r) for r in rs]
+                ys = [y_of(r) for r in rs]
+                xs_all += xs
+                colour, marker = ctx.impls.colour(impl), ctx.impls.marker(impl)
+                if yerr_of:
+                    lo, hi = zip(*(yerr_of(r) for r in rs))
+                    err = [[max(y - l, 0) for y, l in zip(ys, lo)],
+                           [max(h - y, 0) for y, h in zip(ys, hi)]]
+                    ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, elinewidth=0.7)
+                else:
+                    ax.plot(xs, ys, color=colour, marker=marker)
+                if impl not in impls_seen:
+                    impls_seen.append(impl)
+            style.integer_log_axis(ax, xs_all)
+            if ylog:
+                ax.set_yscale("log")
+            if yformatter:
+                ax.yaxis.set_major_formatter(yformatter)
+            if decorate:
+                right_edge = ax.get_subplotspec().is_last_col() or pk == chunk[-1]
+                decorate(ax, pk, panels[pk], lay, right_edge)
+            if lay.group_keys or lay.split_dtype:
+                ax.set_title(lay.panel_title(pk))
+            ax.set_xlabel(lay.x_label())
+        for ax in axes:
+            if ax.get_subplotspec().is_first_col():
+                ax.set_ylabel(ylabel)
+        handles = [_impl_handle(ctx, i) for i in sorted(impls_seen)] + list(extra_handles)
+        style.legend_above(fig, handles, [h.get_label() for h in handles])
+        ctx.finish(fig, kind, variant, _title(variant, lay, what),
+                   part if len(keys) > MAX_PANELS else None)
+
+
+# --- 1. time vs N ---------------------------------------------------------------
+
+
+def time_vs_n(ctx, variant, records):
+    def y(r):
+        return r.bench["median_s"] if r.bench else None
+
+    def spread(r):
+        s = r.bench.get("samples_s") or []
+        if s:
+            return min(s), max(s)
+        return r.bench.get("min_s", r.bench["median_s"]), r.bench["median_s"]
+
+    _draw_vs_n(ctx, records, "time", variant, "time per call (median, bars: min-max over "
+               "repetitions)", "time per call", y, yerr_of=spread,
+               yformatter=style.si_formatter("s"))
+
+
+# --- 2. GFLOP/s and % of peak ----------------------------------------------------------
+
+
+def throughput_vs_n(ctx, variant, records):
+    def y(r):
+        return r.bench.get("gflops") if r.bench else None
+
+    recs = [r for r in records if y(r)]
+    peaks = sorted({r.context.get("peak_gflops") for r in recs if r.context.get("peak_gflops")})
+
+    def decorate(ax, _pk, _series, _lay, right_edge):
+        for p in peaks:
+            ax.axhline(p, color="#555555", linestyle=":", linewidth=0.9)
+        if len(peaks) == 1 and right_edge:
+            p = peaks[0]
+            sec = ax.secondary_yaxis("right", functions=(lambda g: 100.0 * g / p,
+                                                         lambda q: q * p / 100.0))
+            sec.set_ylabel("% of CPU FMA peak")
+            sec.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}%"))
+
+    extra = []
+    if peaks:
+        label = ("measured CPU FMA peak" if len(peaks) == 1 else
+                 "measured CPU FMA peaks (" + ", ".join(f"{p:.0f}" for p in peaks) + ")")
+        extra.append(Line2D([], [], color="#555555", linestyle=":", label=label))
+    _draw_vs_n(ctx, recs, "throughput", variant,
+               "achieved throughput" + (f"; peak {peaks[0]:.0f} GFLOP/s" if len(peaks) == 1
+                                        else ""),
+               "GFLOP/s (dense-equivalent)", y, decorate=decorate, extra_handles=extra,
+               yformatter=ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+
+
+# --- 3. peak memory ---------------------------------------------------------------------
+
+
+def _too_large(r):
+    return r.status == "skipped" and re.search(r"memory|too large|exceed", r.raw.get("reason", ""),
+                                               re.IGNORECASE)
+
+
+def _memory_of(r):
+    if not r.bench:
+        return None
+    b = r.bench
+    vals = [b.get(k) for k in ("peak_bytes", "heap_peak_bytes", "device_bytes")]
+    vals = [v for v in vals if v is not None]
+    return max(vals) if vals else None
+
+
+def memory_vs_n(ctx, variant, records):
+    ok = [r for r in records if _memory_of(r) is not None]
+    skipped = [r for r in records if _too_large(r)]
+    if not ok:
+        return
+    lay = layout_mod.choose(ok + skipped)
+    machine = sorted({r.context.get("memory_bytes") for r in ok + skipped
+                      if r.context.get("memory_bytes")})
+    positive = [_memory_of(r) for r in ok if _memory_of(r) > 0]
+    floor = min(positive) / 4 if positive else 1024.0
+
+    def y(r):
+        m = _memory_of(r)
+        return m if m > 0 else floor
+
+    def decorate(ax, pk, series, _lay, _right_edge):
+        for m in machine:
+            ax.axhline(m, color="#555555", linestyle=":", linewidth=0.9)
+        for r in skipped:
+            if lay.panel_key(r) == pk:
+                model = (r.info or {}).get("memory_model_bytes")
+                yv = model if model else (machine[-1] * 2 if machine else None)
+                if yv:
+                    ax.plot([lay.x(r)], [yv], linestyle="none", marker="x", markersize=5,
+                            color=ctx.impls.colour(r.impl), markeredgewidth=1.1)
+        zeros = [r for rs in series.values() for r in rs if _memory_of(r) == 0]
+        if zeros:
+            ax.axhline(floor, color="#bbbbbb", linewidth=0.6)
+
+    extra = []
+    if machine:
+        extra.append(Line2D([], [], color="#555555", linestyle=":", label="machine memory"))
+    if skipped:
+        extra.append(Line2D([], [], color="#555555", linestyle="none", marker="x",
+                            markersize=5, label="skipped (too large)"))
+    if any(_memory_of(r) == 0 for r in ok):
+        extra.append(Line2D([], [], color="#bbbbbb", linewidth=0.6,
+                            label="no scratch (0 B, drawn at the bottom line)"))
+    _draw_vs_n(ctx, ok, "memory", variant, "peak memory beyond inputs and outputs", "peak memory",
+               y, lay=lay, decorate=decorate, extra_handles=extra,
+               yformatter=style.si_formatter("B"))
+
+
+# --- 4. speedup over the reference ----------------------------------------------------
+
+
+def speedup_vs_n(ctx, variant, records):
+    ref = {(r.dtype, r.case_key()[3]): r for r in records if r.impl == "reference" and r.bench}
+    speed = {}
+    for r in records:
+        if r.impl != "reference" and r.bench:
+            base = ref.get((r.dtype, r.case_key()[3]))
+            if base:
+                speed[id(r)] = base.bench["median_s"] / r.bench["median_s"]
+    if not speed:
+        return
+
+    def decorate(ax, *_args):
+        ax.axhline(1.0, color="#555555", linestyle=":", linewidth=0.9)
+
+    extra = [Line2D([], [], color="#555555", linestyle=":", label="reference (1\u00d7)")]
+    _draw_vs_n(ctx, records, "speedup", variant, "speedup over the reference in the same dtype",
+               "speedup over reference", lambda r: speed.get(id(r)), decorate=decorate,
+               extra_handles=extra,
+               yformatter=ticker.FuncFormatter(lambda v, _p: f"{v:g}\u00d7"))
+
+
+# --- 5. error vs N ---------------------------------------------------------------------
+
+
+def _worst_equivalence(r):
+    best = None
+    for name, c in r.checks.items():
+        if name == "equivalence" or name.startswith("equivalence/"):
+            if c.get("max_rel") is None:
+                continue
+            if best is None or c["max_rel"] > best["max_rel"]:
+                best = c
+    return best
+
+
+def _bound_rel(c):
+    """The pass bound (an absolute error) on the max_rel scale."""
+    if c.get("bound") and c.get("max_abs") and c.get("max_rel"):
+        return c["bound"] * c["max_rel"] / c["max_abs"]
+    return None
+
+
+def error_vs_n(ctx, variant, records):
+    recs = [r for r in records if _worst_equivalence(r)]
+    if not recs:
+        return
+    lay = layout_mod.choose(recs, split_dtype=True)
+    tiny = 1e-18
+
+    def y(r):
+        return max(_worst_equivalence(r)["max_rel"], tiny)
+
+    def decorate(ax, _pk, series, lay_, _right_edge):
+        for impl, rs in series.items():
+            pts = [(lay_.x(r), _bound_rel(_worst_equivalence(r))) for r in rs]
+            pts = [p for p in pts if p[1]]
+            if pts:
+                ax.plot(*zip(*pts), color=ctx.impls.colour(impl), linestyle="--",
+                        linewidth=0.8)
+            bad = [(lay_.x(r), y(r)) for r in rs if not _worst_equivalence(r)["passed"]]
+            if bad:
+                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=7,
+                        markerfacecolor="none", markeredgecolor="#D55E00", markeredgewidth=1.0)
+
+    extra = [Line2D([], [], color="#555555", linestyle="--", linewidth=0.8,
+                    label="pass bound (same colour)")]
+    if any(not _worst_equivalence(r)["passed"] for r in recs):
+        extra.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
+                            markerfacecolor="none", markeredgecolor="#D55E00",
+                            label="check failed"))
+    _draw_vs_n(ctx, recs, "error", variant,
+               "max relative error vs the f64 oracle (worst output)",
+               "max relative error", y, lay=lay, decorate=decorate, extra_handles=extra)
+
+
+# --- 6. SE(3) invariance ---------------------------------------------------------------
+
+
+def _se3_checks(r):
+    out = []
+    for name, c in r.checks.items():
+        if c.get("property") == "se3_invariance" or re.fullmatch(r"se3_t[0-9.e+-]+", name):
+            scale = c.get("scale")
+            if scale is None:
+                m = re.fullmatch(r"se3_t([0-9.e+-]+)", name)
+                scale = float(m.group(1)) if m else None
+            if scale is not None and c.get("max_rel") is not None:
+                out.append((float(scale), c))
+    return out
+
+
+def se3_vs_scale(ctx, variant, records):
+    recs = [r for r in records if _se3_checks(r)]
+    if not recs:
+        return
+    dtypes = sorted({r.dtype for r in recs}, key=layout_mod.dtype_rank)
+    lay = layout_mod.choose(recs, split_dtype=True)
+    sizes = sorted({lay.x(r) for r in recs})
+    fig, axes = style.figure(len(dtypes))
+    impls_seen = set()
+    any_fail = False
+    for ax, dt in zip(axes, dtypes):
+        by_impl = defaultdict(lambda: defaultdict(list))
+        for r in recs:
+            if r.dtype == dt:
+                for scale, c in _se3_checks(r):
+                    by_impl[r.impl][scale].append(c)
+        for impl, per_scale in sorted(by_impl.items()):
+            impls_seen.add(impl)
+            scales = sorted(per_scale)
+            worst = [max(per_scale[s], key=lambda c: c["max_rel"]) for s in scales]
+            colour = ctx.impls.colour(impl)
+            ax.plot(scales, [max(c["max_rel"], 1e-18) for c in worst], color=colour,
+                    marker=ctx.impls.marker(impl))
+            bounds = [(s, _bound_rel(c)) for s, c in zip(scales, worst)]
+            bounds = [b for b in bounds if b[1]]
+            if bounds:
+                ax.plot(*zip(*bounds), color=colour, linestyle="--", linewidth=0.8)
+            bad = [(s, c["max_rel"]) for s, c in zip(scales, worst) if not c["passed"]]
+            if bad:
+                any_fail = True
+                ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=7,
+                        markerfacecolor="none", markeredgecolor="#D55E00")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("translation scale (\u00c5)")
+        if len(dtypes) > 1:
+            ax.set_title(dt)
+    axes[0].set_ylabel("max relative change of the output")
+    handles = [_impl_handle(ctx, i) for i in sorted(impls_seen)]
+    handles.append(Line2D([], [], color="#555555", linestyle="--", linewidth=0.8,
+                          label="pass bound (same colour)"))
+    if any_fail:
+        handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
+                              markerfacecolor="none", markeredgecolor="#D55E00",
+                              label="check failed"))
+    style.legend_above(fig, handles, [h.get_label() for h in handles])
+    what = "SE(3) invariance error vs translation"
+    if len(sizes) > 1:
+        what += f" (worst over {lay.x_label()} = {', '.join(str(s) for s in sizes)})"
+    ctx.finish(fig, "se3", variant, _title(variant, lay, what, skip=(lay.x_key,)))
+
+
+# --- 7. block-sparse speedup ------------------------------------------------------------
+
+
+def sparsity_speedup(ctx, variant, records):
+    recs = [r for r in records if r.bench and r.info.get("tiles_fraction")
+            and r.info.get("dense_median_s")]
+    if not recs:
+        return
+    dtypes = sorted({r.dtype for r in recs}, key=layout_mod.dtype_rank)
+    fig, axes = style.figure(len(dtypes))
+    impls_seen = set()
+    fmin = min(r.info["tiles_fraction"] for r in recs)
+    for ax, dt in zip(axes, dtypes):
+        by_impl = defaultdict(list)
+        for r in recs:
+            if r.dtype == dt:
+                by_impl[r.impl].append((r.info["tiles_fraction"],
+                                        r.info["dense_median_s"] / r.bench["median_s"]))
+        for impl, pts in sorted(by_impl.items()):
+            impls_seen.add(impl)
+            pts.sort()
+            ax.plot(*zip(*pts), color=ctx.impls.colour(impl), marker=ctx.impls.marker(impl),
+                    linestyle="none")
+        f = [fmin * 0.8 * (1.0 / (fmin * 0.8)) ** (i / 50) for i in range(51)]
+        ax.plot(f, [1 / v for v in f], color="#555555", linestyle=":", linewidth=0.9)
+        ax.axhline(1.0, color="#bbbbbb", linewidth=0.6)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}\u00d7"))
+        ax.set_xlabel("fraction of (q, kv) tiles computed")
+        if len(dtypes) > 1:
+            ax.set_title(dt)
+    axes[0].set_ylabel("speedup over all tiles computed")
+    handles = [_impl_handle(ctx, i) for i in sorted(impls_seen)]
+    for h in handles:
+        h.set_linestyle("none")
+    handles.append(Line2D([], [], color="#555555", linestyle=":", label="ideal (1 / fraction)"))
+    style.legend_above(fig, handles, [h.get_label() for h in handles])
+    lay = layout_mod.choose(recs)
+    ctx.finish(fig, "sparsity", variant,
+               _title(variant, lay, "block-sparse speedup vs tiles computed"))
+
+
+# --- 8. per-operation breakdown ------------------------------------------------------------
+
+
+def breakdown(ctx, variant, records):
+    recs = [r for r in records if isinstance(r.info.get("breakdown_s"), dict)
+            and r.info["breakdown_s"]]
+    if not recs:
+        return
+    lay = layout_mod.choose(recs)
+    ops = []
+    for r in recs:
+        for op in r.info["breakdown_s"]:
+            if op not in ops:
+                ops.append(op)
+    colours = list(style.OKABE_ITO.values())[1:] + ["#999999", "#000000"]
+    hatches = ["", "//", "..", "xx", "\\\\", "--"]
+    groups = defaultdict(list)
+    for r in recs:
+        groups[(r.impl,) + lay.panel_key(r)].append(r)
+    keys = sorted(groups, key=lambda k: tuple(str(v) for v in k))
+    fig, axes = style.figure(len(keys), sharey=True)
+    for ax, key in zip(axes, keys):
+        rs = sorted(groups[key], key=lay.x)
+        xs = list(range(len(rs)))
+        bottom = [0.0] * len(rs)
+        for i, op in enumerate(ops):
+            totals = [sum(r.info["breakdown_s"].values()) for r in rs]
+            frac = [100.0 * r.info["breakdown_s"].get(op, 0.0) / t if t > 0 else 0.0
+                    for r, t in zip(rs, totals)]
+            ax.bar(xs, frac, bottom=bottom, width=0.7, color=colours[i % len(colours)],
+                   hatch=hatches[(i // len(colours)) % len(hatches)], edgecolor="white",
+                   linewidth=0.4)
+            bottom = [b + f for b, f in zip(bottom, frac)]
+        for x, r in zip(xs, rs):
+            total = sum(r.info["breakdown_s"].values())
+            ax.text(x, 101.5, style.si_formatter("s")(float(f"{total:.3g}"), None),
+                    ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(xs, [str(lay.x(r)) for r in rs])
+        ax.set_ylim(0, 112)
+        ax.set_yticks([0, 25, 50, 75, 100])
+        ax.grid(axis="x", visible=False)
+        ax.set_xlabel(lay.x_label())
+        title = key[0] + (" \u00b7 " + lay.panel_title(key[1:]) if key[1:] else "")
+        ax.set_title(title)
+    axes[0].set_ylabel("share of block time (%)")
+    handles = [Line2D([], [], color=colours[i % len(colours)], linewidth=6, label=op)
+               for i, op in enumerate(ops)]
+    style.legend_above(fig, handles, ops, ncol=min(len(ops), 4))
+    ctx.finish(fig, "breakdown", variant,
+               _title(variant, lay, "time per operation (bar labels: total time per call)"))
+
+
+# --- 9. training curves ----------------------------------------------------------------------
+
+
+def training_curves(ctx, logs):
+    rows = [row for _path, rs in logs for row in rs]
+    if not rows:
+        return
+    variants = sorted({r["variant"] for r in rows})
+    pal = style.Palette(variants, avoid_black=True)
+    wall_max = max(r["wall_s"] for r in rows)
+    unit, per = (("s", 1.0) if wall_max < 300 else ("min", 60.0) if wall_max < 3 * 3600
+                 else ("h", 3600.0))
+    has_top1 = any(r.get("top1") is not None for r in rows)
+    panels = [("loss", "step"), ("loss", "wall_s")]
+    if has_top1:
+        panels += [("top1", "step"), ("top1", "wall_s")]
+    fig, axes = style.figure(len(panels), ncols=2, sharey=False)
+    ylabels = {"loss": "cross-entropy loss (nats/char)", "top1": "top-1 accuracy"}
+    xlabels = {"step": "training step", "wall_s": f"wall-clock time ({unit})"}
+    for ax, (metric, xkey) in zip(axes, panels):
+        for v in variants:
+            for split, ls, lw in (("train", "-", 0.7), ("val", "-", 1.3)):
+                div = per if xkey == "wall_s" else 1.0
+                pts = sorted((r[xkey] / div, r[metric]) for r in rows
+                             if r["variant"] == v and r["split"] == split
+                             and r.get(metric) is not None)
+                if pts:
+                    ax.plot(*zip(*pts), color=pal.colour(v), linestyle=ls, linewidth=lw,
+                            alpha=0.45 if split == "train" else 1.0)
+        ax.set_xlabel(xlabels[xkey])
+        ax.set_ylabel(ylabels[metric])
+        if metric == "top1":
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+    handles = [Line2D([], [], color=pal.colour(v), linewidth=1.3, label=v) for v in variants]
+    handles += [Line2D([], [], color="#555555", linewidth=1.3, label="validation"),
+                Line2D([], [], color="#555555", linewidth=0.7, alpha=0.45, label="training")]
+    style.legend_above(fig, handles, [h.get_label() for h in handles])
+    if ctx.titles:
+        fig.suptitle("training curves (" + ", ".join(variants) + ")", fontsize=7)
+    pdf, png = style.save(fig, ctx.out_dir, "training")
+    ctx.figures.append(Figure("training", ",".join(variants), "training",
+                              "training curves", pdf.name, png.name))
+
+
+ALL_RECORD_FIGURES = [time_vs_n, throughput_vs_n, memory_vs_n, speedup_vs_n, error_vs_n,
+                      se3_vs_scale, sparsity_speedup, breakdown]
