@@ -1,0 +1,162 @@
+// Highway vector helpers shared by the fused CPU attention kernels (SDPA now,
+// the masked-attention family later): a fast exp2, register-blocked micro-kernels
+// for S = Q·Kᵀ and O += P·V, and the online-softmax step of one tile row.
+//
+// Per-target header (Highway's foreach_target pattern): include it after
+// "hwy/highway.h" from a file compiled with HWY_TARGET_INCLUDE; everything here
+// lives in attnbench::cpu::HWY_NAMESPACE and is inlined into the kernels.
+//
+// Layouts the micro-kernels expect (f32, rows contiguous):
+//   q  (rows, D)        a query tile, already RoPE-rotated and pre-scaled
+//   kt (D, kt_stride)   a packed key tile: kt[d * kt_stride + j] = k_j[d]
+//   s  (rows, s_stride) scores / probabilities of the tile
+//   v  (keys, v_stride) a packed value tile, D padded to a multiple of 16 lanes
+//   o  (rows, o_stride) the output accumulator, same padding as v
+
+// Per-target include guard.
+#if defined(ATTNBENCH_IMPLS_CPU_ATTENTION_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef ATTNBENCH_IMPLS_CPU_ATTENTION_INL_H_
+#undef ATTNBENCH_IMPLS_CPU_ATTENTION_INL_H_
+#else
+#define ATTNBENCH_IMPLS_CPU_ATTENTION_INL_H_
+#endif
+
+#include <cmath>
+#include <cstddef>
+#include <limits>
+
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace attnbench::cpu::HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// Register blocking: rows × vectors of accumulators. AVX-512 has 32 registers:
+// 6 × 4 accumulators + 4 operand registers; 16-register targets use 4 × 2.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+inline constexpr size_t kBlockRows = 6;
+inline constexpr size_t kBlockVecs = 4;
+#else
+inline constexpr size_t kBlockRows = 4;
+inline constexpr size_t kBlockVecs = 2;
+#endif
+
+/// 2^x for x ≤ 0 (x = −inf allowed): 0 below 2^−126, otherwise within ~2 ulp.
+/// Range reduction x = n + f, f ∈ [−½, ½], 2^f by its degree-7 Taylor
+/// polynomial (truncation error < 1.2e-7 relative), 2^n by building the exponent.
+HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
+  const hn::RebindToSigned<DF> di;
+  const VF lo = hn::Set(df, -126.0f);
+  const auto underflow = hn::Lt(x, lo);
+  x = hn::Max(x, lo);
+  const VF n = hn::Round(x);
+  const VF f = hn::Sub(x, n);
+  // c_k = ln(2)^k / k!
+  VF p = hn::Set(df, 1.5252733804059840e-05f);
+  p = hn::MulAdd(p, f, hn::Set(df, 1.5403530393381606e-04f));
+  p = hn::MulAdd(p, f, hn::Set(df, 1.3333558146428443e-03f));
+  p = hn::MulAdd(p, f, hn::Set(df, 9.6181291076284772e-03f));
+  p = hn::MulAdd(p, f, hn::Set(df, 5.5504108664821580e-02f));
+  p = hn::MulAdd(p, f, hn::Set(df, 2.4022650695910071e-01f));
+  p = hn::MulAdd(p, f, hn::Set(df, 6.9314718055994531e-01f));
+  p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
+  const auto e = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
+  return hn::IfThenZeroElse(underflow, hn::Mul(p, hn::BitCast(df, e)));
+}
+
+/// s[r][j] = Σ_{d<D} q[r][d] · kt[d][j] for r < R, j < C·Lanes: one register block.
+template <size_t R, size_t C>
+HWY_INLINE void ScoresBlock(DF df, size_t D,
+                            const float* HWY_RESTRICT q, size_t q_stride,    // (R, D)
+                            const float* HWY_RESTRICT kt, size_t kt_stride,  // (D, C·L)
+                            float* HWY_RESTRICT s, size_t s_stride) {        // (R, C·L)
+  const size_t L = hn::Lanes(df);
+  VF acc[R][C];
+  for (size_t r = 0; r < R; ++r)
+    for (size_t c = 0; c < C; ++c) acc[r][c] = hn::Zero(df);
+  for (size_t d = 0; d < D; ++d) {
+    VF kv[C];
+    for (size_t c = 0; c < C; ++c) kv[c] = hn::Load(df, kt + d * kt_stride + c * L);
+    for (size_t r = 0; r < R; ++r) {
+      const VF qb = hn::Set(df, q[r * q_stride + d]);
+      for (size_t c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(qb, kv[c], acc[r][c]);
+    }
+  }
+  for (size_t r = 0; r < R; ++r)
+    for (size_t c = 0; c < C; ++c) hn::Store(acc[r][c], df, s + r * s_stride + c * L);
+}
+
+/// o[r][0:C·L] = alpha[r] · o[r][0:C·L] + Σ_{j<n} p[r][j] · v[j][0:C·L].
+template <size_t R, size_t C>
+HWY_INLINE void AccumulateBlock(DF df, size_t n,
+                                const float* HWY_RESTRICT p, size_t p_stride,  // (R, n)
+                                const float* HWY_RESTRICT v, size_t v_stride,  // (n, C·L)
+                                const float* HWY_RESTRICT alpha,               // (R,)
+                                float* HWY_RESTRICT o, size_t o_stride) {      // (R, C·L)
+  const size_t L = hn::Lanes(df);
+  VF acc[R][C];
+  for (size_t r = 0; r < R; ++r) {
+    const VF a = hn::Set(df, alpha[r]);
+    for (size_t c = 0; c < C; ++c) acc[r][c] = hn::Mul(a, hn::Load(df, o + r * o_stride + c * L));
+  }
+  for (size_t j = 0; j < n; ++j) {
+    VF vv[C];
+    for (size_t c = 0; c < C; ++c) vv[c] = hn::Load(df, v + j * v_stride + c * L);
+    for (size_t r = 0; r < R; ++r) {
+      const VF pb = hn::Set(df, p[r * p_stride + j]);
+      for (size_t c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (size_t r = 0; r < R; ++r)
+    for (size_t c = 0; c < C; ++c) hn::Store(acc[r][c], df, o + r * o_stride + c * L);
+}
+
+/// AccumulateBlock over `vecs` vectors of o's columns (1 ≤ vecs ≤ kBlockVecs).
+template <size_t R>
+HWY_INLINE void AccumulateBlockVecs(DF df, size_t vecs, size_t n, const float* HWY_RESTRICT p, size_t p_stride,
+                                    const float* HWY_RESTRICT v, size_t v_stride, const float* HWY_RESTRICT alpha,
+                                    float* HWY_RESTRICT o, size_t o_stride) {
+  if constexpr (kBlockVecs >= 4) {
+    if (vecs >= 4) return AccumulateBlock<R, 4>(df, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+    if (vecs == 3) return AccumulateBlock<R, 3>(df, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+  }
+  if (vecs >= 2) return AccumulateBlock<R, 2>(df, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+  AccumulateBlock<R, 1>(df, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+}
+
+/// Online-softmax step for one row of a tile (scores in log2 units, n a multiple
+/// of Lanes, masked entries −inf). Updates the running max m and sum l, turns
+/// s into unnormalized probabilities 2^(s − m_new) and returns the factor
+/// alpha = 2^(m_old − m_new) by which the row's output accumulator must be
+/// scaled. A row with no finite score so far keeps m = −inf, l = 0 and gets
+/// p = 0 (never NaN).
+HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, float& m, float& l) {
+  const size_t L = hn::Lanes(df);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  VF vmax = hn::Set(df, kNegInf);
+  for (size_t j = 0; j < n; j += L) vmax = hn::Max(vmax, hn::Load(df, s + j));
+  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vmax)));
+  if (m_new == kNegInf) {
+    for (size_t j = 0; j < n; j += L) hn::Store(hn::Zero(df), df, s + j);
+    return 1.0f;
+  }
+  const VF vm = hn::Set(df, m_new);
+  VF vsum = hn::Zero(df);
+  for (size_t j = 0; j < n; j += L) {
+    const VF p = Exp2NonPositive(df, hn::Sub(hn::Load(df, s + j), vm));
+    vsum = hn::Add(vsum, p);
+    hn::Store(p, df, s + j);
+  }
+  const float alpha = m == kNegInf ? 0.0f : std::exp2(m - m_new);
+  l = l * alpha + hn::GetLane(hn::SumOfLanes(df, vsum));
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace attnbench::cpu::HWY_NAMESPACE
+HWY_AFTER_NAMESPACE();
+
+#endif  // per-target include guard

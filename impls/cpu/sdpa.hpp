@@ -1,0 +1,61 @@
+// Scaled-dot-product attention forward: the parameters shared by the CPU and
+// CUDA entry points, and the fused CPU forward (impls/cpu/sdpa.cpp has the
+// equation, the algorithm and the measured strategies; impls/cuda/sdpa.hpp
+// declares the CUDA launcher with the same parameters).
+#pragma once
+
+#include <cstdint>
+
+#include "harness/dtype.hpp"
+#include "harness/workspace.hpp"
+
+namespace attnbench {
+
+/// RoPE convention: none, half-split pairs (i, i + D/2), or interleaved pairs (2i, 2i + 1).
+enum class SdpaRope : uint8_t { none, half, interleaved };
+
+/// Element strides of a (B, heads, rows, cols) tensor; cols are contiguous.
+struct SdpaStrides {
+  int64_t b = 0, h = 0, n = 0;
+};
+
+/// Dense strides of a contiguous (B, heads, rows, cols) tensor.
+inline SdpaStrides sdpa_dense_strides(int64_t heads, int64_t rows, int64_t cols) {
+  return {heads * rows * cols, rows * cols, cols};
+}
+
+/// One forward call. Pointers are host pointers for the CPU entry point and
+/// device pointers for the CUDA one.
+struct SdpaParams {
+  int64_t B = 1, H = 1, Hkv = 1, Nq = 1, Nkv = 1, D = 1;  // H a multiple of Hkv; D even with RoPE
+  bool causal = false;                                     // bottom-right aligned: j ≤ i + Nkv − Nq
+  SdpaRope rope = SdpaRope::none;                          // query i at position i + Nkv − Nq, key j at j
+  DType dtype = DType::f32;                                // of q, k, v (f32, bf16; f16 on CUDA)
+
+  float* o = nullptr;        // (B, H, Nq, D) f32
+  SdpaStrides o_strides;
+  float* weights = nullptr;  // (B, H, Nq, Nkv) f32 probabilities, or null (need_weights off)
+  SdpaStrides w_strides;
+  const void* q = nullptr;   // (B, H, Nq, D) in dtype
+  SdpaStrides q_strides;
+  const void* k = nullptr;   // (B, Hkv, Nkv, D) in dtype
+  SdpaStrides k_strides;
+  const void* v = nullptr;   // (B, Hkv, Nkv, D) in dtype
+  SdpaStrides v_strides;
+  const int32_t* kv_len = nullptr;  // (B,) keys j ≥ kv_len[b] are masked; null = all Nkv keys
+};
+
+namespace cpu {
+
+/// Bytes of scratch sdpa_forward_fused takes from the workspace with `threads`
+/// OpenMP threads: packed K and V (f32, B·Hkv·Nkv·D each, padded) and one
+/// query tile, score tile and accumulator per thread.
+size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads);
+
+/// o = softmax(RoPE(q)·RoPE(k)ᵀ/√D + mask)·v with f32 accumulation and f32
+/// output, and the probabilities into p.weights when set. q, k, v: f32 or bf16.
+/// Multi-threaded with OpenMP; scratch comes from `ws` (the caller releases it).
+void sdpa_forward_fused(const SdpaParams& p, Workspace& ws);
+
+}  // namespace cpu
+}  // namespace attnbench
