@@ -6,12 +6,13 @@
 
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
+#include "harness/version.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"attnbench: a research harness for attention variants. Checks optimized CPU and CUDA\n"
                "implementations against Eigen references, times them and writes results for plots.",
                "attnbench"};
-  app.set_version_flag("--version", ATTNBENCH_VERSION);
+  app.set_version_flag("--version", attnbench::version());
   app.require_subcommand(1);
   int exit_code = 0;
   namespace cli = attnbench::cli;

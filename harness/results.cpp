@@ -11,6 +11,7 @@
 #include <sstream>
 
 #include "harness/errors.hpp"
+#include "harness/version.hpp"
 #include "harness/roofline.hpp"
 #include "harness/system.hpp"
 #include "harness/variant.hpp"
@@ -51,10 +52,10 @@ json run_context(int threads) {
           {"peak_gflops", r.peak_gflops},
           {"mem_bandwidth_gbs", r.bandwidth_gbs},
           {"memory_bytes", total_memory_bytes()},
-          {"compiler", ATTNBENCH_CXX_FLAGS},
-          {"git_sha", ATTNBENCH_GIT_SHA},
+          {"compiler", compiler_flags()},
+          {"git_sha", git_sha()},
           {"cuda_device", cuda_device()},
-          {"version", ATTNBENCH_VERSION}};
+          {"version", version()}};
 }
 
 json summarize(const json& records) {

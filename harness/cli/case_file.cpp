@@ -12,6 +12,7 @@
 #include "harness/check.hpp"
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
+#include "harness/version.hpp"
 #include "harness/safetensors.hpp"
 #include "harness/variant.hpp"
 
@@ -60,7 +61,7 @@ void export_case(const ExportArgs& a) {
     tensors.emplace(name, std::move(t));
   }
   write_safetensors(a.out, tensors,
-                    {{"variant", v.name()}, {"params", p.dump()}, {"producer", "attnbench " ATTNBENCH_VERSION}});
+                    {{"variant", v.name()}, {"params", p.dump()}, {"producer", std::string("attnbench ") + version()}});
   fmt::print("wrote {} ({} tensors) for {} {}\n", a.out, tensors.size(), v.name(), p.dump());
 }
 
