@@ -17,8 +17,10 @@ double FmaChains(int64_t iterations, float* sink) {
   const hn::ScalableTag<float> d;
   auto m = hn::Set(d, 0.999999f);
   auto a = hn::Set(d, 1e-7f);
-  auto c0 = hn::Set(d, 1.0f), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0;
-  auto c6 = c0, c7 = c0, c8 = c0, c9 = c0, c10 = c0, c11 = c0;
+  // Distinct starting values: identical chains would be merged by the compiler.
+  auto c0 = hn::Set(d, 1.0f), c1 = hn::Set(d, 1.01f), c2 = hn::Set(d, 1.02f), c3 = hn::Set(d, 1.03f);
+  auto c4 = hn::Set(d, 1.04f), c5 = hn::Set(d, 1.05f), c6 = hn::Set(d, 1.06f), c7 = hn::Set(d, 1.07f);
+  auto c8 = hn::Set(d, 1.08f), c9 = hn::Set(d, 1.09f), c10 = hn::Set(d, 1.10f), c11 = hn::Set(d, 1.11f);
   for (int64_t i = 0; i < iterations; ++i) {
     c0 = hn::MulAdd(c0, m, a); c1 = hn::MulAdd(c1, m, a); c2 = hn::MulAdd(c2, m, a);
     c3 = hn::MulAdd(c3, m, a); c4 = hn::MulAdd(c4, m, a); c5 = hn::MulAdd(c5, m, a);
