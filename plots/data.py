@@ -38,6 +38,8 @@ def _type_name(v):
 
 
 def _fail(path, where, expected, got):
+    if got is None:
+        raise InputError(f"{path}: {where}: expected {expected}, got null")
     shown = json.dumps(got)
     if len(shown) > 40:
         shown = shown[:37] + "..."
@@ -51,13 +53,13 @@ def _is_number(v):
 class _Obj:
     """Typed access to one JSON object with the path used in error messages."""
 
-    def __init__(self, path, where, value):
+    def __init__(self, path, where, value, sep="."):
         if not isinstance(value, dict):
             _fail(path, where or "top level", "an object", value)
-        self.path, self.where, self.value = path, where, value
+        self.path, self.where, self.value, self.sep = path, where, value, sep
 
     def _key(self, key):
-        return f"{self.where}.{key}" if self.where else key
+        return f"{self.where}{self.sep}{key}" if self.where else key
 
     def req(self, key, kind, nullable=False):
         if key not in self.value:
@@ -196,7 +198,7 @@ def load_training(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        obj = _Obj(path, f"line {n}", row)
+        obj = _Obj(path, f"line {n}", row, sep=": ")
         for key, kind in TRAIN_FIELDS.items():
             want = {str: "str", int: "int", float: "num"}[kind]
             if key == "top1":
@@ -204,7 +206,7 @@ def load_training(path):
             else:
                 obj.req(key, want)
         if row["split"] not in ("train", "val"):
-            raise InputError(f"{path}: line {n}.split: expected \"train\" or \"val\", got "
+            raise InputError(f"{path}: line {n}: split: expected \"train\" or \"val\", got "
                              f"\"{row['split']}\"")
         rows.append(row)
     if not rows:

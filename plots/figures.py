@@ -50,6 +50,7 @@ class Context:
 def _wrap(text, width):
     """textwrap that never breaks inside a $...$ math segment."""
     guarded = re.sub(r"\$[^$]*\$", lambda m: m.group(0).replace(" ", "\0"), text)
+    guarded = guarded.replace(" = ", "\0=\0")
     return "\n".join(line.replace("\0", " ") for line in textwrap.wrap(guarded, width))
 
 
@@ -113,14 +114,16 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
                     ax.plot(xs, ys, color=colour, marker=marker)
                 if impl not in impls_seen:
                     impls_seen.append(impl)
-            style.integer_log_axis(ax, xs_all)
             if ylog:
                 ax.set_yscale("log")
             if yformatter:
                 ax.yaxis.set_major_formatter(yformatter)
             if decorate:
                 right_edge = ax.get_subplotspec().is_last_col() or pk == chunk[-1]
-                decorate(ax, pk, panels[pk], lay, right_edge)
+                xs_all += decorate(ax, pk, panels[pk], lay, right_edge) or []
+            style.integer_log_axis(ax, xs_all)
+            if ylog:
+                style.dense_log_ticks(ax)
             if lay.group_keys or lay.split_dtype:
                 ax.set_title(lay.panel_title(pk))
             ax.set_xlabel(lay.x_label())
@@ -218,6 +221,7 @@ def memory_vs_n(ctx, variant, records):
     def decorate(ax, pk, series, _lay, _right_edge):
         for m in machine:
             ax.axhline(m, color="#555555", linestyle=":", linewidth=0.9)
+        xs = []
         for r in skipped:
             if lay.panel_key(r) == pk:
                 model = (r.info or {}).get("memory_model_bytes")
@@ -225,9 +229,11 @@ def memory_vs_n(ctx, variant, records):
                 if yv:
                     ax.plot([lay.x(r)], [yv], linestyle="none", marker="x", markersize=5,
                             color=ctx.impls.colour(r.impl), markeredgewidth=1.1)
+                    xs.append(lay.x(r))
         zeros = [r for rs in series.values() for r in rs if _memory_of(r) == 0]
         if zeros:
             ax.axhline(floor, color="#bbbbbb", linewidth=0.6)
+        return xs
 
     extra = []
     if machine:
@@ -237,7 +243,7 @@ def memory_vs_n(ctx, variant, records):
                             markersize=5, label="skipped (too large)"))
     if any(_memory_of(r) == 0 for r in ok):
         extra.append(Line2D([], [], color="#bbbbbb", linewidth=0.6,
-                            label="no scratch (0 B, drawn at the bottom line)"))
+                            label="no scratch (0 B)"))
     _draw_vs_n(ctx, ok, "memory", variant, "peak memory beyond inputs and outputs", "peak memory",
                y, lay=lay, decorate=decorate, extra_handles=extra,
                yformatter=style.si_formatter("B"))

@@ -90,7 +90,8 @@ class Layout:
         if self.split_dtype:
             parts.append(vals.pop(0))
         for k, v in zip(self.group_keys, vals):
-            parts.append(format_param(k, v))
+            if v is not None:
+                parts.append(format_param(k, v))
         return " \u00b7 ".join(parts)
 
     def caption(self, skip=()):

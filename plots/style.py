@@ -124,10 +124,19 @@ def figure(npanels, ncols=None, height=PANEL_HEIGHT_IN, sharey=True, sharex=Fals
 
 
 def legend_above(fig, handles, labels, ncol=None):
-    """Legend above the panels, outside every axes (never over data)."""
+    """Legend above the panels, outside every axes (never over data), in as
+    many columns as fit the figure's width."""
     if not handles:
         return
-    ncol = ncol or min(len(handles), 5)
+    if ncol is None:
+        budget = fig.get_figwidth() * 15.0  # characters of 7-pt text per line, with handles
+        ncol = len(labels)
+        while ncol > 1:
+            rows = [labels[i:i + ncol] for i in range(0, len(labels), ncol)]
+            widths = [max(len(r[c]) for r in rows if c < len(r)) + 5 for c in range(ncol)]
+            if sum(widths) <= budget:
+                break
+            ncol -= 1
     fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=ncol,
                borderaxespad=0.1)
 
@@ -164,6 +173,17 @@ def integer_log_axis(ax, values, axis="x"):
         target.set_minor_locator(ticker.NullLocator())
     else:
         target.set_major_locator(ticker.MaxNLocator(integer=True, nbins=6))
+
+
+def dense_log_ticks(ax, axis="y"):
+    """On a log axis spanning under two decades, label 1-2-5 steps too, so
+    the reader is not left with one or two labelled ticks."""
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    if lo > 0 and hi / lo < 100:
+        target.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        target.set_minor_locator(ticker.LogLocator(base=10, subs=tuple(range(1, 10))))
+        target.set_minor_formatter(ticker.NullFormatter())
 
 
 def save(fig, out_dir, stem):
