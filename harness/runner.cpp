@@ -96,7 +96,8 @@ nlohmann::json CaseRunner::check(const CaseSpec& c, const Impl& impl) {
     TensorMap out = allocate_outputs(v, c.params, c.dtype);
     for (auto& [name, t] : out) t.fill_nan();
     {
-      auto inst = impl.make(ImplArgs{c.params, c.dtype, o.inputs, out, ws});
+      const ImplArgs args{c.params, c.dtype, o.inputs, out, ws};
+      auto inst = impl.make(args);
       inst->run();
       inst->finish();
     }
@@ -120,7 +121,8 @@ nlohmann::json CaseRunner::check(const CaseSpec& c, const Impl& impl) {
         Workspace pws;
         TensorMap pout = allocate_outputs(v, c.params, c.dtype);
         for (auto& [name, t] : pout) t.fill_nan();
-        auto inst = impl.make(ImplArgs{c.params, c.dtype, inputs, pout, pws});
+        const ImplArgs args{c.params, c.dtype, inputs, pout, pws};
+        auto inst = impl.make(args);
         inst->run();
         inst->finish();
         return pout;
@@ -143,7 +145,8 @@ nlohmann::json CaseRunner::bench(const CaseSpec& c, const Impl& impl) {
   TensorMap out = allocate_outputs(v, c.params, c.dtype);
   Workspace ws;
   const auto t0 = Clock::now();
-  auto inst = impl.make(ImplArgs{c.params, c.dtype, inputs, out, ws});
+  const ImplArgs args{c.params, c.dtype, inputs, out, ws};
+  auto inst = impl.make(args);
   const double setup_s = seconds_since(t0);
   ws.reset_peak();
 

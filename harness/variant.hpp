@@ -39,7 +39,9 @@ enum class Device { cpu, cuda };
 
 /// What an implementation instance is built from. `inputs` are already in the
 /// dtype under test (as cast by Variant::cast_inputs); `outputs` are allocated
-/// with Variant::outputs() and NaN-filled before every checked call.
+/// with Variant::outputs() and NaN-filled before every checked call. The
+/// harness keeps the ImplArgs (and everything it refers to) alive for as long
+/// as the Instance made from it, so instances may keep a reference to it.
 struct ImplArgs {
   const Params& params;
   DType dtype;

@@ -136,7 +136,8 @@ int verify(const VerifyArgs& a) {
     TensorMap outs;
     for (const auto& spec : v.outputs(p, dtype)) outs.emplace(spec.name, Tensor(spec.dtype, spec.shape));
     Workspace ws;
-    auto inst = impl.make(ImplArgs{p, dtype, cast, outs, ws});
+    const ImplArgs args{p, dtype, cast, outs, ws};
+    auto inst = impl.make(args);
     inst->run();
     inst->finish();
     for (const auto& [name, t] : outs) {

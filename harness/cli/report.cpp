@@ -63,6 +63,10 @@ std::string bytes(double b) {
   return u == 0 ? fmt::format("{:.0f} B", b) : fmt::format("{:.3g} {}", b, units[u]);
 }
 
+std::string case_key(const json& r) {
+  return r["variant"].dump() + r["impl"].dump() + r["dtype"].dump() + r["shape"].dump();
+}
+
 std::string value_text(const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
 
 std::optional<double> number(const json& obj, const char* key) {
@@ -258,7 +262,7 @@ std::string figures_section(const ReportArgs& a) {
       current = variant;
     }
     const auto title = fig.value("title", std::string());
-    md << fmt::format("![{}]({})\n\n{} ([PDF]({}))\n\n", cell(title), fig.value("png", std::string()), cell(title),
+    md << fmt::format("![{}]({})\n\n*{}* ([PDF]({}))\n\n", cell(title), fig.value("png", std::string()), cell(title),
                       fig.value("pdf", std::string()));
   }
   return md.str();
@@ -312,11 +316,30 @@ int report(ReportArgs a) {
     by_suite[name].push_back(&f);
   }
 
+  // A case in several files (a run and its merge, say) is counted and shown
+  // once, at its first place, with the last file's record.
+  struct SuiteCases {
+    std::vector<const json*> cases;
+    size_t records = 0;
+  };
+  std::map<std::string, SuiteCases> suites;
+  json all = json::array();
+  for (const auto& name : order) {
+    SuiteCases& sc = suites[name];
+    std::map<std::string, const json*> latest;
+    for (const Loaded* f : by_suite[name])
+      for (const auto& r : f->doc["records"]) latest[case_key(r)] = &r, ++sc.records;
+    std::set<std::string> shown;
+    for (const Loaded* f : by_suite[name])
+      for (const auto& r : f->doc["records"])
+        if (shown.insert(case_key(r)).second) {
+          sc.cases.push_back(latest[case_key(r)]);
+          all.push_back(*sc.cases.back());
+        }
+  }
+
   std::ostringstream md;
   md << "# attnbench report\n\n";
-  json all = json::array();
-  for (const auto& f : files)
-    for (const auto& r : f.doc["records"]) all.push_back(r);
   const json total = summarize(all);
   md << fmt::format("{} results file(s), {} suite(s), {} cases: {} ok, {} failed, {} skipped; {} failed checks.\n\n",
                     files.size(), order.size(), all.size(), total["ok"].get<int>(), total["failed"].get<int>(),
@@ -325,24 +348,25 @@ int report(ReportArgs a) {
         "measured FP32 FMA peak (CPU implementations); memory is the peak beyond inputs and outputs.\n\n";
 
   for (const auto& name : order) {
-    const auto& group = by_suite[name];
+    const SuiteCases& sc = suites[name];
     json recs = json::array();
-    for (const Loaded* f : group)
-      for (const auto& r : f->doc["records"]) recs.push_back(r);
+    for (const json* r : sc.cases) recs.push_back(*r);
     const json s = summarize(recs);
     const bool pass = s["failed"].get<int>() == 0 && s["checks_failed"].get<int>() == 0;
     md << "## Suite `" << name << "` — " << (pass ? "✅ pass" : "❌ FAIL") << "\n\n";
     md << fmt::format("{} ok, {} failed, {} skipped, {} failed checks.\n\n", s["ok"].get<int>(),
                       s["failed"].get<int>(), s["skipped"].get<int>(), s["checks_failed"].get<int>());
-    context_table(md, group);
+    if (sc.cases.size() < sc.records)
+      md << fmt::format("{} records repeat a case of another file; each case is shown once, from the last file.\n\n",
+                        sc.records - sc.cases.size());
+    context_table(md, by_suite[name]);
     std::vector<std::string> variants;
     std::map<std::string, std::vector<const json*>> by_variant;
-    for (const Loaded* f : group)
-      for (const auto& r : f->doc["records"]) {
-        const auto v = r["variant"].get<std::string>();
-        if (!by_variant.count(v)) variants.push_back(v);
-        by_variant[v].push_back(&r);
-      }
+    for (const json* r : sc.cases) {
+      const auto v = (*r)["variant"].get<std::string>();
+      if (!by_variant.count(v)) variants.push_back(v);
+      by_variant[v].push_back(r);
+    }
     for (const auto& v : variants) variant_table(md, v, by_variant[v]);
   }
   md << figures_section(a);

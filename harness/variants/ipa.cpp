@@ -15,6 +15,7 @@
 #include "impls/cpu/ipa.hpp"
 #include "reference/ipa.hpp"
 #if ATTNBENCH_HAVE_CUDA
+#include "harness/cuda_support.hpp"
 #include "impls/cuda/ipa.hpp"
 #endif
 
@@ -173,19 +174,23 @@ const float* f32(const TensorMap& in, const std::string& name) {
   return t.data<float>();
 }
 
-IpaWeightsF32 weights_f32(const TensorMap& in) {
-  return {f32(in, "linear_q.weight"), f32(in, "linear_q.bias"), f32(in, "linear_kv.weight"), f32(in, "linear_kv.bias"),
-          f32(in, "linear_q_points.linear.weight"), f32(in, "linear_q_points.linear.bias"),
-          f32(in, "linear_kv_points.linear.weight"), f32(in, "linear_kv_points.linear.bias"),
-          f32(in, "linear_b.weight"), f32(in, "linear_b.bias"), f32(in, "head_weights"),
-          f32(in, "linear_out.weight"), f32(in, "linear_out.bias")};
+/// The weights as f32 pointers; `ptr(name)` maps a (checked f32) tensor name to its data
+/// (host or device copy).
+template <class Ptr>
+IpaWeightsF32 weights_f32(const Ptr& ptr) {
+  return {ptr("linear_q.weight"), ptr("linear_q.bias"), ptr("linear_kv.weight"), ptr("linear_kv.bias"),
+          ptr("linear_q_points.linear.weight"), ptr("linear_q_points.linear.bias"),
+          ptr("linear_kv_points.linear.weight"), ptr("linear_kv_points.linear.bias"),
+          ptr("linear_b.weight"), ptr("linear_b.bias"), ptr("head_weights"),
+          ptr("linear_out.weight"), ptr("linear_out.bias")};
 }
 
-IpaActivations activations(const TensorMap& in) {
-  const Tensor& z = require(in, "z", "ipa cpu");
+/// s, frames and mask as f32 pointers, z (f32 or bf16) from `raw(name)`.
+template <class Ptr, class Raw>
+IpaActivations activations(const TensorMap& in, const Ptr& ptr, const Raw& raw) {
+  const Tensor& z = require(in, "z", "ipa");
   if (z.dtype() != DType::f32 && z.dtype() != DType::bf16) throw std::invalid_argument("ipa: z must be f32 or bf16");
-  return {f32(in, "s"), z.raw(), z.dtype() == DType::bf16, f32(in, "rotations"), f32(in, "translations"),
-          f32(in, "mask")};
+  return {ptr("s"), raw("z"), z.dtype() == DType::bf16, ptr("rotations"), ptr("translations"), ptr("mask")};
 }
 
 /// Elements of every input but z.
@@ -270,8 +275,10 @@ class IpaCpuInstance final : public Instance {
  public:
   explicit IpaCpuInstance(const ImplArgs& a)
       : shape_(ipa_variant::shape_of(a.params)),
-        w_(ipa_variant::weights_f32(a.inputs)),
-        x_(ipa_variant::activations(a.inputs)),
+        w_(ipa_variant::weights_f32([&](const char* n) { return ipa_variant::f32(a.inputs, n); })),
+        x_(ipa_variant::activations(
+            a.inputs, [&](const char* n) { return ipa_variant::f32(a.inputs, n); },
+            [&](const char* n) { return require(a.inputs, n, "ipa").raw(); })),
         out_(a.outputs.at("output").data<float>()),
         threads_(omp_get_max_threads()),
         scratch_(a.workspace.allocate(ipa_forward_fused_scratch_bytes(shape_, threads_))) {}
@@ -285,6 +292,33 @@ class IpaCpuInstance final : public Instance {
   int threads_;
   void* scratch_;
 };
+
+#if ATTNBENCH_HAVE_CUDA
+/// The fused CUDA forward: inputs uploaded by CudaInstance, scratch allocated once.
+class IpaCudaInstance final : public CudaInstance {
+ public:
+  explicit IpaCudaInstance(const ImplArgs& a) : CudaInstance(a), shape_(ipa_variant::shape_of(a.params)) {
+    auto dev = [&](const char* n) {
+      ipa_variant::f32(a.inputs, n);  // dtype check on the host copy
+      return static_cast<const float*>(in_.get(n));
+    };
+    w_ = ipa_variant::weights_f32(dev);
+    x_ = ipa_variant::activations(a.inputs, dev, [&](const char* n) { return static_cast<const void*>(in_.get(n)); });
+    scratch_ = scratch(cuda::ipa_forward_fused_cuda_scratch_bytes(shape_));
+  }
+
+ protected:
+  void launch(cudaStream_t stream) override {
+    cuda::ipa_forward_fused_cuda(out_.ptr<float>("output"), shape_, w_, x_, scratch_, stream);
+  }
+
+ private:
+  ipa::IpaShape shape_;
+  IpaWeightsF32 w_{};
+  IpaActivations x_{};
+  void* scratch_ = nullptr;
+};
+#endif
 
 class IpaVariant final : public Variant {
  public:
@@ -306,7 +340,7 @@ class IpaVariant final : public Variant {
                  [](const ImplArgs& a) { return std::make_unique<IpaCpuInstance>(a); }});
 #if ATTNBENCH_HAVE_CUDA
     v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16},
-                 [](const ImplArgs& a) { return make_ipa_cuda_instance(a); }});
+                 [](const ImplArgs& a) { return std::make_unique<IpaCudaInstance>(a); }});
 #endif
     return v;
   }
