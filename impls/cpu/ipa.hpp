@@ -1,0 +1,47 @@
+// Fused CPU forward of Invariant Point Attention (see impls/cpu/ipa.cpp).
+#pragma once
+
+#include <cstddef>
+
+#include "impls/cuda/ipa_math.hpp"
+
+namespace attnbench {
+
+/// Weights in f32, PyTorch [out, in] layout, OpenFold names.
+struct IpaWeightsF32 {
+  const float* linear_q_w;     // (H·c, c_s)
+  const float* linear_q_b;     // (H·c)
+  const float* linear_kv_w;    // (2·H·c, c_s)
+  const float* linear_kv_b;    // (2·H·c)
+  const float* linear_qp_w;    // (3·H·P, c_s)       linear_q_points.linear
+  const float* linear_qp_b;    // (3·H·P)
+  const float* linear_kvp_w;   // (3·H·(P+P_v), c_s) linear_kv_points.linear
+  const float* linear_kvp_b;   // (3·H·(P+P_v))
+  const float* linear_b_w;     // (H, c_z)
+  const float* linear_b_b;     // (H)
+  const float* head_weights;   // (H)
+  const float* linear_out_w;   // (c_s, H·(c + 4·P_v + c_z))
+  const float* linear_out_b;   // (c_s)
+};
+
+/// Activations. z is f32 or bf16 (raw bf16 bits); everything else f32.
+struct IpaActivations {
+  const float* s;             // (N, c_s)
+  const void* z;              // (N, N, c_z)
+  bool z_bf16;
+  const float* rotations;     // (N, 3, 3)
+  const float* translations;  // (N, 3)
+  const float* mask;          // (N)
+};
+
+/// Bytes of scratch ipa_forward_fused needs with `threads` OpenMP threads: O(N) — the
+/// per-residue projections and the concatenation — plus O(H·(tile + c_z)) per thread.
+/// Nothing O(N²): the pair bias is computed from z tile by tile.
+size_t ipa_forward_fused_scratch_bytes(const ipa::IpaShape& shape, int threads);
+
+/// out: (N, c_s). `scratch`: ipa_forward_fused_scratch_bytes(shape, threads) bytes,
+/// 64-byte aligned (take it from the Workspace once, at setup); runs on `threads` threads.
+void ipa_forward_fused(float* out, const ipa::IpaShape& shape, const IpaWeightsF32& w, const IpaActivations& x,
+                       void* scratch, int threads);
+
+}  // namespace attnbench
