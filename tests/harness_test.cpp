@@ -152,8 +152,10 @@ TEST_CASE("safetensors round trip", "[safetensors]") {
   CHECK(f.tensors.at("b.weight").get(4) == -4);
   CHECK(f.tensors.at("c").get(0) == 42);
   const std::string bytes = read_file(dir / "x.safetensors");
-  CHECK(uint8_t(bytes[0]) % 8 == 0);  // header padded to a multiple of 8 bytes
-  CHECK(bytes.size() == 8 + uint8_t(bytes[0]) + 24 + 10 + 4);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = (header_len << 8) | uint8_t(bytes[size_t(i)]);
+  CHECK(header_len % 8 == 0);  // header padded to a multiple of 8 bytes
+  CHECK(bytes.size() == 8 + header_len + 24 + 10 + 4);
   fs::remove_all(dir);
 }
 

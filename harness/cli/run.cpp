@@ -90,16 +90,15 @@ struct RunArgs {
 };
 
 int run(const RunArgs& a) {
-  Suite suite = load_suite(a.suite, a.quick);
-  if (a.no_bench) suite.options.bench = false;
-  if (a.no_check) suite.options.check = false;
-  if (a.seed >= 0) suite.options.seed = uint64_t(a.seed);
-
   int shard_k = 1, shard_n = 1;
   if (!a.shard.empty()) {
     if (std::sscanf(a.shard.c_str(), "%d/%d", &shard_k, &shard_n) != 2 || shard_n < 1 || shard_k < 1 || shard_k > shard_n)
       throw InputError("--shard: expected K/N with 1 <= K <= N, got '" + a.shard + "'");
   }
+  Suite suite = load_suite(a.suite, a.quick);
+  if (a.no_bench) suite.options.bench = false;
+  if (a.no_check) suite.options.check = false;
+  if (a.seed >= 0) suite.options.seed = uint64_t(a.seed);
   const int threads = a.threads > 0 ? a.threads : omp_get_max_threads();
   omp_set_num_threads(threads);
 
