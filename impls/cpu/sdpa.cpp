@@ -70,7 +70,7 @@ struct Layout {
     half = p.D / 2;
     kpack = p.B * p.Hkv * T * p.D * kTileK;
     vpack = p.B * p.Hkv * Nkv_p * Dp;
-    rope = p.rope == SdpaRope::none ? 0 : 2 * n_pos * half;
+    rope = p.rope == SdpaRope::none ? 0 : round_up(2 * n_pos * half, 16);
     // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, a row.
     per_thread = round_up(kTileQ * p.D, 16) + kTileQ * kTileK + kTileQ * Dp + 3 * round_up(kTileQ, 16) +
                  round_up(p.D, 16);
@@ -247,17 +247,16 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
 }
 
 template <class T>
-void ForwardTyped(const SdpaParams& p, Workspace& ws) {
+void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
   const Layout lay(p);
-  const int threads = omp_get_max_threads();
-  float* kpack = ws.alloc<float>(size_t(lay.kpack));
-  float* vpack = ws.alloc<float>(size_t(lay.vpack));
-  float* cos_t = lay.rope ? ws.alloc<float>(size_t(lay.rope)) : nullptr;
-  float* sin_t = lay.rope ? cos_t + lay.rope / 2 : nullptr;
-  float* slabs = ws.alloc<float>(size_t(lay.per_thread * threads));
+  float* kpack = scratch;
+  float* vpack = kpack + lay.kpack;
+  float* cos_t = lay.rope ? vpack + lay.vpack : nullptr;
+  float* sin_t = lay.rope ? cos_t + lay.n_pos * lay.half : nullptr;
+  float* slabs = vpack + lay.vpack + lay.rope;
 
   if (lay.rope) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t pi = 0; pi < lay.n_pos; ++pi) {
       const double pos = double(pi + lay.pos_min);
       for (int64_t i = 0; i < lay.half; ++i) {
@@ -269,7 +268,7 @@ void ForwardTyped(const SdpaParams& p, Workspace& ws) {
   }
 
   const int64_t n_qt = (p.Nq + kTileQ - 1) / kTileQ;
-#pragma omp parallel
+#pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + lay.per_thread * omp_get_thread_num();
     ThreadTiles w;
@@ -289,11 +288,11 @@ void ForwardTyped(const SdpaParams& p, Workspace& ws) {
   }
 }
 
-void SdpaForward(const SdpaParams& p, Workspace& ws) {
+void SdpaForward(const SdpaParams& p, float* scratch, int threads) {
   if (p.dtype == DType::bf16)
-    ForwardTyped<bf16_t>(p, ws);
+    ForwardTyped<bf16_t>(p, scratch, threads);
   else
-    ForwardTyped<float>(p, ws);
+    ForwardTyped<float>(p, scratch, threads);
 }
 
 }  // namespace attnbench::cpu::HWY_NAMESPACE
@@ -306,13 +305,15 @@ HWY_EXPORT(SdpaForward);
 
 size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads) {
   const sdpa_detail::Layout lay(p);
-  return size_t(lay.kpack + lay.vpack + lay.rope + lay.per_thread * threads) * sizeof(float);
+  return size_t(lay.kpack + lay.vpack + lay.rope + lay.per_thread * std::max(1, threads)) * sizeof(float);
 }
 
-void sdpa_forward_fused(const SdpaParams& p, Workspace& ws) {
+void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads) {
   if (p.dtype != DType::f32 && p.dtype != DType::bf16)
     throw std::invalid_argument("sdpa_forward_fused: q, k, v must be f32 or bf16");
-  HWY_DYNAMIC_DISPATCH(SdpaForward)(p, ws);
+  if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument("sdpa_forward_fused: RoPE needs an even D");
+  if (p.Hkv < 1 || p.H % p.Hkv != 0) throw std::invalid_argument("sdpa_forward_fused: H must be a multiple of Hkv");
+  HWY_DYNAMIC_DISPATCH(SdpaForward)(p, static_cast<float*>(scratch), std::max(1, threads));
 }
 
 }  // namespace attnbench::cpu

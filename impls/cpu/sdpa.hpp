@@ -6,8 +6,9 @@
 
 #include <cstdint>
 
+#include <cstddef>
+
 #include "harness/dtype.hpp"
-#include "harness/workspace.hpp"
 
 namespace attnbench {
 
@@ -47,15 +48,16 @@ struct SdpaParams {
 
 namespace cpu {
 
-/// Bytes of scratch sdpa_forward_fused takes from the workspace with `threads`
-/// OpenMP threads: packed K and V (f32, B·Hkv·Nkv·D each, padded) and one
-/// query tile, score tile and accumulator per thread.
+/// Bytes of scratch sdpa_forward_fused needs with `threads` OpenMP threads:
+/// packed K and V (f32, B·Hkv·Nkv·D each, padded to tiles), the RoPE table and
+/// one query tile, score tile and accumulator per thread.
 size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads);
 
 /// o = softmax(RoPE(q)·RoPE(k)ᵀ/√D + mask)·v with f32 accumulation and f32
 /// output, and the probabilities into p.weights when set. q, k, v: f32 or bf16.
-/// Multi-threaded with OpenMP; scratch comes from `ws` (the caller releases it).
-void sdpa_forward_fused(const SdpaParams& p, Workspace& ws);
+/// Runs on `threads` OpenMP threads; `scratch` (64-byte aligned) holds
+/// sdpa_forward_fused_scratch_bytes(p, threads) bytes, e.g. from a Workspace.
+void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads);
 
 }  // namespace cpu
 }  // namespace attnbench

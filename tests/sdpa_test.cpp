@@ -1,0 +1,343 @@
+// SDPA properties (the registry-driven equivalence test covers the odd test
+// shapes): CPU vs the reference on GQA, causal with Nq ≠ Nkv, key padding with
+// empty rows, RoPE conventions, attention weights, bf16; the CUDA kernel's host
+// helpers (impls/cuda/sdpa_math.hpp) against the reference math; and the CUDA
+// implementation itself where a device is usable.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "harness/errors.hpp"
+#include "harness/runner.hpp"
+#include "harness/variant.hpp"
+#include "impls/cpu/sdpa.hpp"
+#include "impls/cuda/sdpa_math.hpp"
+#include "reference/sdpa.hpp"
+
+using namespace attnbench;
+
+namespace {
+
+const Variant& sdpa() { return find_variant("sdpa", "sdpa_test"); }
+
+Params complete(const Params& given) { return sdpa().complete(given, "sdpa_test"); }
+
+/// Runs one case through the same runner as `attnbench run` (NaN-filled
+/// outputs, input hashes, 2 seeds, the correctness rule) and requires it to pass.
+void require_passes(const std::string& impl, DType dtype, const Params& given) {
+  RunOptions o;
+  o.bench = false;
+  o.check_seeds = 2;
+  const auto rec = run_case(CaseSpec{&sdpa(), impl, dtype, complete(given)}, o);
+  INFO(impl << " " << dtype_name(dtype) << " " << given.dump() << ": " << rec.dump());
+  REQUIRE(rec["status"] == "ok");
+  REQUIRE(rec["checks"].size() >= 1);
+  for (const auto& [name, r] : rec["checks"].items()) CHECK(r["passed"].get<bool>());
+}
+
+std::string input_error(const Params& given) {
+  try {
+    complete(given);
+  } catch (const InputError& e) {
+    return e.what();
+  }
+  return "";
+}
+
+/// A small problem run directly through the CPU kernel and the f64 reference.
+struct Direct {
+  ref::SdpaDims d;
+  std::vector<int32_t> kv_len;
+  std::vector<double> q, k, v;
+  std::vector<float> o, w;          // kernel outputs
+  std::vector<double> o_ref, w_ref;  // f64 reference
+
+  Direct(ref::SdpaDims dims, std::vector<int32_t> lens, DType dtype = DType::f32) : d(dims), kv_len(std::move(lens)) {
+    std::mt19937_64 g(42);
+    std::normal_distribution<double> nd;
+    auto fill = [&](std::vector<double>& x, int64_t n) {
+      x.resize(size_t(n));
+      for (auto& e : x) e = round_to(dtype, nd(g));
+    };
+    fill(q, d.B * d.H * d.Nq * d.D);
+    fill(k, d.B * d.Hkv * d.Nkv * d.D);
+    fill(v, d.B * d.Hkv * d.Nkv * d.D);
+    o.assign(size_t(d.B * d.H * d.Nq * d.D), std::numeric_limits<float>::quiet_NaN());
+    w.assign(size_t(d.B * d.H * d.Nq * d.Nkv), std::numeric_limits<float>::quiet_NaN());
+    o_ref.resize(o.size());
+    w_ref.resize(w.size());
+    ref::sdpa_forward_reference<double>(d, DType::f64, o_ref.data(), w_ref.data(), q.data(), k.data(), v.data(),
+                                        kv_len.data());
+
+    std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()), vf(v.begin(), v.end());
+    std::vector<bf16_t> qb, kb, vb;
+    for (float x : qf) qb.push_back(to_bf16(x));
+    for (float x : kf) kb.push_back(to_bf16(x));
+    for (float x : vf) vb.push_back(to_bf16(x));
+    SdpaParams p;
+    p.B = d.B, p.H = d.H, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nkv = d.Nkv, p.D = d.D;
+    p.causal = d.causal;
+    p.rope = d.rope == ref::RopeMode::half ? SdpaRope::half
+             : d.rope == ref::RopeMode::interleaved ? SdpaRope::interleaved
+                                                    : SdpaRope::none;
+    p.dtype = dtype;
+    const bool bf = dtype == DType::bf16;
+    p.q = bf ? static_cast<const void*>(qb.data()) : qf.data();
+    p.k = bf ? static_cast<const void*>(kb.data()) : kf.data();
+    p.v = bf ? static_cast<const void*>(vb.data()) : vf.data();
+    p.q_strides = p.o_strides = sdpa_dense_strides(d.H, d.Nq, d.D);
+    p.k_strides = p.v_strides = sdpa_dense_strides(d.Hkv, d.Nkv, d.D);
+    p.w_strides = sdpa_dense_strides(d.H, d.Nq, d.Nkv);
+    p.o = o.data();
+    p.weights = w.data();
+    p.kv_len = kv_len.data();
+    std::vector<float> scratch(cpu::sdpa_forward_fused_scratch_bytes(p, 2) / sizeof(float) + 16);
+    void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    cpu::sdpa_forward_fused(p, aligned, 2);
+  }
+
+  /// Is query row (b, h, i) without any allowed key?
+  bool empty_row(int64_t b, int64_t i) const {
+    for (int64_t j = 0; j < d.Nkv; ++j)
+      if (ref::sdpa_allowed(d, i, j, kv_len[size_t(b)])) return false;
+    return true;
+  }
+};
+
+double max_abs_diff(const std::vector<float>& a, const std::vector<double>& b) {
+  double e = 0;
+  for (size_t i = 0; i < a.size(); ++i) e = std::max(e, std::isfinite(a[i]) ? std::abs(double(a[i]) - b[i]) : INFINITY);
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("sdpa: invalid shapes name the parameter", "[sdpa]") {
+  CHECK_THAT(input_error({{"D", 59}, {"rope", "half"}}), Catch::Contains("D: RoPE needs an even"));
+  CHECK_THAT(input_error({{"H", 6}, {"Hkv", 4}}), Catch::Contains("Hkv: H = 6 is not a multiple of Hkv = 4"));
+  CHECK_THAT(input_error({{"N", 0}}), Catch::Contains("N: expected >= 1"));
+  CHECK_THAT(input_error({{"Nkv", -3}}), Catch::Contains("Nkv: expected >= 0"));
+  CHECK_THAT(input_error({{"rope", "halves"}}), Catch::Contains("rope: expected"));
+  CHECK(input_error({{"D", 59}}).empty());  // odd D is fine without RoPE
+}
+
+TEST_CASE("sdpa: N fills Nq and Nkv, Hkv 0 means H", "[sdpa]") {
+  const Params p = complete({{"N", 33}, {"H", 4}, {"need_weights", true}});
+  const auto out = sdpa().outputs(p, DType::f32);
+  REQUIRE(out.size() == 2);
+  CHECK(out[0].shape == Shape{1, 4, 33, 64});
+  CHECK(out[1].shape == Shape{1, 4, 33, 33});
+  const auto in = sdpa().make_inputs(complete({{"N", 33}, {"Nkv", 7}, {"H", 4}, {"Hkv", 2}}), 0, "k");
+  CHECK(in.at("q").shape() == Shape{1, 4, 33, 64});
+  CHECK(in.at("k").shape() == Shape{1, 2, 7, 64});
+  CHECK(in.at("kv_len").dtype() == DType::i32);
+  CHECK(in.at("kv_len").get(0) == 7);
+  // Causal N = 8: 36 of 64 pairs are allowed.
+  CHECK(sdpa().flops(complete({{"N", 8}, {"D", 4}, {"H", 1}, {"causal", true}})) == 4.0 * 4 * 36);
+}
+
+TEST_CASE("sdpa cpu: GQA, causal with Nq != Nkv, RoPE, padding, weights", "[sdpa]") {
+  for (DType dt : {DType::f32, DType::bf16}) {
+    require_passes("cpu", dt, {{"B", 2}, {"H", 6}, {"Hkv", 2}, {"N", 77}, {"D", 48}});
+    require_passes("cpu", dt, {{"H", 2}, {"Nq", 37}, {"Nkv", 300}, {"D", 64}, {"causal", true}});
+    require_passes("cpu", dt, {{"H", 2}, {"Nq", 300}, {"Nkv", 37}, {"D", 64}, {"causal", true}});
+    require_passes("cpu", dt, {{"H", 2}, {"N", 150}, {"D", 32}, {"rope", "half"}, {"causal", true}});
+    require_passes("cpu", dt, {{"H", 2}, {"Nq", 50}, {"Nkv", 70}, {"D", 32}, {"rope", "interleaved"}});
+    require_passes("cpu", dt,
+                   {{"B", 4}, {"H", 2}, {"Hkv", 1}, {"N", 65}, {"D", 16}, {"padding", true}, {"need_weights", true}});
+  }
+  require_passes("reference", DType::f16, {{"H", 2}, {"N", 40}, {"D", 24}, {"causal", true}});
+}
+
+TEST_CASE("sdpa cpu: empty rows are zeros, weights rows sum to one", "[sdpa]") {
+  // kv_len 0 empties batch 0; causal with Nq > Nkv empties the first Nq − Nkv rows.
+  ref::SdpaDims d;
+  d.B = 3, d.H = 2, d.Hkv = 1, d.Nq = 70, d.Nkv = 50, d.D = 24, d.causal = true;
+  const Direct x(d, {0, 37, 50});
+  CHECK(max_abs_diff(x.o, x.o_ref) < 1e-5);
+  CHECK(max_abs_diff(x.w, x.w_ref) < 1e-6);
+  int empty = 0;
+  for (int64_t b = 0; b < d.B; ++b)
+    for (int64_t h = 0; h < d.H; ++h)
+      for (int64_t i = 0; i < d.Nq; ++i) {
+        const size_t row = size_t((b * d.H + h) * d.Nq + i);
+        double sum = 0;
+        for (int64_t j = 0; j < d.Nkv; ++j) {
+          const float w = x.w[row * size_t(d.Nkv) + size_t(j)];
+          REQUIRE(std::isfinite(w));
+          if (!ref::sdpa_allowed(d, i, j, x.kv_len[size_t(b)])) REQUIRE(w == 0.0f);
+          sum += w;
+        }
+        bool zero_out = true;
+        for (int64_t c = 0; c < d.D; ++c) {
+          REQUIRE(std::isfinite(x.o[row * size_t(d.D) + size_t(c)]));
+          zero_out = zero_out && x.o[row * size_t(d.D) + size_t(c)] == 0.0f;
+        }
+        if (x.empty_row(b, i)) {
+          ++empty;
+          CHECK(sum == 0.0);
+          CHECK(zero_out);
+        } else {
+          CHECK(sum == Approx(1.0).margin(1e-5));
+        }
+      }
+  CHECK(empty == 2 * 70 + 2 * 2 * 20);  // all of batch 0, and rows i < 20 of the others
+}
+
+TEST_CASE("sdpa cpu: bf16 inputs are as accurate as f32 on the same values", "[sdpa]") {
+  ref::SdpaDims d;
+  d.B = 1, d.H = 3, d.Hkv = 3, d.Nq = 200, d.Nkv = 333, d.D = 80, d.rope = ref::RopeMode::half;
+  const Direct x(d, {333}, DType::bf16);
+  CHECK(max_abs_diff(x.o, x.o_ref) < 2e-6);  // inputs are exact in bf16; f32 accumulation
+}
+
+TEST_CASE("sdpa reference: RoPE scores depend on relative position only", "[sdpa]") {
+  std::mt19937_64 g(3);
+  std::normal_distribution<double> nd;
+  for (auto mode : {ref::RopeMode::half, ref::RopeMode::interleaved}) {
+    ref::Matrix<double> q(1, 16), k(1, 16);
+    for (int i = 0; i < 16; ++i) q(0, i) = nd(g), k(0, i) = nd(g);
+    auto score = [&](int64_t m, int64_t n) {
+      ref::Matrix<double> a = q, b = k;
+      ref::rope_rotate_rows(a, m, mode);
+      ref::rope_rotate_rows(b, n, mode);
+      return a.row(0).dot(b.row(0));
+    };
+    CHECK(score(7, 3) == Approx(score(107, 103)).epsilon(1e-12));
+    CHECK(score(0, 0) == Approx(q.row(0).dot(k.row(0))).epsilon(1e-12));
+    CHECK(std::abs(score(7, 3) - score(3, 7)) > 1e-6);  // the rotation does something
+  }
+  // Interleaved on dims permuted (i, i + D/2) → (2i, 2i + 1) equals half-split.
+  ref::Matrix<double> x(3, 8), y(3, 8);
+  for (int r = 0; r < 3; ++r)
+    for (int i = 0; i < 8; ++i) x(r, i) = nd(g);
+  for (int r = 0; r < 3; ++r)
+    for (int i = 0; i < 4; ++i) y(r, 2 * i) = x(r, i), y(r, 2 * i + 1) = x(r, i + 4);
+  ref::rope_rotate_rows(x, 5, ref::RopeMode::half);
+  ref::rope_rotate_rows(y, 5, ref::RopeMode::interleaved);
+  for (int r = 0; r < 3; ++r)
+    for (int i = 0; i < 4; ++i) {
+      CHECK(y(r, 2 * i) == Approx(x(r, i)).epsilon(1e-14));
+      CHECK(y(r, 2 * i + 1) == Approx(x(r, i + 4)).epsilon(1e-14));
+    }
+}
+
+TEST_CASE("sdpa cuda math: key limits match the reference mask", "[sdpa][cuda-math]") {
+  for (bool causal : {false, true})
+    for (int64_t Nq : {1, 5, 9})
+      for (int64_t Nkv : {1, 4, 9})
+        for (int64_t len : {int64_t(0), int64_t(2), Nkv, Nkv + 3}) {
+          ref::SdpaDims d;
+          d.Nq = Nq, d.Nkv = Nkv, d.causal = causal;
+          for (int64_t i = 0; i < Nq; ++i) {
+            const int64_t lim = sdpa_math::row_limit(i, Nq, Nkv, len, causal);
+            for (int64_t j = 0; j < Nkv; ++j) REQUIRE((j < lim) == ref::sdpa_allowed(d, i, j, len));
+            if (i > 0) REQUIRE(lim >= sdpa_math::row_limit(i - 1, Nq, Nkv, len, causal));  // tiles rely on it
+          }
+        }
+}
+
+TEST_CASE("sdpa cuda math: RoPE pairing and rotation match the reference", "[sdpa][cuda-math]") {
+  std::mt19937_64 g(5);
+  std::normal_distribution<double> nd;
+  const int D = 12;
+  for (auto mode : {ref::RopeMode::half, ref::RopeMode::interleaved}) {
+    const int m = mode == ref::RopeMode::half ? 1 : 2;
+    REQUIRE(m == int(mode == ref::RopeMode::half ? SdpaRope::half : SdpaRope::interleaved));
+    for (int64_t pos : {int64_t(-7), int64_t(0), int64_t(3), int64_t(4000)}) {
+      ref::Matrix<double> x(1, D);
+      for (int i = 0; i < D; ++i) x(0, i) = nd(g);
+      ref::Matrix<double> want = x;
+      ref::rope_rotate_rows(want, pos, mode);
+      for (int d = 0; d < D; ++d) {
+        const sdpa_math::RopePair pr = sdpa_math::rope_pair(m, D, d);
+        REQUIRE(pr.freq < D / 2);
+        REQUIRE(sdpa_math::rope_pair(m, D, pr.partner).partner == d);
+        REQUIRE(sdpa_math::rope_pair(m, D, pr.partner).second != pr.second);
+        const double angle = sdpa_math::rope_angle(pos, pr.freq, D);
+        const float got = sdpa_math::rope_rotate(float(x(0, d)), float(x(0, pr.partner)), float(std::cos(angle)),
+                                                 float(std::sin(angle)), pr.second);
+        CHECK(got == Approx(want(0, d)).margin(1e-5));
+      }
+    }
+  }
+}
+
+TEST_CASE("sdpa cuda math: tiled online softmax equals the softmax, empty rows give zeros", "[sdpa][cuda-math]") {
+  std::mt19937_64 g(7);
+  std::normal_distribution<double> nd;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  // Rows: random scores with masked runs, a fully masked row, a row masked
+  // in its first tiles only.
+  for (int variant = 0; variant < 3; ++variant) {
+    const int n = 37, tile = 8;
+    std::vector<float> s(n), v(n);
+    for (int j = 0; j < n; ++j) {
+      s[j] = float(3 * nd(g));
+      v[j] = float(nd(g));
+      if (variant == 0 && j % 5 == 1) s[j] = ninf;
+      if (variant == 1) s[j] = ninf;
+      if (variant == 2 && j < 2 * tile + 3) s[j] = ninf;
+    }
+    float m = ninf, l = 0, acc = 0;
+    for (int j0 = 0; j0 < n; j0 += tile) {
+      float tmax = ninf;
+      for (int j = j0; j < std::min(n, j0 + tile); ++j) tmax = std::max(tmax, s[j]);
+      const float m_new = sdpa_math::softmax_new_max(m, tmax);
+      const float alpha = sdpa_math::softmax_alpha(m, m_new);
+      float sum = 0, pv = 0;
+      for (int j = j0; j < std::min(n, j0 + tile); ++j) {
+        const float p = sdpa_math::softmax_prob(s[j], m_new);
+        REQUIRE(std::isfinite(p));
+        sum += p;
+        pv += p * v[j];
+      }
+      l = alpha * l + sum;
+      acc = alpha * acc + pv;
+      m = m_new;
+      REQUIRE(std::isfinite(acc));
+    }
+    const float got = sdpa_math::softmax_finish(acc, l);
+    // Direct softmax in double, base 2 like the kernel.
+    double mx = -INFINITY;
+    for (float x : s) mx = std::max(mx, double(x));
+    double den = 0, num = 0;
+    if (mx != -INFINITY)
+      for (int j = 0; j < n; ++j) {
+        const double p = s[j] == ninf ? 0.0 : std::exp2(double(s[j]) - mx);
+        den += p;
+        num += p * v[j];
+      }
+    const double want = den > 0 ? num / den : 0.0;
+    CHECK(got == Approx(want).margin(1e-5));
+    if (variant == 1) CHECK(got == 0.0f);
+  }
+}
+
+TEST_CASE("sdpa cuda math: 16-bit widening is exact", "[sdpa][cuda-math]") {
+  for (float x : {0.0f, -1.5f, 3.140625f, 65504.0f, 6.1e-5f, 1e-7f, -2.5e38f}) {
+    const bf16_t b = to_bf16(x);
+    CHECK(sdpa_math::bf16_bits_to_float(b.bits) == to_float(b));
+    const f16_t h = to_f16(x);
+    CHECK(sdpa_math::f16_bits_to_float(h.bits) == to_float(h));
+    CHECK(sdpa_math::Elem<DType::bf16>::to_f32(b.bits) == to_float(b));
+  }
+}
+
+TEST_CASE("sdpa cuda: matches the reference on a device", "[sdpa][cuda]") {
+  if (!cuda_usable()) {
+    WARN("sdpa cuda test skipped: " << cuda_unusable_reason());
+    return;
+  }
+  for (DType dt : {DType::f32, DType::bf16, DType::f16}) {
+    require_passes("cuda", dt, {{"B", 2}, {"H", 6}, {"Hkv", 2}, {"N", 77}, {"D", 48}});
+    require_passes("cuda", dt, {{"H", 2}, {"Nq", 37}, {"Nkv", 300}, {"D", 64}, {"causal", true}, {"rope", "half"}});
+    require_passes("cuda", dt, {{"H", 2}, {"Nq", 300}, {"Nkv", 37}, {"D", 128}, {"causal", true}});
+    require_passes("cuda", dt,
+                   {{"B", 4}, {"H", 2}, {"N", 130}, {"D", 200}, {"padding", true}, {"need_weights", true},
+                    {"rope", "interleaved"}});
+  }
+}
