@@ -84,7 +84,8 @@ def _impl_handle(ctx, impl, dashed=False):
 
 
 def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None, lay=None,
-               ylog=True, decorate=None, extra_handles=(), yformatter=None, impl_filter=None):
+               ylog=True, decorate=None, extra_handles=(), yformatter=None, impl_filter=None,
+               sharey=True):
     """Generic 'quantity vs the size axis, one line per impl, panels by the
     other varying parameters'. `y_of(rec)` returns the value or None."""
     recs = [r for r in records if y_of(r) is not None and (impl_filter is None or impl_filter(r))]
@@ -96,7 +97,7 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
     panels = _panels(recs, lay)
     keys = list(panels)
     for part, chunk in enumerate(_chunks(keys, MAX_PANELS), start=1):
-        fig, axes = style.figure(len(chunk))
+        fig, axes = style.figure(len(chunk), sharey=sharey)
         impls_seen = []
         for ax, pk in zip(axes, chunk):
             xs_all = []
@@ -324,7 +325,8 @@ def error_vs_n(ctx, variant, records):
                             label="check failed"))
     _draw_vs_n(ctx, recs, "error", variant,
                "max relative error vs the f64 oracle (worst output)",
-               "max relative error", y, lay=lay, decorate=decorate, extra_handles=extra)
+               "max relative error", y, lay=lay, decorate=decorate, extra_handles=extra,
+               sharey=False)
 
 
 # --- 6. SE(3) invariance ---------------------------------------------------------------

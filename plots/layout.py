@@ -95,7 +95,10 @@ class Layout:
         return " \u00b7 ".join(parts)
 
     def caption(self, skip=()):
-        items = [format_param(k, v) for k, v in sorted(self.constant.items()) if k not in skip]
+        """The constant shape parameters, leaving out the ones that are off
+        (false, 0, "none", ""): they are the variants' 'feature unused' values."""
+        items = [format_param(k, v) for k, v in sorted(self.constant.items())
+                 if k not in skip and v not in (False, 0, "none", "")]
         return ", ".join(items)
 
 

@@ -54,6 +54,7 @@ def main(argv):
     ap.add_argument("--check", action="store_true",
                     help="only validate the inputs, draw nothing")
     args = ap.parse_args(argv)
+    have_matplotlib = args.check or _import_matplotlib()  # may re-run under the system python
 
     try:
         inputs = data.collect(args.inputs)
@@ -68,7 +69,7 @@ def main(argv):
         print("plot.py: no results files or trainer logs in " + " ".join(args.inputs),
               file=sys.stderr)
         return 2
-    if not _import_matplotlib():
+    if not have_matplotlib:
         print(f"plot.py: matplotlib is not installed for {sys.executable} "
               f"(install python3-matplotlib: scripts/setup.sh)", file=sys.stderr)
         return 3
