@@ -330,18 +330,24 @@ class IpaVariant final : public Variant {
   std::vector<ParamSpec> params() const override { return ipa_variant::param_specs(128); }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
+    // ImplArgs is a temporary: capture what it refers to, not the struct.
     v.push_back({"reference", Device::cpu, {DType::f64, DType::f32, DType::bf16}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>([this, &a] {
-                     const TensorMap r = reference(a.params, a.inputs, a.dtype);
-                     a.outputs.at("output") = r.at("output");
-                   });
+                   return std::make_unique<FunctionInstance>(
+                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
+                         outputs.at("output") = reference(params, inputs, dtype).at("output");
+                       });
                  }});
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16},
                  [](const ImplArgs& a) { return std::make_unique<IpaCpuInstance>(a); }});
+    // Registered in every build so that suites naming it run everywhere: the runner records
+    // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
+    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16}, [](const ImplArgs& a) -> std::unique_ptr<Instance> {
 #if ATTNBENCH_HAVE_CUDA
-    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16},
-                 [](const ImplArgs& a) { return std::make_unique<IpaCudaInstance>(a); }});
+                   return std::make_unique<IpaCudaInstance>(a);
+#else
+                   throw std::runtime_error("ipa cuda: " + cuda_unusable_reason());
 #endif
+                 }});
     return v;
   }
   void validate(const Params& p) const override { ipa_variant::validate(p); }
