@@ -92,27 +92,35 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
     if not recs:
         return
     lay = lay or layout_mod.choose(recs)
-    if lay.x_key is None:
+    if lay.x_key is None and not lay.categorical:
         return
     panels = _panels(recs, lay)
     keys = list(panels)
     for part, chunk in enumerate(_chunks(keys, MAX_PANELS), start=1):
-        fig, axes = style.figure(len(chunk), sharey=sharey)
+        if lay.categorical:  # panels stacked, one set of case labels at the bottom
+            fig, axes = style.figure(len(chunk), ncols=1, height=1.45, sharey=sharey,
+                                     sharex=True)
+            fig.set_figwidth(style.TEXT_WIDTH_IN)
+        else:
+            fig, axes = style.figure(len(chunk), sharey=sharey)
         impls_seen = []
         for ax, pk in zip(axes, chunk):
             xs_all = []
+            impls_here = list(panels[pk])
             for impl, rs in panels[pk].items():
-                xs = [lay.x(r) for r in rs]
+                xs = [lay.x(r) + _dodge(lay, impl, impls_here) for r in rs]
                 ys = [y_of(r) for r in rs]
-                xs_all += xs
+                xs_all += [lay.x(r) for r in rs]
                 colour, marker = ctx.impls.colour(impl), ctx.impls.marker(impl)
+                line = "none" if lay.categorical else "-"
                 if yerr_of:
                     lo, hi = zip(*(yerr_of(r) for r in rs))
                     err = [[max(y - l, 0) for y, l in zip(ys, lo)],
                            [max(h - y, 0) for y, h in zip(ys, hi)]]
-                    ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, elinewidth=0.7)
+                    ax.errorbar(xs, ys, yerr=err, color=colour, marker=marker, elinewidth=0.7,
+                                linestyle=line)
                 else:
-                    ax.plot(xs, ys, color=colour, marker=marker)
+                    ax.plot(xs, ys, color=colour, marker=marker, linestyle=line)
                 if impl not in impls_seen:
                     impls_seen.append(impl)
             if ylog:
@@ -122,12 +130,21 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
             if decorate:
                 right_edge = ax.get_subplotspec().is_last_col() or pk == chunk[-1]
                 xs_all += decorate(ax, pk, panels[pk], lay, right_edge) or []
-            style.integer_log_axis(ax, xs_all)
+            if lay.categorical:
+                idx = sorted(set(xs_all))
+                idx = list(range(len(lay.cases)))
+                ax.set_xticks(idx, [lay.case_label(i) for i in idx], rotation=30, ha="right",
+                              rotation_mode="anchor")
+                ax.set_xlim(min(idx) - 0.6, max(idx) + 0.6)
+                ax.grid(axis="x", visible=False)
+            else:
+                style.integer_log_axis(ax, xs_all)
             if ylog:
                 style.dense_log_ticks(ax)
             if lay.group_keys or lay.split_dtype:
                 ax.set_title(lay.panel_title(pk))
-            ax.set_xlabel(lay.x_label())
+            if not lay.categorical or ax.get_subplotspec().is_last_row():
+                ax.set_xlabel(lay.x_label())
         for ax in axes:
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(ylabel)
@@ -135,6 +152,13 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
         style.legend_above(fig, handles, [h.get_label() for h in handles])
         ctx.finish(fig, kind, variant, _title(variant, lay, what),
                    part if len(keys) > MAX_PANELS else None)
+
+
+def _dodge(lay, impl, impls):
+    """Side-by-side offsets of the implementations on a categorical axis."""
+    if not lay.categorical or len(impls) < 2:
+        return 0.0
+    return (impls.index(impl) - (len(impls) - 1) / 2) * 0.16
 
 
 # --- 1. time vs N ---------------------------------------------------------------
@@ -300,25 +324,46 @@ def error_vs_n(ctx, variant, records):
     if not recs:
         return
     lay = layout_mod.choose(recs, split_dtype=True)
-    tiny = 1e-18
 
     def y(r):
-        return max(_worst_equivalence(r)["max_rel"], tiny)
+        e = _worst_equivalence(r)["max_rel"]
+        return e if e > 0 else None
 
-    def decorate(ax, _pk, series, lay_, _right_edge):
+    exact = [r for r in recs if _worst_equivalence(r)["max_rel"] == 0]
+
+    def decorate(ax, pk, series, lay_, _right_edge):
+        impls = sorted({r.impl for r in recs if lay_.panel_key(r) == pk and y(r)})
+        xs = []
+        for r in exact:
+            if lay_.panel_key(r) == pk:
+                x = lay_.x(r) + _dodge(lay_, r.impl, impls if r.impl in impls else [r.impl])
+                ax.plot([x], [0.03], transform=ax.get_xaxis_transform(), linestyle="none",
+                        marker="v", markerfacecolor="none", clip_on=False,
+                        markeredgecolor=ctx.impls.colour(r.impl))
+                xs.append(lay_.x(r))
         for impl, rs in series.items():
-            pts = [(lay_.x(r), _bound_rel(_worst_equivalence(r))) for r in rs]
+            off = _dodge(lay_, impl, impls)
+            pts = [(lay_.x(r) + off, _bound_rel(_worst_equivalence(r))) for r in rs]
             pts = [p for p in pts if p[1]]
-            if pts:
+            if pts and lay_.categorical:
+                ax.plot(*zip(*pts), color=ctx.impls.colour(impl), linestyle="none", marker="_",
+                        markersize=7, markeredgewidth=1.0)
+            elif pts:
                 ax.plot(*zip(*pts), color=ctx.impls.colour(impl), linestyle="--",
                         linewidth=0.8)
-            bad = [(lay_.x(r), y(r)) for r in rs if not _worst_equivalence(r)["passed"]]
+            bad = [(lay_.x(r) + off, y(r)) for r in rs
+                   if not _worst_equivalence(r)["passed"] and y(r)]
             if bad:
                 ax.plot(*zip(*bad), linestyle="none", marker="o", markersize=7,
                         markerfacecolor="none", markeredgecolor="#D55E00", markeredgewidth=1.0)
+        return xs
 
-    extra = [Line2D([], [], color="#555555", linestyle="--", linewidth=0.8,
-                    label="pass bound (same colour)")]
+    bound_style = ({"linestyle": "none", "marker": "_", "markersize": 7} if lay.categorical
+                   else {"linestyle": "--", "linewidth": 0.8})
+    extra = [Line2D([], [], color="#555555", label="pass bound (same colour)", **bound_style)]
+    if exact:
+        extra.append(Line2D([], [], color="#555555", linestyle="none", marker="v",
+                            markerfacecolor="none", label="exact (0 error)"))
     if any(not _worst_equivalence(r)["passed"] for r in recs):
         extra.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
                             markerfacecolor="none", markeredgecolor="#D55E00",

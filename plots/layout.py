@@ -63,8 +63,41 @@ class Layout:
     group_keys: list         # shape keys that split panels
     split_dtype: bool
     constant: dict           # key -> value for shape keys that never vary
+    case_keys: list = None   # categorical layout: the varying keys that name a case
+    cases: list = None       # categorical layout: distinct cases, in order of appearance
+
+    @property
+    def categorical(self):
+        return self.case_keys is not None
+
+    def case_of(self, rec):
+        return tuple(_hashable(rec.shape.get(k)) for k in self.case_keys)
+
+    def _usual(self):
+        """Per case key, the value most cases share (ties: first seen)."""
+        usual = {}
+        for i, k in enumerate(self.case_keys):
+            vals = [c[i] for c in self.cases]
+            usual[k] = max(vals, key=vals.count)
+        return usual
+
+    def case_label(self, index):
+        """What sets a case apart from the usual values ('D=40, N=17'),
+        for the ticks of a categorical axis."""
+        usual = self._usual()
+        parts = [plain(format_param(k, v)).replace(" = ", "=")
+                 for k, v in zip(self.case_keys, self.cases[index])
+                 if v is not None and v != usual[k]]
+        return ", ".join(parts) or "usual values"
+
+    def usual_caption(self):
+        usual = self._usual()
+        return ", ".join(format_param(k, v) for k, v in sorted(usual.items())
+                         if v not in (False, 0, "none", ""))
 
     def x_label(self):
+        if self.categorical:
+            return "case"
         if self.x_key is None:
             return "case"
         if self.coupled:
@@ -73,6 +106,8 @@ class Layout:
         return AXIS_LABELS.get(self.x_key, _math(self.x_key))
 
     def x(self, rec):
+        if self.categorical:
+            return self.cases.index(self.case_of(rec))
         return rec.shape.get(self.x_key) if self.x_key else 0
 
     def panel_key(self, rec):
@@ -96,14 +131,29 @@ class Layout:
 
     def caption(self, skip=()):
         """The constant shape parameters, leaving out the ones that are off
-        (false, 0, "none", ""): they are the variants' 'feature unused' values."""
+        (false, 0, "none", ""): they are the variants' 'feature unused' values.
+        Categorical layouts add the usual values the case labels leave out."""
         items = [format_param(k, v) for k, v in sorted(self.constant.items())
                  if k not in skip and v not in (False, 0, "none", "")]
-        return ", ".join(items)
+        text = ", ".join(items)
+        if self.categorical:
+            usual = self.usual_caption()
+            text = f"{text}; cases differ from {usual}" if text else f"cases differ from {usual}"
+        return text
 
 
 def _hashable(v):
     return v if not isinstance(v, (list, dict)) else str(v)
+
+
+def _is_case_list(records, x_key, group_keys):
+    """True when the other varying keys leave most groups with a single size."""
+    sizes = {}
+    for r in records:
+        g = tuple(_hashable(r.shape.get(k)) for k in group_keys)
+        sizes.setdefault(g, set()).add(r.shape.get(x_key))
+    single = sum(1 for xs in sizes.values() if len(xs) == 1)
+    return len(sizes) > 3 and single > len(sizes) / 2
 
 
 def format_param(key, value):
@@ -138,6 +188,18 @@ def choose(records, split_dtype=None):
                 coupled.append(k)
         constant.pop(x_key, None)
     group_keys = [k for k in varying if k != x_key and k not in coupled]
+    if x_key is not None and group_keys and _is_case_list(records, x_key, group_keys):
+        # Explicit cases rather than a sweep (most panels would hold one
+        # size): one panel per dtype, the cases side by side.
+        lay = Layout(None, [], [], True if split_dtype is None else split_dtype, constant,
+                     case_keys=varying, cases=[])
+        for r in records:
+            c = lay.case_of(r)
+            if c not in lay.cases:
+                lay.cases.append(c)
+        if split_dtype is None:
+            lay.split_dtype = len({r.dtype for r in records}) > 1
+        return lay
     if split_dtype is None:
         split_dtype = len({r.dtype for r in records}) > 1
     return Layout(x_key, coupled, group_keys, split_dtype, constant)
