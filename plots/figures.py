@@ -131,11 +131,8 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
                 right_edge = ax.get_subplotspec().is_last_col() or pk == chunk[-1]
                 xs_all += decorate(ax, pk, panels[pk], lay, right_edge) or []
             if lay.categorical:
-                idx = sorted(set(xs_all))
-                idx = list(range(len(lay.cases)))
-                ax.set_xticks(idx, [lay.case_label(i) for i in idx], rotation=30, ha="right",
-                              rotation_mode="anchor")
-                ax.set_xlim(min(idx) - 0.6, max(idx) + 0.6)
+                _case_ticks(ax, lay)
+                ax.set_xlim(-0.6, len(lay.cases) - 0.4)
                 ax.grid(axis="x", visible=False)
             else:
                 style.integer_log_axis(ax, xs_all)
@@ -152,6 +149,19 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
         style.legend_above(fig, handles, [h.get_label() for h in handles])
         ctx.finish(fig, kind, variant, _title(variant, lay, what),
                    part if len(keys) > MAX_PANELS else None)
+
+
+def _case_ticks(ax, lay):
+    """Case labels under a categorical axis: wrapped and level when they fit,
+    slanted when there are many."""
+    idx = list(range(len(lay.cases)))
+    labels = [lay.case_label(i) for i in idx]
+    width = int(style.TEXT_WIDTH_IN * 15 / max(len(idx), 1))
+    wrapped = [textwrap.fill(t, max(width, 12)) for t in labels]
+    if max(w.count("\n") for w in wrapped) < 4:
+        ax.set_xticks(idx, wrapped)
+    else:
+        ax.set_xticks(idx, labels, rotation=30, ha="right", rotation_mode="anchor")
 
 
 def _dodge(lay, impl, impls):
@@ -437,7 +447,9 @@ def se3_vs_scale(ctx, variant, records):
                               label="check failed"))
     style.legend_above(fig, handles, [h.get_label() for h in handles])
     what = "SE(3) invariance error vs translation"
-    if len(sizes) > 1:
+    if lay.categorical:
+        what += f" (worst over {len(lay.cases)} cases)"
+    elif len(sizes) > 1:
         what += f" (worst over {lay.x_label()} = {', '.join(str(s) for s in sizes)})"
     ctx.finish(fig, "se3", variant, _title(variant, lay, what, skip=(lay.x_key,)))
 

@@ -74,11 +74,14 @@ class Layout:
         return tuple(_hashable(rec.shape.get(k)) for k in self.case_keys)
 
     def _usual(self):
-        """Per case key, the value most cases share (ties: first seen)."""
+        """Per case key, the value at least half of the cases (and more than
+        one) share; the labels leave it out. Keys without one: always shown."""
         usual = {}
         for i, k in enumerate(self.case_keys):
             vals = [c[i] for c in self.cases]
-            usual[k] = max(vals, key=vals.count)
+            best = max(vals, key=vals.count)
+            if vals.count(best) > 1 and 2 * vals.count(best) >= len(vals):
+                usual[k] = best
         return usual
 
     def case_label(self, index):
@@ -87,7 +90,7 @@ class Layout:
         usual = self._usual()
         parts = [plain(format_param(k, v)).replace(" = ", "=")
                  for k, v in zip(self.case_keys, self.cases[index])
-                 if v is not None and v != usual[k]]
+                 if v is not None and (k not in usual or v != usual[k])]
         return ", ".join(parts) or "usual values"
 
     def usual_caption(self):
@@ -136,8 +139,8 @@ class Layout:
         items = [format_param(k, v) for k, v in sorted(self.constant.items())
                  if k not in skip and v not in (False, 0, "none", "")]
         text = ", ".join(items)
-        if self.categorical:
-            usual = self.usual_caption()
+        usual = self.usual_caption() if self.categorical else ""
+        if usual:
             text = f"{text}; cases differ from {usual}" if text else f"cases differ from {usual}"
         return text
 
@@ -153,7 +156,7 @@ def _is_case_list(records, x_key, group_keys):
         g = tuple(_hashable(r.shape.get(k)) for k in group_keys)
         sizes.setdefault(g, set()).add(r.shape.get(x_key))
     single = sum(1 for xs in sizes.values() if len(xs) == 1)
-    return len(sizes) > 3 and single > len(sizes) / 2
+    return len(sizes) > 1 and single > len(sizes) / 2
 
 
 def format_param(key, value):

@@ -123,6 +123,26 @@ TEST_CASE("plot.py reads the fixtures of each figure family on their own", "[plo
   }
 }
 
+TEST_CASE("plot.py puts explicit-case suites on a categorical case axis", "[plots]") {
+  const std::string py = plotting_python();
+  if (py.empty()) {
+    WARN("python3 with matplotlib not found: plotting not tested");
+    return;
+  }
+  // A real run of suites/ci.json (checks only, odd shapes, no sweep).
+  const fs::path out = scratch("cases");
+  const Run r = plot(py, quote(kFixtures / "cases" / "ci_cpu.json") + " --out " + quote(out / "figs"), out);
+  INFO(r.err);
+  REQUIRE(r.rc == 0);
+  std::set<std::string> drawn;
+  const json manifest = json::parse(read(out / "figs" / "figures.json")).at("figures");
+  for (const auto& f : manifest) {
+    drawn.insert(f.at("kind").get<std::string>() + "_" + f.at("variant").get<std::string>());
+    if (f.at("variant") == "sdpa") CHECK(f.at("title").get<std::string>().find("cases differ from") != std::string::npos);
+  }
+  CHECK(drawn == std::set<std::string>{"error_sdpa", "error_ipa", "se3_ipa"});
+}
+
 TEST_CASE("plot.py rejects malformed inputs with one line naming file and field", "[plots]") {
   if (!have_python()) {
     WARN("python3 not found: plot.py validation not tested");
