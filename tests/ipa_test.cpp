@@ -410,3 +410,26 @@ TEST_CASE("ipa CUDA matches the reference", "[ipa][cuda]") {
       CHECK(rec["status"] == "ok");
     }
 }
+
+TEST_CASE("ipa_factorized: fused CPU matches its reference, SE(3) invariant, O(N) scratch", "[ipa]") {
+  const Variant& v = find_variant("ipa_factorized", "ipa_test");
+  for (const Params& given : v.test_shapes()) {
+    const Params p = v.complete(given, "t");
+    const TensorMap in = v.cast_inputs(p, v.make_inputs(p, 2, case_key(v, p)), DType::f32);
+    const TensorMap inr = to_f64(in);
+    const Tensor got = run_impl(v, "cpu", p, DType::f32, in).at("output");
+    const CheckResult r = check_equivalence(got, v.reference(p, inr, DType::f64).at("output"),
+                                            v.reference(p, inr, DType::f32).at("output"), DType::f32);
+    INFO(p.dump() << " max_abs " << r.max_abs << " naive " << r.naive_max_abs << " bound " << r.bound);
+    CHECK(r.passed);
+    RunOn run = [&](const TensorMap& x) { return run_impl(v, "cpu", p, DType::f32, x); };
+    Rng rng(1);
+    for (const auto& [name, cr] : v.properties().at(0).check(p, DType::f32, in, run, rng, nlohmann::json::object())) {
+      INFO(name << " max_rel " << cr.max_rel);
+      CHECK(cr.passed);
+    }
+  }
+  // Scratch at AF2 dims, N = 4096, rank 2, c_z 32: far below what one z would take.
+  const ipa::IpaShape s{4096, 384, 32, 16, 12, 4, 8};
+  CHECK(double(ipa_forward_fused_scratch_bytes(s, 2, 2)) <= 0.05 * 4096.0 * 4096.0 * 32.0 * 4.0);
+}

@@ -416,8 +416,136 @@ class IpaVariant final : public Variant {
   }
 };
 
+
+/// z (N, N, c_z) in f64 from the factors: z_ij = Σ_r f1[i, r] ⊙ f2[j, r].
+Tensor materialize_pair(const Tensor& f1, const Tensor& f2) {
+  const int64_t N = f1.dim(0), R = f1.dim(1), cz = f1.dim(2);
+  const std::vector<double> a = f1.to_f64_vector(), b = f2.to_f64_vector();
+  Tensor z(DType::f64, {N, N, cz});
+  double* out = z.data<double>();
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t j = 0; j < N; ++j)
+      for (int64_t k = 0; k < cz; ++k) {
+        double acc = 0;
+        for (int64_t r = 0; r < R; ++r) acc += a[size_t((i * R + r) * cz + k)] * b[size_t((j * R + r) * cz + k)];
+        out[(i * N + j) * cz + k] = acc;
+      }
+  return z;
+}
+
+/// The fused CPU forward on the factorized pair representation (one materialized row of z
+/// per thread, O(N) memory).
+class IpaFactorizedCpuInstance final : public Instance {
+ public:
+  explicit IpaFactorizedCpuInstance(const ImplArgs& a)
+      : shape_(ipa_variant::shape_of(a.params)),
+        w_(ipa_variant::weights_f32([&](const char* n) { return ipa_variant::f32(a.inputs, n); })),
+        out_(a.outputs.at("output").data<float>()),
+        threads_(omp_get_max_threads()) {
+    auto ptr = [&](const char* n) { return ipa_variant::f32(a.inputs, n); };
+    x_ = IpaActivations{ptr("s"), nullptr, false, ptr("rotations"), ptr("translations"), ptr("mask"),
+                        ptr("z_factor_1"), ptr("z_factor_2"), a.params.at("rank").get<int64_t>()};
+    scratch_ = a.workspace.allocate(ipa_forward_fused_scratch_bytes(shape_, threads_, x_.rank));
+  }
+  void run() override { ipa_forward_fused(out_, shape_, w_, x_, scratch_, threads_); }
+
+ private:
+  ipa::IpaShape shape_;
+  IpaWeightsF32 w_;
+  IpaActivations x_{};
+  float* out_;
+  int threads_;
+  void* scratch_ = nullptr;
+};
+
+/// FlashIPA-style factorized IPA (a different model from `ipa`, never compared with it): the
+/// pair representation is given by rank-r factors, z_ij = Σ_r z_factor_1[i, r] ⊙ z_factor_2[j, r]
+/// with c_z = 32 pair channels (AF2's 128 / 4); the pair bias linear_b(z_ij) and the pair
+/// output Σ_j a_ij z_ij are those of IPA on that z. No O(N²) input exists.
+class IpaFactorizedVariant final : public Variant {
+ public:
+  std::string name() const override { return "ipa_factorized"; }
+  std::string summary() const override {
+    return "IPA on a rank-r factorized pair representation (FlashIPA-style: z_ij = sum_r f1_ir * f2_jr, c_z/4 "
+           "pair channels); O(N) inputs and memory";
+  }
+  std::vector<ParamSpec> params() const override {
+    auto p = ipa_variant::param_specs(32);
+    p.push_back({"rank", int64_t(2), "rank r of the pair factorization"});
+    return p;
+  }
+  std::vector<Impl> impls() const override {
+    std::vector<Impl> v;
+    v.push_back({"reference", Device::cpu, {DType::f64, DType::f32}, [this](const ImplArgs& a) {
+                   return std::make_unique<FunctionInstance>(
+                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
+                         outputs.at("output") = reference(params, inputs, dtype).at("output");
+                       });
+                 }});
+    v.push_back({"cpu", Device::cpu, {DType::f32},
+                 [](const ImplArgs& a) { return std::make_unique<IpaFactorizedCpuInstance>(a); }});
+    return v;
+  }
+  void validate(const Params& p) const override {
+    ipa_variant::validate(p);
+    if (p.at("rank").get<int64_t>() < 1) throw InputError("rank: expected an integer >= 1");
+  }
+  TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const override {
+    const ref::IpaDims d = dims_of(p);
+    const int64_t R = p.at("rank").get<int64_t>();
+    TensorMap m = ipa_variant::make_common_inputs(d, p, seed, key, DType::f64);
+    const double std = std::pow(double(R), -0.25);  // z_ij has unit variance
+    m.emplace("z_factor_1", ipa_variant::random_tensor({d.N, R, d.c_z}, std, seed, key, "z_factor_1", DType::f64));
+    m.emplace("z_factor_2", ipa_variant::random_tensor({d.N, R, d.c_z}, std, seed, key, "z_factor_2", DType::f64));
+    return m;
+  }
+  std::vector<OutputSpec> outputs(const Params& p, DType dtype) const override {
+    return {{"output", dtype == DType::f64 ? DType::f64 : DType::f32,
+             {p.at("N").get<int64_t>(), p.at("c_s").get<int64_t>()}}};
+  }
+  TensorMap reference(const Params& p, const TensorMap& in, DType dtype) const override {
+    TensorMap full;
+    for (const auto& [name, t] : in)
+      if (name != "z_factor_1" && name != "z_factor_2") full.emplace(name, t);
+    full.emplace("z", materialize_pair(require(in, "z_factor_1", "ipa_factorized"),
+                                       require(in, "z_factor_2", "ipa_factorized")));
+    const ref::IpaDims d = dims_of(p);
+    TensorMap out;
+    if (dtype == DType::f64)
+      out.emplace("output", ipa_variant::to_tensor(ref::ipa_forward_reference<double>(d, full, DType::f64), DType::f64));
+    else
+      out.emplace("output", ipa_variant::to_tensor(ref::ipa_forward_reference<float>(d, full, DType::f32), DType::f32));
+    return out;
+  }
+  double flops(const Params& p) const override {
+    const ref::IpaDims d = dims_of(p);
+    return ipa_variant::flops(d, d.c_z) + 2.0 * double(d.N) * double(d.N) * double(p.at("rank").get<int64_t>() * d.c_z);
+  }
+  double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
+    const ref::IpaDims d = dims_of(p);
+    const double elem = dtype == DType::f64 ? 8.0 : 4.0;
+    const double inputs = (ipa_variant::small_input_count(d) + 2.0 * double(d.N * p.at("rank").get<int64_t>() * d.c_z)) * 8.0 * 2.0;
+    const double scratch =
+        impl == "reference"
+            ? double(d.N) * double(d.N) * double(d.c_z) * 16.0 + ref::ipa_reference_scratch_bytes(d, elem)
+            : double(ipa_forward_fused_scratch_bytes(ipa_variant::shape_of(p), omp_get_max_threads(),
+                                                     p.at("rank").get<int64_t>()));
+    return inputs + scratch + double(d.N * d.c_s) * 8.0;
+  }
+  std::vector<Property> properties() const override { return {ipa_variant::se3_property()}; }
+  std::vector<Params> test_shapes() const override {
+    return {
+        {{"N", 13}, {"c_s", 13}, {"c_z", 17}, {"c", 19}, {"H", 5}, {"P", 7}, {"P_v", 11}, {"rank", 3},
+         {"mask_fraction", 0.0}},
+        {{"N", 67}, {"c_s", 24}, {"c_z", 32}, {"c", 16}, {"H", 12}, {"P", 4}, {"P_v", 8}, {"rank", 2},
+         {"mask_fraction", 0.2}},
+    };
+  }
+};
+
 }  // namespace
 
 ATTNBENCH_REGISTER_VARIANT(IpaVariant);
+ATTNBENCH_REGISTER_VARIANT(IpaFactorizedVariant);
 
 }  // namespace attnbench

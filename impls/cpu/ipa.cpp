@@ -50,8 +50,9 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 /// Offsets (in floats) of the scratch regions; every region starts 64-byte aligned.
 struct Layout {
   int64_t Np, Wv, Hp, F, raw_ld;
-  int64_t raw, qs, qp, kt, kpt, vv, mneg, wb, bb, gamma, tc, slab, per_thread, total;
-  Layout(const ipa::IpaShape& d, int threads) {
+  int64_t raw, qs, qp, kt, kpt, vv, mneg, wb, bb, gamma, tc, slab, per_thread, zrow, total;
+  /// rank > 0: z comes as rank-`rank` factors and each thread materializes one row z_i (N, c_z).
+  Layout(const ipa::IpaShape& d, int threads, int64_t rank) {
     const int64_t H = d.H;
     Np = round_up(d.N, kTile);
     Wv = round_up(d.value_dim(), 16);
@@ -77,6 +78,8 @@ struct Layout {
     tc = take(d.N * 3);                // t_i − centroid
     per_thread = round_up(H * kTile, 16) + round_up(kTile * Hp, 16) + round_up(H * Wv, 16) +
                  round_up(H * d.c_z, 16) + round_up(2 * H, 16) + round_up(kTile * d.c_z, 16);
+    zrow = per_thread;
+    if (rank > 0) per_thread += round_up(d.N * d.c_z, 16);
     slab = take(per_thread * threads);
     total = at;
   }
@@ -89,7 +92,10 @@ struct AttendArgs {
   const float* scratch;  // base of the scratch (read-only regions)
   float* slabs;          // per-thread slabs
   float* feat;           // (N, F)
-  const void* z;
+  const void* z;          // (N, N, c_z), or null with factors:
+  const float* f1;        // (N, rank, c_z)  z_ij = Σ_r f1[i, r] ⊙ f2[j, r]
+  const float* f2;        // (N, rank, c_z)
+  int64_t rank;
   const float* rot;
   const float* mask;
 };
@@ -276,7 +282,7 @@ static HWY_INLINE void PairAccumulate(const float* zt, int64_t nj, int64_t c_z, 
 /// One query row i: stream over key tiles with an online softmax, then write row i of the
 /// concatenation (local-frame points, norms, pair output).
 template <class ZT>
-static void AttendRow(const AttendArgs& a, int64_t i, float* slab) {
+static void AttendRow(const AttendArgs& a, int64_t i, float* slab, const ZT* zi /* (N, c_z): row i of z */) {
   const ipa::IpaShape& d = *a.d;
   const Layout& lay = *a.lay;
   const DF df;
@@ -305,7 +311,6 @@ static void AttendRow(const AttendArgs& a, int64_t i, float* slab) {
   std::fill(mrow, mrow + H, -INFINITY);
   std::fill(lrow, lrow + H, 0.f);
   const float mi = a.mask[i];
-  const ZT* zi = static_cast<const ZT*>(a.z) + i * N * c_z;
 
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t nj = std::min(kTile, N - j0);
@@ -418,16 +423,43 @@ static void AttendRow(const AttendArgs& a, int64_t i, float* slab) {
   }
 }
 
+/// zr (N, c_z) = row i of z from its factors: zr[j] = Σ_r f1[i, r] ⊙ f2[j, r].
+static void MaterializeRow(const AttendArgs& a, int64_t i, float* zr) {
+  const DF d;
+  const int64_t L = int64_t(hn::Lanes(d));
+  const int64_t N = a.d->N, c_z = a.d->c_z, R = a.rank, kfull = c_z / L * L;
+  const float* fi = a.f1 + i * R * c_z;
+  for (int64_t j = 0; j < N; ++j) {
+    const float* fj = a.f2 + j * R * c_z;
+    for (int64_t k = 0; k < kfull; k += L) {
+      VF acc = hn::Zero(d);
+      for (int64_t r = 0; r < R; ++r) acc = hn::MulAdd(hn::LoadU(d, fi + r * c_z + k), hn::LoadU(d, fj + r * c_z + k), acc);
+      hn::StoreU(acc, d, zr + j * c_z + k);
+    }
+    for (int64_t k = kfull; k < c_z; ++k) {
+      float acc = 0.f;
+      for (int64_t r = 0; r < R; ++r) acc += fi[r * c_z + k] * fj[r * c_z + k];
+      zr[j * c_z + k] = acc;
+    }
+  }
+}
+
 void IpaAttend(const AttendArgs& a, bool z_bf16, int threads) {
+  const int64_t N = a.d->N, c_z = a.d->c_z;
 #pragma omp parallel num_threads(threads)
   {
     float* slab = a.slabs + int64_t(omp_get_thread_num()) * a.lay->per_thread;
 #pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < a.d->N; ++i) {
-      if (z_bf16)
-        AttendRow<bf16_t>(a, i, slab);
-      else
-        AttendRow<float>(a, i, slab);
+    for (int64_t i = 0; i < N; ++i) {
+      if (a.rank > 0) {
+        float* zr = slab + a.lay->zrow;
+        MaterializeRow(a, i, zr);
+        AttendRow<float>(a, i, slab, zr);
+      } else if (z_bf16) {
+        AttendRow<bf16_t>(a, i, slab, static_cast<const bf16_t*>(a.z) + i * N * c_z);
+      } else {
+        AttendRow<float>(a, i, slab, static_cast<const float*>(a.z) + i * N * c_z);
+      }
     }
   }
 }
@@ -442,15 +474,16 @@ HWY_EXPORT(IpaLinear);
 HWY_EXPORT(IpaAttend);
 }  // namespace cpu_ipa
 
-size_t ipa_forward_fused_scratch_bytes(const ipa::IpaShape& shape, int threads) {
-  return size_t(cpu_ipa::Layout(shape, threads).total) * sizeof(float);
+size_t ipa_forward_fused_scratch_bytes(const ipa::IpaShape& shape, int threads, int64_t rank) {
+  return size_t(cpu_ipa::Layout(shape, threads, rank).total) * sizeof(float);
 }
 
 void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& w, const IpaActivations& x,
                        void* scratch, int threads) {
   using cpu_ipa::Layout;
   if (threads < 1) throw std::invalid_argument("ipa_forward_fused: threads must be >= 1");
-  const Layout lay(d, threads);
+  if ((x.rank > 0) != (x.z == nullptr)) throw std::invalid_argument("ipa_forward_fused: give either z or its factors");
+  const Layout lay(d, threads, x.rank);
   float* base = static_cast<float*>(scratch);
   const int64_t N = d.N, H = d.H, c = d.c, P = d.P, Pv = d.Pv, PP = P + Pv, Np = lay.Np, Wv = lay.Wv;
   auto linear = HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaLinear);
@@ -525,7 +558,8 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
   }
 
   // Attention: the concatenation (N, F) reuses the raw region (the projections are packed).
-  cpu_ipa::AttendArgs args{&d, &lay, base, base + lay.slab, raw, x.z, x.rotations, x.mask};
+  cpu_ipa::AttendArgs args{&d, &lay, base, base + lay.slab, raw, x.z, x.z_factor_1, x.z_factor_2, x.rank,
+                           x.rotations, x.mask};
   HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaAttend)(args, x.z_bf16, threads);
   linear(raw, lay.F, N, lay.F, w.linear_out_w, w.linear_out_b, d.c_s, out, d.c_s, threads);
 }

@@ -24,7 +24,8 @@ struct IpaWeightsF32 {
   const float* linear_out_b;   // (c_s)
 };
 
-/// Activations. z is f32 or bf16 (raw bf16 bits); everything else f32.
+/// Activations. z is f32 or bf16 (raw bf16 bits); everything else f32. For the factorized
+/// model (ipa_factorized) z is null and z_ij = Σ_r z_factor_1[i, r] ⊙ z_factor_2[j, r].
 struct IpaActivations {
   const float* s;             // (N, c_s)
   const void* z;              // (N, N, c_z)
@@ -32,12 +33,16 @@ struct IpaActivations {
   const float* rotations;     // (N, 3, 3)
   const float* translations;  // (N, 3)
   const float* mask;          // (N)
+  const float* z_factor_1 = nullptr;  // (N, rank, c_z)
+  const float* z_factor_2 = nullptr;  // (N, rank, c_z)
+  int64_t rank = 0;
 };
 
 /// Bytes of scratch ipa_forward_fused needs with `threads` OpenMP threads: O(N) — the
 /// per-residue projections and the concatenation — plus O(H·(tile + c_z)) per thread.
-/// Nothing O(N²): the pair bias is computed from z tile by tile.
-size_t ipa_forward_fused_scratch_bytes(const ipa::IpaShape& shape, int threads);
+/// Nothing O(N²): the pair bias is computed from z tile by tile. With factors (rank > 0)
+/// each thread also holds one materialized row of z, N·c_z floats.
+size_t ipa_forward_fused_scratch_bytes(const ipa::IpaShape& shape, int threads, int64_t rank = 0);
 
 /// out: (N, c_s). `scratch`: ipa_forward_fused_scratch_bytes(shape, threads) bytes,
 /// 64-byte aligned (take it from the Workspace once, at setup); runs on `threads` threads.
