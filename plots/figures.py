@@ -483,6 +483,7 @@ def sparsity_speedup(ctx, variant, records):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}"))
+        style.dense_log_ticks(ax)
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _p: f"{v:g}\u00d7"))
         ax.set_xlabel("fraction of (q, kv) tiles computed")
         if len(dtypes) > 1:
