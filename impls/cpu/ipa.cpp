@@ -12,19 +12,29 @@
 // tiles of kTile keys with an online softmax. Per tile: the pair bias b_ij is computed from the
 // z tile (which then stays in L1/L2), the logits combine the scalar, point-distance, bias and
 // mask terms, and the tile's probabilities accumulate the scalar/point values and the pair
-// output Σ_j a_ij z_ij (H × c_z per pair: the dominant cost, register-blocked over 4 heads so
-// each z vector is loaded once per 4 FMAs). z is read from memory exactly once; nothing of size
+// output Σ_j a_ij z_ij (H × c_z per pair, register-blocked 6 heads × 4 vectors on AVX-512 so
+// each z vector is loaded once per 6 FMAs). z is read from memory exactly once; nothing of size
 // N² is allocated. Points are computed relative to the centroid of the translations, which
 // leaves the function unchanged (a global translation) and keeps the f32 error independent
 // of where the structure sits in space.
 //
-// Strategies (AF2 dims, N = 512, f32, 2 cores of this machine; `attnbench run` medians):
-//   | strategy                                   | time      | note                              |
-//   |--------------------------------------------|-----------|-----------------------------------|
-//   | reference (Eigen, materialized, f32)       | see docs/ipa.md | logits, bias, distances [N,N,·] |
-//   | fused: per-row online softmax, scalar j loop| —        | first version, not kept            |
-//   | fused: keys packed transposed, logits SIMD over j, pair output 4-head register blocking | see docs/ipa.md | this file |
-// The measured numbers and the commands that produce them are in docs/ipa.md.
+// Strategies, in the order tried (AF2 dims, N = 512, f32, one thread, process CPU time of one
+// forward; the machine was shared with other builds, so ±15 %):
+//   | strategy                                                          | time    | effect        |
+//   |-------------------------------------------------------------------|---------|---------------|
+//   | reference (Eigen, everything materialized, float)                 | 430 ms  | baseline      |
+//   | fused: per-row online softmax; pair bias as 12 dot products with  | ~70 ms  | 6×; perf: the |
+//   |   horizontal sums per pair; pair output 4 heads × 1 vector        |         | sums dominate |
+//   | pair bias as a GEMM vectorized over heads (no horizontal sums);   | 61 ms   | −13 %         |
+//   |   pair output 6 heads × 4 vectors (AVX-512), values (H, N, ·)      |         |               |
+//   | independent FMA chains: 4 key vectors per logit block, 4 partial  | 60 ms   | within noise; |
+//   |   sums for the values, 8 z rows per bias block                    |         | perf showed   |
+//   |                                                                   |         | latency-bound |
+//   |                                                                   |         | chains before |
+// Where the time goes now (perf): pair bias ≈ 45 % and pair output ≈ 25 % of the attention
+// loop (the two c_z·H products per pair, 3 072 MACs), the linear layers ≈ 20 % of the total.
+// With 2 threads in `attnbench run` (wall clock, shared machine): reference 1.44 s, fused
+// 112 ms (f32) / 103 ms (bf16 z) — 13× and 17×. Commands in docs/ipa.md.
 
 #include "impls/cpu/ipa.hpp"
 
