@@ -6,15 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
 
 namespace {
 
@@ -55,8 +54,8 @@ struct Run {
 };
 
 Run attnbench(const std::string& args, const fs::path& dir) {
-  const std::string cmd = std::string("'") + ATTNBENCH_BINARY + "' " + args + " >" + quote(dir / "stdout.txt") +
-                          " 2>" + quote(dir / "stderr.txt");
+  const std::string cmd = std::string("'") + ATTNBENCH_BINARY + "' " + args + " >" + quote(dir / "stdout.txt") + " 2>" +
+                          quote(dir / "stderr.txt");
   const int rc = std::system(cmd.c_str());
   return {rc != -1 && WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, read(dir / "stdout.txt"), read(dir / "stderr.txt")};
 }
@@ -119,13 +118,20 @@ TEST_CASE("merge refuses shards that do not belong together", "[merge]") {
     edit(d);
     cases.push_back({name, d, expect});
   };
-  with("sha.json", [](json& d) { d["context"]["git_sha"] = "0000000"; }, "context.git_sha");
-  with("host.json", [](json& d) { d["context"]["host"] = "elsewhere"; }, "context.host");
-  with("suite.json", [](json& d) { d["suite"]["name"] = "other"; }, "suite.name");
-  with("quick.json", [](json& d) { d["suite"]["quick"] = !d["suite"]["quick"].get<bool>(); }, "suite.quick");
-  with("filter.json", [](json& d) { d["suite"]["filter"] = "N<=64"; }, "suite.filter");
-  with("count.json", [](json& d) { d["suite"]["shard"] = "2/3"; }, "suite.shard");
-  with("dup.json", [&](json& d) { d["records"][0] = read_json(kShard1)["records"][0]; }, "records[0]: case");
+  with(
+      "sha.json", [](json& d) { d["context"]["git_sha"] = "0000000"; }, "context.git_sha");
+  with(
+      "host.json", [](json& d) { d["context"]["host"] = "elsewhere"; }, "context.host");
+  with(
+      "suite.json", [](json& d) { d["suite"]["name"] = "other"; }, "suite.name");
+  with(
+      "quick.json", [](json& d) { d["suite"]["quick"] = !d["suite"]["quick"].get<bool>(); }, "suite.quick");
+  with(
+      "filter.json", [](json& d) { d["suite"]["filter"] = "N<=64"; }, "suite.filter");
+  with(
+      "count.json", [](json& d) { d["suite"]["shard"] = "2/3"; }, "suite.shard");
+  with(
+      "dup.json", [&](json& d) { d["records"][0] = read_json(kShard1)["records"][0]; }, "records[0]: case");
   for (const auto& c : cases) {
     const fs::path file = write_json(dir / c.name, c.doc);
     const Run r = attnbench("merge " + quote(kShard1) + " " + quote(file) + " --out " + quote(dir / "m.json"), dir);
@@ -136,7 +142,8 @@ TEST_CASE("merge refuses shards that do not belong together", "[merge]") {
     CHECK(r.err.find(c.name) != std::string::npos);
     CHECK(!fs::exists(dir / "m.json"));
   }
-  const Run twice = attnbench("merge " + quote(kShard1) + " " + quote(kShard1) + " --out " + quote(dir / "m.json"), dir);
+  const Run twice =
+      attnbench("merge " + quote(kShard1) + " " + quote(kShard1) + " --out " + quote(dir / "m.json"), dir);
   CHECK(twice.rc == 2);
   CHECK(twice.err.find("shard 1/2 is also") != std::string::npos);
 
@@ -151,9 +158,8 @@ TEST_CASE("merge refuses shards that do not belong together", "[merge]") {
 TEST_CASE("report writes the tables, with figures when python and matplotlib exist", "[report]") {
   const fs::path dir = scratch("report");
   const fs::path out = dir / "out";
-  const Run r = attnbench("report " + quote(kMain) + " " + quote(kFixtures / "synthetic_masks.json") + " --out " +
-                              quote(out),
-                          dir);
+  const Run r = attnbench(
+      "report " + quote(kMain) + " " + quote(kFixtures / "synthetic_masks.json") + " --out " + quote(out), dir);
   INFO(r.err);
   REQUIRE(r.rc == 0);
   const std::string md = read(out / "report.md");
@@ -163,7 +169,8 @@ TEST_CASE("report writes the tables, with figures when python and matplotlib exi
   CHECK(md.find("## Suite `synthetic_masks`") != std::string::npos);
   CHECK(md.find("| impl | dtype |") != std::string::npos);
   CHECK(md.find("median time | GFLOP/s | % peak | memory |") != std::string::npos);
-  for (const auto& rec : main["records"]) CHECK(md.find("### " + rec["variant"].get<std::string>()) != std::string::npos);
+  for (const auto& rec : main["records"])
+    CHECK(md.find("### " + rec["variant"].get<std::string>()) != std::string::npos);
   if (md.find("![") == std::string::npos) {
     WARN("report without figures (no python3 + matplotlib?): " << md.substr(md.find("## Figures")));
     CHECK(md.find("**Note:**") != std::string::npos);

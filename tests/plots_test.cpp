@@ -6,16 +6,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
-
-#include <catch2/catch.hpp>
-#include <nlohmann/json.hpp>
 
 namespace {
 
@@ -103,8 +102,8 @@ TEST_CASE("plot.py draws every figure type the fixtures have data for", "[plots]
   }
   // The real run fixture has time/throughput/memory/speedup/error/se3 data;
   // the synthetic ones add sparsity, breakdown and training.
-  for (const char* k : {"time", "throughput", "memory", "speedup", "error", "se3", "sparsity", "breakdown",
-                        "training"}) {
+  for (const char* k :
+       {"time", "throughput", "memory", "speedup", "error", "se3", "sparsity", "breakdown", "training"}) {
     INFO("figure kind " << k);
     CHECK(kinds.count(k) == 1);
   }
@@ -140,7 +139,8 @@ TEST_CASE("plot.py puts explicit-case suites on a categorical case axis", "[plot
   const json manifest = json::parse(read(out / "figs" / "figures.json")).at("figures");
   for (const auto& f : manifest) {
     drawn.insert(f.at("kind").get<std::string>() + "_" + f.at("variant").get<std::string>());
-    if (f.at("variant") == "sdpa") CHECK(f.at("title").get<std::string>().find("cases differ from") != std::string::npos);
+    if (f.at("variant") == "sdpa")
+      CHECK(f.at("title").get<std::string>().find("cases differ from") != std::string::npos);
   }
   CHECK(drawn == std::set<std::string>{"error_sdpa", "error_ipa", "se3_ipa"});
 }
@@ -163,7 +163,10 @@ TEST_CASE("plot.py rejects malformed inputs with one line naming file and field"
       {malformed(dir, "shape.json", [](json& d) { d["records"][2].erase("shape"); }), "records[2].shape"},
       {malformed(dir, "samples.json", [](json& d) { d["records"][0]["bench"]["samples_s"][2] = nullptr; }),
        "records[0].bench.samples_s[2]"},
-      {malformed(dir, "check.json", [](json& d) { d["records"][0]["checks"] = {{"equivalence", {{"max_rel", 1}}}}; }),
+      {malformed(dir, "check.json",
+                 [](json& d) {
+                   d["records"][0]["checks"] = {{"equivalence", {{"max_rel", 1}}}};
+                 }),
        "records[0].checks.equivalence.passed"},
       {malformed(dir, "context.json", [](json& d) { d["context"].erase("host"); }), "context.host"},
   };
@@ -171,8 +174,10 @@ TEST_CASE("plot.py rejects malformed inputs with one line naming file and field"
   std::ofstream(not_json) << "{\"schema\": \"attnbench.results/1\", ";
   cases.push_back({not_json, "not valid JSON"});
   const fs::path bad_log = dir / "train.jsonl";
-  std::ofstream(bad_log) << R"({"variant":"standard","step":0,"wall_s":0,"loss":4.2,"split":"train"})" << "\n"
-                         << R"({"variant":"standard","step":"ten","wall_s":1,"loss":4.0,"split":"train"})" << "\n";
+  std::ofstream(bad_log) << R"({"variant":"standard","step":0,"wall_s":0,"loss":4.2,"split":"train"})"
+                         << "\n"
+                         << R"({"variant":"standard","step":"ten","wall_s":1,"loss":4.0,"split":"train"})"
+                         << "\n";
   cases.push_back({bad_log, "line 2: step"});
 
   for (const auto& c : cases) {

@@ -4,13 +4,13 @@
 // Refuses shards of different suites (name, file, quick, filter), machines or
 // builds (host, cpu model, git sha), different shard counts, a shard given
 // twice and a case (variant, impl, dtype, shape) present twice.
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <map>
 #include <tuple>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
@@ -72,8 +72,8 @@ json merge(const MergeArgs& a) {
     for (const char* k : {"name", "file", "quick", "filter"}) require_same(first, s, "suite", k);
     for (const char* k : {"host", "cpu_model", "git_sha"}) require_same(first, s, "context", k);
     if (s.n != first.n)
-      throw InputError(fmt::format("{}: suite.shard: {} of {} shards, but {} has {} shards", s.path, s.k, s.n,
-                                   first.path, first.n));
+      throw InputError(
+          fmt::format("{}: suite.shard: {} of {} shards, but {} has {} shards", s.path, s.k, s.n, first.path, first.n));
   }
   std::stable_sort(shards.begin(), shards.end(), [](const Shard& x, const Shard& y) { return x.k < y.k; });
   std::map<int, std::string> seen_shards;

@@ -2,6 +2,7 @@
 // with per-suite tables and the figures of plots/plot.py embedded
 // (docs/plots.md). Without python3 + matplotlib it says so and still writes
 // every table.
+#include <fmt/format.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -16,8 +17,6 @@
 #include <set>
 #include <sstream>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
@@ -42,9 +41,12 @@ struct ReportArgs {
 std::string cell(std::string s) {
   std::string out;
   for (char c : s) {
-    if (c == '|') out += "\\|";
-    else if (c == '\n') out += ' ';
-    else out += c;
+    if (c == '|')
+      out += "\\|";
+    else if (c == '\n')
+      out += ' ';
+    else
+      out += c;
   }
   return out;
 }
@@ -139,8 +141,10 @@ void variant_table(std::ostringstream& md, const std::string& variant, const std
   std::vector<std::string> varying;
   std::string fixed;
   for (const auto& [k, vs] : values) {
-    if (vs.size() > 1) varying.push_back(k);
-    else fixed += (fixed.empty() ? "" : ", ") + fmt::format("{} = {}", k, value_text((*recs.front())["shape"][k]));
+    if (vs.size() > 1)
+      varying.push_back(k);
+    else
+      fixed += (fixed.empty() ? "" : ", ") + fmt::format("{} = {}", k, value_text((*recs.front())["shape"][k]));
   }
   md << "### " << variant << "\n\n";
   if (!fixed.empty()) md << "Fixed shape: " << cell(fixed) << ".\n\n";
@@ -152,8 +156,7 @@ void variant_table(std::ostringstream& md, const std::string& variant, const std
   for (const json* rp : recs) {
     const json& r = *rp;
     md << "| " << cell(r["impl"].get<std::string>()) << " | " << cell(r["dtype"].get<std::string>()) << " |";
-    for (const auto& k : varying)
-      md << " " << (r["shape"].contains(k) ? cell(value_text(r["shape"][k])) : "–") << " |";
+    for (const auto& k : varying) md << " " << (r["shape"].contains(k) ? cell(value_text(r["shape"][k])) : "–") << " |";
     md << " " << status_cell(r) << " | " << checks_cell(r) << " |";
     if (r.contains("bench") && r["bench"].is_object()) {
       const json& b = r["bench"];
@@ -186,8 +189,10 @@ int run_shell(const std::string& cmd) {
 /// that imports matplotlib; or nothing, with `why` saying what was missing.
 std::optional<std::string> find_python(std::string& why) {
   std::vector<std::string> candidates;
-  if (const char* env = std::getenv("ATTNBENCH_PYTHON"); env && *env) candidates.push_back(env);
-  else candidates = {"python3", "/usr/bin/python3"};
+  if (const char* env = std::getenv("ATTNBENCH_PYTHON"); env && *env)
+    candidates.push_back(env);
+  else
+    candidates = {"python3", "/usr/bin/python3"};
   std::vector<std::string> without_matplotlib;
   for (const auto& py : candidates) {
     const int rc = run_shell(shell_quote(py) + " -c 'import matplotlib' >/dev/null 2>&1");
@@ -199,10 +204,9 @@ std::optional<std::string> find_python(std::string& why) {
     for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
     return s;
   };
-  why = without_matplotlib.empty()
-            ? "no Python interpreter found (tried " + join(candidates) + ")"
-            : "matplotlib is not installed for " + join(without_matplotlib) +
-                  " (install python3-matplotlib: scripts/setup.sh, or set ATTNBENCH_PYTHON)";
+  why = without_matplotlib.empty() ? "no Python interpreter found (tried " + join(candidates) + ")"
+                                   : "matplotlib is not installed for " + join(without_matplotlib) +
+                                         " (install python3-matplotlib: scripts/setup.sh, or set ATTNBENCH_PYTHON)";
   return std::nullopt;
 }
 
@@ -354,8 +358,8 @@ int report(ReportArgs a) {
     const json s = summarize(recs);
     const bool pass = s["failed"].get<int>() == 0 && s["checks_failed"].get<int>() == 0;
     md << "## Suite `" << name << "` — " << (pass ? "✅ pass" : "❌ FAIL") << "\n\n";
-    md << fmt::format("{} ok, {} failed, {} skipped, {} failed checks.\n\n", s["ok"].get<int>(),
-                      s["failed"].get<int>(), s["skipped"].get<int>(), s["checks_failed"].get<int>());
+    md << fmt::format("{} ok, {} failed, {} skipped, {} failed checks.\n\n", s["ok"].get<int>(), s["failed"].get<int>(),
+                      s["skipped"].get<int>(), s["checks_failed"].get<int>());
     if (sc.cases.size() < sc.records)
       md << fmt::format("{} records repeat a case of another file; each case is shown once, from the last file.\n\n",
                         sc.records - sc.cases.size());
