@@ -10,7 +10,7 @@
 //   q  (rows, D)        a query tile, already RoPE-rotated and pre-scaled
 //   kt (D, kt_stride)   a packed key tile: kt[d * kt_stride + j] = k_j[d]
 //   s  (rows, s_stride) scores / probabilities of the tile
-//   v  (keys, v_stride) a packed value tile, D padded to a multiple of 16 lanes
+//   v  (keys, v_stride) value rows, D padded to a multiple of 16 lanes (any alignment)
 //   o  (rows, o_stride) the output accumulator, same padding as v
 
 // Per-target include guard.
@@ -104,7 +104,7 @@ HWY_INLINE void AccumulateBlock(DF df, size_t n,
   }
   for (size_t j = 0; j < n; ++j) {
     VF vv[C];
-    for (size_t c = 0; c < C; ++c) vv[c] = hn::Load(df, v + j * v_stride + c * L);
+    for (size_t c = 0; c < C; ++c) vv[c] = hn::LoadU(df, v + j * v_stride + c * L);
     for (size_t r = 0; r < R; ++r) {
       const VF pb = hn::Set(df, p[r * p_stride + j]);
       for (size_t c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(pb, vv[c], acc[r][c]);

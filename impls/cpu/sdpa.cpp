@@ -61,19 +61,21 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Layout {
   int64_t Dp, T, Nkv_p, pos_min, n_pos, half;
   int64_t kpack, vpack, rope, per_thread;
+  bool direct_v;  // f32 V with D a multiple of 16 is read in place, not packed
   explicit Layout(const SdpaParams& p) {
     Dp = round_up(p.D, 16);
+    direct_v = p.dtype == DType::f32 && Dp == p.D;
     T = (p.Nkv + kTileK - 1) / kTileK;
     Nkv_p = T * kTileK;
     pos_min = std::min<int64_t>(0, p.Nkv - p.Nq);
     n_pos = p.Nkv - pos_min;
     half = p.D / 2;
     kpack = p.B * p.Hkv * T * p.D * kTileK;
-    vpack = p.B * p.Hkv * Nkv_p * Dp;
+    vpack = direct_v ? 0 : p.B * p.Hkv * Nkv_p * Dp;
     rope = p.rope == SdpaRope::none ? 0 : round_up(2 * n_pos * half, 16);
-    // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, a row.
+    // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, 16 key rows.
     per_thread = round_up(kTileQ * p.D, 16) + kTileQ * kTileK + kTileQ * Dp + 3 * round_up(kTileQ, 16) +
-                 round_up(p.D, 16);
+                 16 * round_up(p.D, 16);
   }
 };
 
@@ -118,7 +120,7 @@ struct ThreadTiles {
   float* m;      // (kTileQ,) running max (log2 units)
   float* l;      // (kTileQ,) running sum
   float* alpha;  // (kTileQ,) rescale factor of the current tile
-  float* row;    // (D,) one rotated row (packing)
+  float* rows;   // (16, D) rotated key rows (packing)
 };
 
 /// S[0:rows_p, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK), then −inf where j ≥ lim_r.
@@ -136,26 +138,36 @@ HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows_p, int64_t 
   }
 }
 
+/// Packs key tile t of kv head (b, hk): K rotated and transposed to (D, kTileK),
+/// V widened to (kTileK, Dp); keys ≥ Nkv and dims ≥ D are zero. Keys go through
+/// `rows` (16, D) in blocks of 16 so that the transposed stores fill whole cache lines.
 template <class T>
 void PackKV(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, float* kpack,
-            float* vpack, float* row, int64_t task) {
+            float* vpack, float* rows, int64_t task) {
+  constexpr int64_t kBlock = 16;
   const int64_t t = task % lay.T, bk = task / lay.T, b = bk / p.Hkv, hk = bk % p.Hkv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
-  float* kt = kpack + (bk * lay.T + t) * p.D * kTileK;  // (D, kTileK)
-  float* vt = vpack + (bk * lay.Nkv_p + t * kTileK) * lay.Dp;  // (kTileK, Dp)
-  for (int64_t jj = 0; jj < kTileK; ++jj) {
-    const int64_t j = t * kTileK + jj;
-    if (j < p.Nkv) {
-      const int64_t ti = (j - lay.pos_min) * lay.half;
-      load_row_rotated(row, k + j * p.k_strides.n, p.D, p.rope, cos_t + ti, sin_t + ti);
-      for (int64_t d = 0; d < p.D; ++d) kt[d * kTileK + jj] = row[d];
-      for (int64_t d = 0; d < p.D; ++d) vt[jj * lay.Dp + d] = load_elem(v + j * p.v_strides.n, d);
-      for (int64_t d = p.D; d < lay.Dp; ++d) vt[jj * lay.Dp + d] = 0.0f;
-    } else {
-      for (int64_t d = 0; d < p.D; ++d) kt[d * kTileK + jj] = 0.0f;
-      for (int64_t d = 0; d < lay.Dp; ++d) vt[jj * lay.Dp + d] = 0.0f;
+  float* kt = kpack + (bk * lay.T + t) * p.D * kTileK;         // (D, kTileK)
+  float* vt = vpack + (bk * lay.Nkv_p + t * kTileK) * lay.Dp;  // (kTileK, Dp), unused with direct_v
+  for (int64_t jb = 0; jb < kTileK; jb += kBlock) {
+    for (int64_t jj = 0; jj < kBlock; ++jj) {
+      const int64_t j = t * kTileK + jb + jj;
+      float* krow = rows + jj * p.D;
+      float* vrow = vt + (jb + jj) * lay.Dp;
+      if (j < p.Nkv) {
+        const int64_t ti = (j - lay.pos_min) * lay.half;
+        load_row_rotated(krow, k + j * p.k_strides.n, p.D, p.rope, cos_t + ti, sin_t + ti);
+        if (lay.direct_v) continue;
+        for (int64_t d = 0; d < p.D; ++d) vrow[d] = load_elem(v + j * p.v_strides.n, d);
+        std::fill(vrow + p.D, vrow + lay.Dp, 0.0f);
+      } else {
+        std::fill_n(krow, p.D, 0.0f);
+        if (!lay.direct_v) std::fill_n(vrow, lay.Dp, 0.0f);
+      }
     }
+    for (int64_t d = 0; d < p.D; ++d)
+      for (int64_t jj = 0; jj < kBlock; ++jj) kt[d * kTileK + jb + jj] = rows[jj * p.D + d];
   }
 }
 
@@ -225,7 +237,13 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   std::fill_n(w.o, rows_p * lay.Dp, 0.0f);
 
   const float* kt_head = kpack + bk * lay.T * p.D * kTileK;
+  // V rows: packed (Nkv_p, Dp), or the f32 input itself (rows ≥ lim are never read).
   const float* v_head = vpack + bk * lay.Nkv_p * lay.Dp;
+  int64_t v_stride = lay.Dp;
+  if (lay.direct_v) {
+    v_head = static_cast<const float*>(p.v) + b * p.v_strides.b + (bk % p.Hkv) * p.v_strides.h;
+    v_stride = p.v_strides.n;
+  }
   for (int64_t j0 = 0; j0 < hi; j0 += kTileK) {
     const int64_t span = std::min(kTileK, hi - j0), ncols = round_up(span, kb);
     TileScores(df, w, rows_p, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim);
@@ -233,7 +251,7 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     for (int64_t r0 = 0; r0 < rows_p; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
         AccumulateBlockVecs<kBlockRows>(df, size_t((lay.Dp - c0) / L), size_t(span), w.s + r0 * kTileK, kTileK,
-                                        v_head + j0 * lay.Dp + c0, size_t(lay.Dp), w.alpha + r0,
+                                        v_head + j0 * v_stride + c0, size_t(v_stride), w.alpha + r0,
                                         w.o + r0 * lay.Dp + c0, size_t(lay.Dp));
   }
 
@@ -278,10 +296,10 @@ void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
     w.m = w.o + kTileQ * lay.Dp;
     w.l = w.m + round_up(kTileQ, 16);
     w.alpha = w.l + round_up(kTileQ, 16);
-    w.row = w.alpha + round_up(kTileQ, 16);
+    w.rows = w.alpha + round_up(kTileQ, 16);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task)
-      PackKV<T>(p, lay, cos_t, sin_t, kpack, vpack, w.row, task);
+      PackKV<T>(p, lay, cos_t, sin_t, kpack, vpack, w.rows, task);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.B * p.H * n_qt; ++task)
       AttendQueryTile<T>(p, lay, cos_t, sin_t, kpack, vpack, w, task);
