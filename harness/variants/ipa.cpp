@@ -156,7 +156,10 @@ TensorMap cast_inputs(const TensorMap& in, DType dtype, const std::vector<std::s
     if (dtype == DType::bf16 &&
         std::find(pair_names.begin(), pair_names.end(), name) == pair_names.end())
       want = DType::f32;
-    out.emplace(name, t.dtype() == want ? t : t.to(want));
+    if (t.dtype() == want)
+      out.emplace(name, t);  // one copy, made in place (a ?: would add a transient one)
+    else
+      out.emplace(name, t.to(want));
   }
   return out;
 }
