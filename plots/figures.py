@@ -83,20 +83,31 @@ def _impl_handle(ctx, impl, dashed=False):
                   linestyle="--" if dashed else "-", label=impl)
 
 
-def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None, lay=None,
-               ylog=True, decorate=None, extra_handles=(), yformatter=None, impl_filter=None,
-               sharey=True):
+def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
+               layout_records=None, split_dtype=None, ylog=True, decorate=None,
+               extra_handles=(), yformatter=None, sharey=True):
     """Generic 'quantity vs the size axis, one line per impl, panels by the
-    other varying parameters'. `y_of(rec)` returns the value or None."""
-    recs = [r for r in records if y_of(r) is not None and (impl_filter is None or impl_filter(r))]
+    other varying parameters'. `y_of(rec)` returns the value or None.
+    The layout comes from `layout_records` (default: the records with a
+    value); explicit cases go to a second figure (layout.parts)."""
+    recs = [r for r in records if y_of(r) is not None]
     if not recs:
         return
-    lay = lay or layout_mod.choose(recs)
-    if lay.x_key is None and not lay.categorical:
-        return
+    for suffix, lay, members in layout_mod.parts(layout_records or recs, split_dtype):
+        ids = {id(r) for r in members}
+        lay.members = ids
+        part_recs = [r for r in recs if id(r) in ids]
+        if part_recs and (lay.x_key is not None or lay.categorical):
+            _draw_part(ctx, part_recs, lay, kind, variant, what, ylabel, y_of, yerr_of, ylog,
+                       decorate, extra_handles, yformatter, sharey, suffix)
+
+
+def _draw_part(ctx, recs, lay, kind, variant, what, ylabel, y_of, yerr_of, ylog, decorate,
+               extra_handles, yformatter, sharey, suffix):
     panels = _panels(recs, lay)
     keys = list(panels)
-    for part, chunk in enumerate(_chunks(keys, MAX_PANELS), start=1):
+    pages = _chunks(keys, MAX_PANELS)
+    for page, chunk in enumerate(pages, start=1):
         if lay.categorical:  # panels stacked, one set of case labels at the bottom
             fig, axes = style.figure(len(chunk), ncols=1, height=1.45, sharey=sharey,
                                      sharex=True)
@@ -145,10 +156,13 @@ def _draw_vs_n(ctx, records, kind, variant, what, ylabel, y_of, *, yerr_of=None,
         for ax in axes:
             if ax.get_subplotspec().is_first_col():
                 ax.set_ylabel(ylabel)
-        handles = [_impl_handle(ctx, i) for i in sorted(impls_seen)] + list(extra_handles)
+        extra = extra_handles(lay) if callable(extra_handles) else list(extra_handles)
+        handles = [_impl_handle(ctx, i) for i in sorted(impls_seen)] + extra
         style.legend_above(fig, handles, [h.get_label() for h in handles])
-        ctx.finish(fig, kind, variant, _title(variant, lay, what),
-                   part if len(keys) > MAX_PANELS else None)
+        tag = "_".join(t for t in (suffix, str(page) if len(pages) > 1 else "") if t)
+        if suffix == "cases":
+            what = f"{what}, explicit cases"
+        ctx.finish(fig, kind, variant, _title(variant, lay, what), tag or None)
 
 
 def _case_ticks(ax, lay):
@@ -243,7 +257,6 @@ def memory_vs_n(ctx, variant, records):
     skipped = [r for r in records if _too_large(r)]
     if not ok:
         return
-    lay = layout_mod.choose(ok + skipped)
     machine = sorted({r.context.get("memory_bytes") for r in ok + skipped
                       if r.context.get("memory_bytes")})
     positive = [_memory_of(r) for r in ok if _memory_of(r) > 0]
@@ -253,12 +266,12 @@ def memory_vs_n(ctx, variant, records):
         m = _memory_of(r)
         return m if m > 0 else floor
 
-    def decorate(ax, pk, series, _lay, _right_edge):
+    def decorate(ax, pk, series, lay, _right_edge):
         for m in machine:
             ax.axhline(m, color="#555555", linestyle=":", linewidth=0.9)
         xs = []
         for r in skipped:
-            if lay.panel_key(r) == pk:
+            if id(r) in lay.members and lay.panel_key(r) == pk:
                 model = (r.info or {}).get("memory_model_bytes")
                 yv = model if model else (machine[-1] * 2 if machine else None)
                 if yv:
@@ -280,7 +293,7 @@ def memory_vs_n(ctx, variant, records):
         extra.append(Line2D([], [], color="#bbbbbb", linewidth=0.6,
                             label="no scratch (0 B)"))
     _draw_vs_n(ctx, ok, "memory", variant, "peak memory beyond inputs and outputs", "peak memory",
-               y, lay=lay, decorate=decorate, extra_handles=extra,
+               y, layout_records=ok + skipped, decorate=decorate, extra_handles=extra,
                yformatter=style.si_formatter("B"))
 
 
@@ -333,8 +346,6 @@ def error_vs_n(ctx, variant, records):
     recs = [r for r in records if _worst_equivalence(r)]
     if not recs:
         return
-    lay = layout_mod.choose(recs, split_dtype=True)
-
     def y(r):
         e = _worst_equivalence(r)["max_rel"]
         return e if e > 0 else None
@@ -342,10 +353,10 @@ def error_vs_n(ctx, variant, records):
     exact = [r for r in recs if _worst_equivalence(r)["max_rel"] == 0]
 
     def decorate(ax, pk, series, lay_, _right_edge):
-        impls = sorted({r.impl for r in recs if lay_.panel_key(r) == pk and y(r)})
+        impls = list(series)
         xs = []
         for r in exact:
-            if lay_.panel_key(r) == pk:
+            if id(r) in lay_.members and lay_.panel_key(r) == pk:
                 x = lay_.x(r) + _dodge(lay_, r.impl, impls if r.impl in impls else [r.impl])
                 ax.plot([x], [0.03], transform=ax.get_xaxis_transform(), linestyle="none",
                         marker="v", markerfacecolor="none", clip_on=False,
@@ -368,20 +379,25 @@ def error_vs_n(ctx, variant, records):
                         markerfacecolor="none", markeredgecolor="#D55E00", markeredgewidth=1.0)
         return xs
 
-    bound_style = ({"linestyle": "none", "marker": "_", "markersize": 7} if lay.categorical
-                   else {"linestyle": "--", "linewidth": 0.8})
-    extra = [Line2D([], [], color="#555555", label="pass bound (same colour)", **bound_style)]
-    if exact:
-        extra.append(Line2D([], [], color="#555555", linestyle="none", marker="v",
-                            markerfacecolor="none", label="exact (0 error)"))
-    if any(not _worst_equivalence(r)["passed"] for r in recs):
-        extra.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
-                            markerfacecolor="none", markeredgecolor="#D55E00",
-                            label="check failed"))
+    def extra(lay):
+        bound_style = ({"linestyle": "none", "marker": "_", "markersize": 7} if lay.categorical
+                       else {"linestyle": "--", "linewidth": 0.8})
+        handles = [Line2D([], [], color="#555555", label="pass bound (same colour)",
+                          **bound_style)]
+        mine = [r for r in recs if id(r) in lay.members]
+        if any(_worst_equivalence(r)["max_rel"] == 0 for r in mine):
+            handles.append(Line2D([], [], color="#555555", linestyle="none", marker="v",
+                                  markerfacecolor="none", label="exact (0 error)"))
+        if any(not _worst_equivalence(r)["passed"] for r in mine):
+            handles.append(Line2D([], [], linestyle="none", marker="o", markersize=7,
+                                  markerfacecolor="none", markeredgecolor="#D55E00",
+                                  label="check failed"))
+        return handles
+
     _draw_vs_n(ctx, recs, "error", variant,
                "max relative error vs the f64 oracle (worst output)",
-               "max relative error", y, lay=lay, decorate=decorate, extra_handles=extra,
-               sharey=False)
+               "max relative error", y, layout_records=recs, split_dtype=True,
+               decorate=decorate, extra_handles=extra, sharey=False)
 
 
 # --- 6. SE(3) invariance ---------------------------------------------------------------

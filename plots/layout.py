@@ -149,16 +149,6 @@ def _hashable(v):
     return v if not isinstance(v, (list, dict)) else str(v)
 
 
-def _is_case_list(records, x_key, group_keys):
-    """True when the other varying keys leave most groups with a single size."""
-    sizes = {}
-    for r in records:
-        g = tuple(_hashable(r.shape.get(k)) for k in group_keys)
-        sizes.setdefault(g, set()).add(r.shape.get(x_key))
-    single = sum(1 for xs in sizes.values() if len(xs) == 1)
-    return len(sizes) > 1 and single > len(sizes) / 2
-
-
 def format_param(key, value):
     if isinstance(value, bool):
         on, off = BOOL_LABELS.get(key, (key, f"no {key}"))
@@ -168,8 +158,8 @@ def format_param(key, value):
     return f"{_math(key)} = {value}"
 
 
-def choose(records, split_dtype=None):
-    """The Layout for `records` (all of one variant)."""
+def _analyse(records):
+    """x key, coupled keys, group keys and constants of a sweep over `records`."""
     keys = sorted({k for r in records for k in r.shape})
     values = {k: [r.shape.get(k) for r in records] for k in keys}
     distinct = {k: {_hashable(v) for v in vs} for k, vs in values.items()}
@@ -183,7 +173,6 @@ def choose(records, split_dtype=None):
     sizes = [k for k in keys if all(_is_size(v) for v in values[k])]
     candidates = [k for k in sizes if k in varying] or [k for k in sizes if k in SIZE_PRIORITY[:6]]
     x_key = min(candidates, key=rank) if candidates else None
-
     coupled = []
     if x_key is not None:
         for k in varying:
@@ -191,18 +180,48 @@ def choose(records, split_dtype=None):
                 coupled.append(k)
         constant.pop(x_key, None)
     group_keys = [k for k in varying if k != x_key and k not in coupled]
-    if x_key is not None and group_keys and _is_case_list(records, x_key, group_keys):
-        # Explicit cases rather than a sweep (most panels would hold one
-        # size): one panel per dtype, the cases side by side.
-        lay = Layout(None, [], [], True if split_dtype is None else split_dtype, constant,
-                     case_keys=varying, cases=[])
+    return x_key, coupled, group_keys, constant, varying
+
+
+def choose(records, split_dtype=None, categorical=False):
+    """The Layout for `records` (all of one variant): a sweep over the size
+    axis, or with `categorical` the cases side by side."""
+    x_key, coupled, group_keys, constant, varying = _analyse(records)
+    if split_dtype is None:
+        split_dtype = len({r.dtype for r in records}) > 1
+    if categorical:
+        lay = Layout(None, [], [], split_dtype, constant, case_keys=varying, cases=[])
         for r in records:
             c = lay.case_of(r)
             if c not in lay.cases:
                 lay.cases.append(c)
-        if split_dtype is None:
-            lay.split_dtype = len({r.dtype for r in records}) > 1
         return lay
-    if split_dtype is None:
-        split_dtype = len({r.dtype for r in records}) > 1
     return Layout(x_key, coupled, group_keys, split_dtype, constant)
+
+
+def parts(records, split_dtype=None):
+    """[(suffix, layout, records)]: the sweeps of one variant's records on a
+    size axis, and the explicit cases (records whose combination of the other
+    parameters occurs at one size only, e.g. suites/ci.json) side by side in
+    a second figure with suffix "cases"."""
+    x_key, _coupled, group_keys, _constant, _varying = _analyse(records)
+    if x_key is None or not group_keys:
+        return [("", choose(records, split_dtype), records)]
+    sizes = {}
+    for r in records:
+        g = tuple(_hashable(r.shape.get(k)) for k in group_keys)
+        sizes.setdefault(g, set()).add(_hashable(r.shape.get(x_key)))
+
+    def single(r):
+        return len(sizes[tuple(_hashable(r.shape.get(k)) for k in group_keys)]) == 1
+
+    sweep = [r for r in records if not single(r)]
+    cases = [r for r in records if single(r)]
+    out = []
+    if sweep:
+        out.append(("", choose(sweep, split_dtype), sweep))
+    if cases and len(cases) == len(records):
+        out.append(("", choose(cases, split_dtype, categorical=True), cases))
+    elif cases:
+        out.append(("cases", choose(cases, split_dtype, categorical=True), cases))
+    return out
