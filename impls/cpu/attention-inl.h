@@ -44,19 +44,16 @@ inline constexpr size_t kBlockRows = 4;
 inline constexpr size_t kBlockVecs = 2;
 #endif
 
-/// 2^x for x ≤ 0 (x = −inf allowed): 0 below 2^−126, otherwise within ~2 ulp.
-/// Range reduction x = n + f, f ∈ [−½, ½], 2^f by its degree-7 Taylor
+/// 2^x for x ≤ 0 with x clamped to −126 (so −inf gives 2^−126 ≈ 1.2e-38, not 0):
+/// range reduction x = n + f, f ∈ [−½, ½], 2^f by its degree-6 Taylor
 /// polynomial (truncation error < 1.2e-7 relative), 2^n by building the exponent.
-HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
+HWY_INLINE VF Exp2Clamped(DF df, VF x) {
   const hn::RebindToSigned<DF> di;
-  const VF lo = hn::Set(df, -126.0f);
-  const auto underflow = hn::Lt(x, lo);
-  x = hn::Max(x, lo);
+  x = hn::Max(x, hn::Set(df, -126.0f));
   const VF n = hn::Round(x);
   const VF f = hn::Sub(x, n);
   // c_k = ln(2)^k / k!
-  VF p = hn::Set(df, 1.5252733804059840e-05f);
-  p = hn::MulAdd(p, f, hn::Set(df, 1.5403530393381606e-04f));
+  VF p = hn::Set(df, 1.5403530393381606e-04f);
   p = hn::MulAdd(p, f, hn::Set(df, 1.3333558146428443e-03f));
   p = hn::MulAdd(p, f, hn::Set(df, 9.6181291076284772e-03f));
   p = hn::MulAdd(p, f, hn::Set(df, 5.5504108664821580e-02f));
@@ -64,15 +61,23 @@ HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
   p = hn::MulAdd(p, f, hn::Set(df, 6.9314718055994531e-01f));
   p = hn::MulAdd(p, f, hn::Set(df, 1.0f));
   const auto e = hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n), hn::Set(di, 127)));
-  return hn::IfThenZeroElse(underflow, hn::Mul(p, hn::BitCast(df, e)));
+  return hn::Mul(p, hn::BitCast(df, e));
 }
 
-/// s[r][j] = Σ_{d<D} q[r][d] · kt[d][j] for r < R, j < C·Lanes: one register block.
+/// 2^x for x ≤ 0, exactly 0 below 2^−126 (and for x = −inf).
+HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
+  return hn::IfThenZeroElse(hn::Lt(x, hn::Set(df, -126.0f)), Exp2Clamped(df, x));
+}
+
+/// s[r][j] = Σ_{d<D} q[r][d] · kt[d][j] for r < R, j < C·Lanes: one register
+/// block. Also folds the block into the lane-wise running row maxima
+/// rowmax[r] (overwritten when `first`), so the softmax needs no extra pass.
 template <size_t R, size_t C>
 HWY_INLINE void ScoresBlock(DF df, size_t D,
                             const float* HWY_RESTRICT q, size_t q_stride,    // (R, D)
                             const float* HWY_RESTRICT kt, size_t kt_stride,  // (D, C·L)
-                            float* HWY_RESTRICT s, size_t s_stride) {        // (R, C·L)
+                            float* HWY_RESTRICT s, size_t s_stride,          // (R, C·L)
+                            float* HWY_RESTRICT rowmax, bool first) {        // (R, L)
   const size_t L = hn::Lanes(df);
   VF acc[R][C];
   for (size_t r = 0; r < R; ++r)
@@ -85,8 +90,14 @@ HWY_INLINE void ScoresBlock(DF df, size_t D,
       for (size_t c = 0; c < C; ++c) acc[r][c] = hn::MulAdd(qb, kv[c], acc[r][c]);
     }
   }
-  for (size_t r = 0; r < R; ++r)
-    for (size_t c = 0; c < C; ++c) hn::Store(acc[r][c], df, s + r * s_stride + c * L);
+  for (size_t r = 0; r < R; ++r) {
+    VF mx = first ? acc[r][0] : hn::Max(acc[r][0], hn::Load(df, rowmax + r * L));
+    for (size_t c = 0; c < C; ++c) {
+      hn::Store(acc[r][c], df, s + r * s_stride + c * L);
+      mx = hn::Max(mx, acc[r][c]);
+    }
+    hn::Store(mx, df, rowmax + r * L);
+  }
 }
 
 /// o[r][0:C·L] = alpha[r] · o[r][0:C·L] + Σ_{j<n} p[r][j] · v[j][0:C·L].
@@ -128,17 +139,26 @@ HWY_INLINE void AccumulateBlockVecs(DF df, size_t vecs, size_t n, const float* H
 }
 
 /// Online-softmax step for one row of a tile (scores in log2 units, n a multiple
-/// of Lanes, masked entries −inf). Updates the running max m and sum l, turns
-/// s into unnormalized probabilities 2^(s − m_new) and returns the factor
-/// alpha = 2^(m_old − m_new) by which the row's output accumulator must be
-/// scaled. A row with no finite score so far keeps m = −inf, l = 0 and gets
-/// p = 0 (never NaN).
-HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, float& m, float& l) {
+/// of Lanes, masked entries −inf). `vmax` holds the lane-wise maxima of the row
+/// (from ScoresBlock) or is null when masking changed the row (then it is
+/// recomputed). Updates the running max m and sum l, turns s into unnormalized
+/// probabilities 2^(s − m_new) and returns the factor alpha = 2^(m_old − m_new)
+/// by which the row's output accumulator must be scaled. A row with no finite
+/// score so far keeps m = −inf, l = 0 and gets p = 0 (never NaN). Masked
+/// entries of a row that has a finite max get 2^−126 instead of 0: at most
+/// Nkv · 1.2e-38 relative to l ≥ 1, below any rounding, and one op cheaper.
+HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, const float* HWY_RESTRICT vmax,
+                                  float& m, float& l) {
   const size_t L = hn::Lanes(df);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  VF vmax = hn::Set(df, kNegInf);
-  for (size_t j = 0; j < n; j += L) vmax = hn::Max(vmax, hn::Load(df, s + j));
-  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vmax)));
+  VF vm_tile;
+  if (vmax) {
+    vm_tile = hn::Load(df, vmax);
+  } else {
+    vm_tile = hn::Set(df, kNegInf);
+    for (size_t j = 0; j < n; j += L) vm_tile = hn::Max(vm_tile, hn::Load(df, s + j));
+  }
+  const float m_new = std::max(m, hn::GetLane(hn::MaxOfLanes(df, vm_tile)));
   if (m_new == kNegInf) {
     for (size_t j = 0; j < n; j += L) hn::Store(hn::Zero(df), df, s + j);
     return 1.0f;
@@ -146,7 +166,7 @@ HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, float&
   const VF vm = hn::Set(df, m_new);
   VF vsum = hn::Zero(df);
   for (size_t j = 0; j < n; j += L) {
-    const VF p = Exp2NonPositive(df, hn::Sub(hn::Load(df, s + j), vm));
+    const VF p = Exp2Clamped(df, hn::Sub(hn::Load(df, s + j), vm));
     vsum = hn::Add(vsum, p);
     hn::Store(p, df, s + j);
   }

@@ -54,6 +54,7 @@ namespace attnbench::cpu::sdpa_detail {
 
 inline constexpr int64_t kTileQ = 48;   // query rows per task (multiple of every kBlockRows)
 inline constexpr int64_t kTileK = 256;  // keys per tile (multiple of every key block)
+inline constexpr int64_t kMaxLanes = 16;  // f32 lanes of the widest x86 target (AVX-512)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -73,9 +74,10 @@ struct Layout {
     kpack = p.B * p.Hkv * T * p.D * kTileK;
     vpack = direct_v ? 0 : p.B * p.Hkv * Nkv_p * Dp;
     rope = p.rope == SdpaRope::none ? 0 : round_up(2 * n_pos * half, 16);
-    // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, 16 key rows.
+    // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, 16 key rows,
+    // lane-wise row maxima.
     per_thread = round_up(kTileQ * p.D, 16) + kTileQ * kTileK + kTileQ * Dp + 3 * round_up(kTileQ, 16) +
-                 16 * round_up(p.D, 16);
+                 16 * round_up(p.D, 16) + kTileQ * kMaxLanes;
   }
 };
 
@@ -111,6 +113,7 @@ HWY_BEFORE_NAMESPACE();
 namespace attnbench::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using namespace sdpa_detail;
+static_assert(hn::MaxLanes(DF()) <= size_t(kMaxLanes), "row-maxima scratch sized for 16 lanes");
 
 /// Scratch of one thread.
 struct ThreadTiles {
@@ -121,20 +124,25 @@ struct ThreadTiles {
   float* l;      // (kTileQ,) running sum
   float* alpha;  // (kTileQ,) rescale factor of the current tile
   float* rows;   // (16, D) rotated key rows (packing)
+  float* vmax;   // (kTileQ, 16) lane-wise row maxima of the current score tile
 };
 
-/// S[0:rows_p, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK), then −inf where j ≥ lim_r.
+/// S[0:rows_p, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK) with the lane-wise
+/// row maxima in w.vmax, then −inf where j ≥ lim_r. masked[r]: row r lost entries
+/// to the mask (its w.vmax is stale).
 HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows_p, int64_t D, const float* HWY_RESTRICT kt,
-                           int64_t ncols, int64_t j0, const int64_t* lim) {
-  const int64_t kb = int64_t(kBlockVecs * hn::Lanes(df));
+                           int64_t ncols, int64_t j0, const int64_t* lim, bool* masked) {
+  const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   for (int64_t r0 = 0; r0 < rows_p; r0 += kBlockRows)
     for (int64_t c0 = 0; c0 < ncols; c0 += kb)
       ScoresBlock<kBlockRows, kBlockVecs>(df, size_t(D), w.q + r0 * D, size_t(D), kt + c0, kTileK,
-                                          w.s + r0 * kTileK + c0, kTileK);
+                                          w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows_p; ++r) {
     float* s = w.s + r * kTileK;
-    for (int64_t j = std::clamp<int64_t>(lim[r] - j0, 0, ncols); j < ncols; ++j) s[j] = kNegInf;
+    const int64_t start = std::clamp<int64_t>(lim[r] - j0, 0, ncols);
+    masked[r] = start < ncols;
+    for (int64_t j = start; j < ncols; ++j) s[j] = kNegInf;
   }
 }
 
@@ -184,7 +192,8 @@ HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const
       continue;
     }
     const int64_t ncols = round_up(std::min(kTileK, hi - j0), kb);
-    TileScores(df, w, rows_p, p.D, kt_head + t * p.D * kTileK, ncols, j0, lim);
+    bool masked[kTileQ];
+    TileScores(df, w, rows_p, p.D, kt_head + t * p.D * kTileK, ncols, j0, lim, masked);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s + r * kTileK;
       float* out = wbase + r * p.w_strides.n + j0;
@@ -246,8 +255,11 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   }
   for (int64_t j0 = 0; j0 < hi; j0 += kTileK) {
     const int64_t span = std::min(kTileK, hi - j0), ncols = round_up(span, kb);
-    TileScores(df, w, rows_p, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim);
-    for (int64_t r = 0; r < rows_p; ++r) w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), w.m[r], w.l[r]);
+    bool masked[kTileQ];
+    TileScores(df, w, rows_p, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim, masked);
+    for (int64_t r = 0; r < rows_p; ++r)
+      w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L,
+                                    w.m[r], w.l[r]);
     for (int64_t r0 = 0; r0 < rows_p; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
         AccumulateBlockVecs<kBlockRows>(df, size_t((lay.Dp - c0) / L), size_t(span), w.s + r0 * kTileK, kTileK,
@@ -297,6 +309,7 @@ void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
     w.l = w.m + round_up(kTileQ, 16);
     w.alpha = w.l + round_up(kTileQ, 16);
     w.rows = w.alpha + round_up(kTileQ, 16);
+    w.vmax = w.rows + 16 * round_up(p.D, 16);
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task)
       PackKV<T>(p, lay, cos_t, sin_t, kpack, vpack, w.rows, task);
