@@ -170,12 +170,25 @@ def _case_ticks(ax, lay):
     slanted when there are many."""
     idx = list(range(len(lay.cases)))
     labels = [lay.case_label(i) for i in idx]
-    width = int(style.TEXT_WIDTH_IN * 15 / max(len(idx), 1))
-    wrapped = [textwrap.fill(t, max(width, 12)) for t in labels]
+    width = max(int(style.TEXT_WIDTH_IN * 15 / max(len(idx), 1)), 12)
+    wrapped = [_wrap_items(t.split(", "), width) for t in labels]
     if max(w.count("\n") for w in wrapped) < 4:
         ax.set_xticks(idx, wrapped)
     else:
         ax.set_xticks(idx, labels, rotation=30, ha="right", rotation_mode="anchor")
+
+
+def _wrap_items(items, width):
+    """Joins 'k=v' items with ', ' into lines of about `width` characters,
+    never splitting an item."""
+    lines = [""]
+    for item in items:
+        if lines[-1] and len(lines[-1]) + 2 + len(item) > width:
+            lines[-1] += ","
+            lines.append(item)
+        else:
+            lines[-1] = f"{lines[-1]}, {item}" if lines[-1] else item
+    return "\n".join(lines)
 
 
 def _dodge(lay, impl, impls):
