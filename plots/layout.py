@@ -65,6 +65,7 @@ class Layout:
     constant: dict           # key -> value for shape keys that never vary
     case_keys: list = None   # categorical layout: the varying keys that name a case
     cases: list = None       # categorical layout: distinct cases, in order of appearance
+    members: set = None      # ids of the records this layout was chosen for (layout.parts)
 
     @property
     def categorical(self):
