@@ -388,10 +388,10 @@ class IpaVariant final : public Variant {
     const double z_in = pair * (dtype == DType::f64 ? 8.0 : dtype == DType::bf16 ? 2.0 : 4.0);
     const double master = pair * (dtype == DType::f64 ? 8.0 : 4.0);  // make_inputs_as(f32) for benches
     const double small = ipa_variant::small_input_count(d) * 8.0 * 2.0;
-    double scratch = 0;
+    double scratch = 0;  // host scratch; the CUDA impl's device memory is its own
     if (impl == "reference")
       scratch = ref::ipa_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
-    else
+    else if (impl == "cpu")
       scratch = double(ipa_forward_fused_scratch_bytes(ipa_variant::shape_of(p), omp_get_max_threads()));
     return master + z_in + small + double(d.N * d.c_s) * 8.0 + scratch;
   }

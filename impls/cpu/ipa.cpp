@@ -53,14 +53,16 @@
 #define ATTNBENCH_IMPLS_CPU_IPA_LAYOUT_
 namespace attnbench::cpu_ipa {
 
-inline constexpr int64_t kTile = 64;  // keys per tile: a multiple of every lane count
+inline constexpr int64_t kTile = 64;     // keys per tile: a multiple of every lane count
+inline constexpr int64_t kRowBlock = 8;  // query rows sharing each key/value tile
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 /// Offsets (in floats) of the scratch regions; every region starts 64-byte aligned.
 struct Layout {
   int64_t Np, Wv, Hp, F, raw_ld;
-  int64_t raw, qs, qp, kt, kpt, vv, mneg, wb, bb, gamma, tc, slab, per_thread, zrow, total;
+  int64_t raw, qs, qp, kt, kpt, vv, mneg, wb, bb, gamma, tc, slab, total;
+  int64_t work_lg, work_bias, work_zf, work_state, row_state, zrow, per_thread;  // within a thread's slab
   /// rank > 0: z comes as rank-`rank` factors and each thread materializes one row z_i (N, c_z).
   Layout(const ipa::IpaShape& d, int threads, int64_t rank) {
     const int64_t H = d.H;
@@ -86,10 +88,15 @@ struct Layout {
     bb = take(H);                      // β b_b
     gamma = take(H);                   // −½ γ_h
     tc = take(d.N * 3);                // t_i − centroid
-    per_thread = round_up(H * kTile, 16) + round_up(kTile * Hp, 16) + round_up(H * Wv, 16) +
-                 round_up(H * d.c_z, 16) + round_up(2 * H, 16) + round_up(kTile * d.c_z, 16);
-    zrow = per_thread;
-    if (rank > 0) per_thread += round_up(d.N * d.c_z, 16);
+    // Per thread: the tile's work arrays, then the state of kRowBlock query rows, then (with
+    // factors) kRowBlock materialized rows of z.
+    work_lg = 0;
+    work_bias = round_up(H * kTile, 16);
+    work_zf = work_bias + round_up(kTile * Hp, 16);
+    work_state = work_zf + round_up(kTile * d.c_z, 16);
+    row_state = round_up(H * Wv, 16) + round_up(H * d.c_z, 16) + round_up(2 * H, 16);
+    zrow = work_state + kRowBlock * row_state;
+    per_thread = zrow + (rank > 0 ? kRowBlock * round_up(d.N * d.c_z, 16) : 0);
     slab = take(per_thread * threads);
     total = at;
   }
@@ -289,18 +296,17 @@ static HWY_INLINE void PairAccumulate(const float* zt, int64_t nj, int64_t c_z, 
   if (h < H) PairAccumulateRest<kPairHeads - 1>(H - h, zt, nj, c_z, p + h * kTile, acc + h * c_z);
 }
 
-/// One query row i: stream over key tiles with an online softmax, then write row i of the
-/// concatenation (local-frame points, norms, pair output).
+/// A block of nr ≤ kRowBlock query rows i0 … i0+nr−1: stream over key tiles with an online
+/// softmax (the rows of the block share each key/value tile while it is in L2), then write the
+/// rows of the concatenation (local-frame points, norms, pair output). zrows[r]: row i0+r of z.
 template <class ZT>
-static void AttendRow(const AttendArgs& a, int64_t i, float* slab, const ZT* zi /* (N, c_z): row i of z */) {
+static void AttendRows(const AttendArgs& a, int64_t i0, int64_t nr, float* slab, const ZT* const* zrows) {
   const ipa::IpaShape& d = *a.d;
   const Layout& lay = *a.lay;
   const DF df;
   const int64_t L = int64_t(hn::Lanes(df));
   const int64_t N = d.N, H = d.H, c = d.c, P = d.P, Pv = d.Pv, c_z = d.c_z, Np = lay.Np, Wv = lay.Wv, Hp = lay.Hp;
   const float* base = a.scratch;
-  const float* qs = base + lay.qs + i * H * c;
-  const float* qp = base + lay.qp + i * H * P * 3;
   const float* kt = base + lay.kt;
   const float* kpt = base + lay.kpt;
   const float* vv = base + lay.vv;
@@ -309,127 +315,147 @@ static void AttendRow(const AttendArgs& a, int64_t i, float* slab, const ZT* zi 
   const float* bb = base + lay.bb;
   const float* neg_half_gamma = base + lay.gamma;
 
-  float* lg = slab;                               // (H, kTile) logits, then probabilities
-  float* bias = lg + round_up(H * kTile, 16);     // (kTile, Hp)
-  float* accv = bias + round_up(kTile * Hp, 16);  // (H, Wv)
-  float* accp = accv + round_up(H * Wv, 16);      // (H, c_z)
-  float* mrow = accp + round_up(H * c_z, 16);     // (H) running max
-  float* lrow = mrow + H;                         // (H) running sum
-  float* zf = mrow + round_up(2 * H, 16);         // (kTile, c_z) widened bf16 tile
-  std::fill(accv, accv + H * Wv, 0.f);
-  std::fill(accp, accp + H * c_z, 0.f);
-  std::fill(mrow, mrow + H, -INFINITY);
-  std::fill(lrow, lrow + H, 0.f);
-  const float mi = a.mask[i];
+  float* lg = slab + lay.work_lg;      // (H, kTile) logits, then probabilities
+  float* bias = slab + lay.work_bias;  // (kTile, Hp)
+  float* zf = slab + lay.work_zf;      // (kTile, c_z) widened bf16 tile
+  // Per-row state: accv (H, Wv), accp (H, c_z), running max (H), running sum (H).
+  auto state = [&](int64_t r) { return slab + lay.work_state + r * lay.row_state; };
+  for (int64_t r = 0; r < nr; ++r) {
+    float* accv = state(r);
+    float* accp = accv + round_up(H * Wv, 16);
+    float* mrow = accp + round_up(H * c_z, 16);
+    std::fill(accv, accv + H * Wv, 0.f);
+    std::fill(accp, accp + H * c_z, 0.f);
+    std::fill(mrow, mrow + H, -INFINITY);
+    std::fill(mrow + H, mrow + 2 * H, 0.f);
+  }
 
   for (int64_t j0 = 0; j0 < N; j0 += kTile) {
     const int64_t nj = std::min(kTile, N - j0);
-    const float* zt;
-    if constexpr (std::is_same_v<ZT, bf16_t>) {
-      WidenRows(zi + j0 * c_z, nj * c_z, zf);
-      zt = zf;
-    } else {
-      zt = zi + j0 * c_z;
-    }
-    // 1. Pair bias of the tile from z (β folded into the weights).
-    PairBiasTile(zt, nj, c_z, wbt, Hp, bias);
-    // 2. Logits, vectorized over keys, kLogitVecs vectors at a time (independent FMA chains;
-    //    key arrays are padded to Np, a multiple of kTile, with zeros).
-    const int64_t njb = round_up(nj, kLogitVecs * L);
-    const VF vmi = hn::Set(df, mi);
-    for (int64_t h = 0; h < H; ++h) {
-      float* row = lg + h * kTile;
-      for (int64_t j = 0; j < nj; ++j) row[j] = bias[j * Hp + h] + bb[h];
-      const VF vg = hn::Set(df, neg_half_gamma[h]);
-      for (int64_t j = 0; j < njb; j += kLogitVecs * L) {
-        VF s[kLogitVecs], dist[kLogitVecs];
-        for (int u = 0; u < kLogitVecs; ++u) {
-          s[u] = hn::Zero(df);
-          dist[u] = hn::Zero(df);
-        }
-        for (int64_t k = 0; k < c; ++k) {
-          const VF qv = hn::Set(df, qs[h * c + k]);
-          const float* kr = kt + (h * c + k) * Np + j0 + j;
-          for (int u = 0; u < kLogitVecs; ++u) s[u] = hn::MulAdd(qv, hn::LoadU(df, kr + u * L), s[u]);
-        }
-        for (int64_t e = 0; e < 3 * P; ++e) {
-          const VF qv = hn::Set(df, qp[h * 3 * P + e]);
-          const float* kr = kpt + (h * 3 * P + e) * Np + j0 + j;
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t i = i0 + r;
+      const ZT* zi = zrows[r];
+      const float* qs = base + lay.qs + i * H * c;
+      const float* qp = base + lay.qp + i * H * P * 3;
+      float* accv = state(r);
+      float* accp = accv + round_up(H * Wv, 16);
+      float* mrow = accp + round_up(H * c_z, 16);
+      float* lrow = mrow + H;
+      const float mi = a.mask[i];
+      const float* zt;
+      if constexpr (std::is_same_v<ZT, bf16_t>) {
+        WidenRows(zi + j0 * c_z, nj * c_z, zf);
+        zt = zf;
+      } else {
+        zt = zi + j0 * c_z;
+      }
+      // 1. Pair bias of the tile from z (β folded into the weights).
+      PairBiasTile(zt, nj, c_z, wbt, Hp, bias);
+      // 2. Logits, vectorized over keys, kLogitVecs vectors at a time (independent FMA chains;
+      //    key arrays are padded to Np, a multiple of kTile, with zeros).
+      const int64_t njb = round_up(nj, kLogitVecs * L);
+      const VF vmi = hn::Set(df, mi);
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = lg + h * kTile;
+        for (int64_t j = 0; j < nj; ++j) row[j] = bias[j * Hp + h] + bb[h];
+        const VF vg = hn::Set(df, neg_half_gamma[h]);
+        for (int64_t j = 0; j < njb; j += kLogitVecs * L) {
+          VF s[kLogitVecs], dist[kLogitVecs];
           for (int u = 0; u < kLogitVecs; ++u) {
-            const VF diff = hn::Sub(qv, hn::LoadU(df, kr + u * L));
-            dist[u] = hn::MulAdd(diff, diff, dist[u]);
+            s[u] = hn::Zero(df);
+            dist[u] = hn::Zero(df);
+          }
+          for (int64_t k = 0; k < c; ++k) {
+            const VF qv = hn::Set(df, qs[h * c + k]);
+            const float* kr = kt + (h * c + k) * Np + j0 + j;
+            for (int u = 0; u < kLogitVecs; ++u) s[u] = hn::MulAdd(qv, hn::LoadU(df, kr + u * L), s[u]);
+          }
+          for (int64_t e = 0; e < 3 * P; ++e) {
+            const VF qv = hn::Set(df, qp[h * 3 * P + e]);
+            const float* kr = kpt + (h * 3 * P + e) * Np + j0 + j;
+            for (int u = 0; u < kLogitVecs; ++u) {
+              const VF diff = hn::Sub(qv, hn::LoadU(df, kr + u * L));
+              dist[u] = hn::MulAdd(diff, diff, dist[u]);
+            }
+          }
+          for (int u = 0; u < kLogitVecs; ++u) {
+            VF t = hn::Add(s[u], hn::LoadU(df, row + j + u * L));
+            t = hn::MulAdd(vg, dist[u], t);
+            t = hn::MulAdd(vmi, hn::LoadU(df, mneg + j0 + j + u * L), t);
+            hn::StoreU(t, df, row + j + u * L);
           }
         }
-        for (int u = 0; u < kLogitVecs; ++u) {
-          VF t = hn::Add(s[u], hn::LoadU(df, row + j + u * L));
-          t = hn::MulAdd(vg, dist[u], t);
-          t = hn::MulAdd(vmi, hn::LoadU(df, mneg + j0 + j + u * L), t);
-          hn::StoreU(t, df, row + j + u * L);
+        for (int64_t j = nj; j < njb; ++j) row[j] = -1e30f;  // padding: exp → 0
+      }
+      // 3. Online softmax per head; rescale the accumulators when the max moves.
+      for (int64_t h = 0; h < H; ++h) {
+        float* row = lg + h * kTile;
+        VF vmax = hn::Set(df, -1e30f);
+        for (int64_t j = 0; j < njb; j += L) vmax = hn::Max(vmax, hn::LoadU(df, row + j));
+        ipa::OnlineSoftmax st{mrow[h], lrow[h]};
+        const float scale = ipa::online_softmax_rescale(st, hn::GetLane(hn::MaxOfLanes(df, vmax)));
+        const VF vm = hn::Set(df, st.m);
+        VF vsum = hn::Zero(df);
+        for (int64_t j = 0; j < njb; j += L) {
+          const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, row + j), vm));
+          vsum = hn::Add(vsum, e);
+          hn::StoreU(e, df, row + j);
+        }
+        mrow[h] = st.m;
+        lrow[h] = st.l + hn::GetLane(hn::SumOfLanes(df, vsum));
+        if (scale != 1.f) {
+          const VF vs = hn::Set(df, scale);
+          for (int64_t k = 0; k < Wv; k += L) hn::StoreU(hn::Mul(vs, hn::LoadU(df, accv + h * Wv + k)), df, accv + h * Wv + k);
+          for (int64_t k = 0; k < c_z; ++k) accp[h * c_z + k] *= scale;
         }
       }
-      for (int64_t j = nj; j < njb; ++j) row[j] = -1e30f;  // padding: exp → 0
-    }
-    // 3. Online softmax per head; rescale the accumulators when the max moves.
-    for (int64_t h = 0; h < H; ++h) {
-      float* row = lg + h * kTile;
-      VF vmax = hn::Set(df, -1e30f);
-      for (int64_t j = 0; j < njb; j += L) vmax = hn::Max(vmax, hn::LoadU(df, row + j));
-      ipa::OnlineSoftmax st{mrow[h], lrow[h]};
-      const float scale = ipa::online_softmax_rescale(st, hn::GetLane(hn::MaxOfLanes(df, vmax)));
-      const VF vm = hn::Set(df, st.m);
-      VF vsum = hn::Zero(df);
-      for (int64_t j = 0; j < njb; j += L) {
-        const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, row + j), vm));
-        vsum = hn::Add(vsum, e);
-        hn::StoreU(e, df, row + j);
+      // 4. Scalar and point values: accv (H, Wv) += p (H, tile) · v (tile, Wv) per head, with
+      //    kValueChains partial sums over j (independent FMA chains).
+      for (int64_t h = 0; h < H; ++h) {
+        const float* vh = vv + (h * Np + j0) * Wv;
+        const float* ph = lg + h * kTile;
+        for (int64_t k = 0; k < Wv; k += L) {
+          VF acc[kValueChains];
+          acc[0] = hn::LoadU(df, accv + h * Wv + k);
+          for (int u = 1; u < kValueChains; ++u) acc[u] = hn::Zero(df);
+          int64_t j = 0;
+          for (; j + kValueChains <= nj; j += kValueChains)
+            for (int u = 0; u < kValueChains; ++u)
+              acc[u] = hn::MulAdd(hn::Set(df, ph[j + u]), hn::LoadU(df, vh + (j + u) * Wv + k), acc[u]);
+          for (; j < nj; ++j) acc[0] = hn::MulAdd(hn::Set(df, ph[j]), hn::LoadU(df, vh + j * Wv + k), acc[0]);
+          for (int u = 1; u < kValueChains; ++u) acc[0] = hn::Add(acc[0], acc[u]);
+          hn::StoreU(acc[0], df, accv + h * Wv + k);
+        }
       }
-      mrow[h] = st.m;
-      lrow[h] = st.l + hn::GetLane(hn::SumOfLanes(df, vsum));
-      if (scale != 1.f) {
-        const VF vs = hn::Set(df, scale);
-        for (int64_t k = 0; k < Wv; k += L) hn::StoreU(hn::Mul(vs, hn::LoadU(df, accv + h * Wv + k)), df, accv + h * Wv + k);
-        for (int64_t k = 0; k < c_z; ++k) accp[h * c_z + k] *= scale;
-      }
+      // 5. Pair output Σ_j a_ij z_ij (the z tile is still in cache from step 1).
+      PairAccumulate(zt, nj, c_z, H, lg, accp);
     }
-    // 4. Scalar and point values: accv (H, Wv) += p (H, tile) · v (tile, Wv) per head, with
-    //    kValueChains partial sums over j (independent FMA chains).
-    for (int64_t h = 0; h < H; ++h) {
-      const float* vh = vv + (h * Np + j0) * Wv;
-      const float* ph = lg + h * kTile;
-      for (int64_t k = 0; k < Wv; k += L) {
-        VF acc[kValueChains];
-        acc[0] = hn::LoadU(df, accv + h * Wv + k);
-        for (int u = 1; u < kValueChains; ++u) acc[u] = hn::Zero(df);
-        int64_t j = 0;
-        for (; j + kValueChains <= nj; j += kValueChains)
-          for (int u = 0; u < kValueChains; ++u)
-            acc[u] = hn::MulAdd(hn::Set(df, ph[j + u]), hn::LoadU(df, vh + (j + u) * Wv + k), acc[u]);
-        for (; j < nj; ++j) acc[0] = hn::MulAdd(hn::Set(df, ph[j]), hn::LoadU(df, vh + j * Wv + k), acc[0]);
-        for (int u = 1; u < kValueChains; ++u) acc[0] = hn::Add(acc[0], acc[u]);
-        hn::StoreU(acc[0], df, accv + h * Wv + k);
-      }
-    }
-    // 5. Pair output Σ_j a_ij z_ij (the z tile is still in cache from step 1).
-    PairAccumulate(zt, nj, c_z, H, lg, accp);
   }
 
-  // Normalize and write row i of concat[o, x, y, z, norms, pair].
-  float* f = a.feat + i * lay.F;
-  const int64_t off_pt = H * c, off_norm = H * (c + 3 * Pv), off_pair = H * (c + 4 * Pv);
-  const float* R = a.rot + i * 9;
-  const float* t = base + lay.tc + i * 3;
-  for (int64_t h = 0; h < H; ++h) {
-    const float inv = ipa::online_softmax_inv_sum(ipa::OnlineSoftmax{mrow[h], lrow[h]});
-    for (int64_t k = 0; k < c; ++k) f[h * c + k] = accv[h * Wv + k] * inv;
-    for (int64_t p = 0; p < Pv; ++p) {
-      const float* g = accv + h * Wv + c + 3 * p;
-      const float gl[3] = {g[0] * inv, g[1] * inv, g[2] * inv};
-      float loc[3];
-      ipa::frame_invert_apply(R, t, gl, loc);
-      for (int ax = 0; ax < 3; ++ax) f[off_pt + ax * H * Pv + h * Pv + p] = loc[ax];
-      f[off_norm + h * Pv + p] = ipa::point_norm(loc);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t i = i0 + r;
+    const float* accv = state(r);
+    const float* accp = accv + round_up(H * Wv, 16);
+    const float* mrow = accp + round_up(H * c_z, 16);
+    const float* lrow = mrow + H;
+    // Normalize and write row i of concat[o, x, y, z, norms, pair].
+    float* f = a.feat + i * lay.F;
+    const int64_t off_pt = H * c, off_norm = H * (c + 3 * Pv), off_pair = H * (c + 4 * Pv);
+    const float* R = a.rot + i * 9;
+    const float* t = base + lay.tc + i * 3;
+    for (int64_t h = 0; h < H; ++h) {
+      const float inv = ipa::online_softmax_inv_sum(ipa::OnlineSoftmax{mrow[h], lrow[h]});
+      for (int64_t k = 0; k < c; ++k) f[h * c + k] = accv[h * Wv + k] * inv;
+      for (int64_t p = 0; p < Pv; ++p) {
+        const float* g = accv + h * Wv + c + 3 * p;
+        const float gl[3] = {g[0] * inv, g[1] * inv, g[2] * inv};
+        float loc[3];
+        ipa::frame_invert_apply(R, t, gl, loc);
+        for (int ax = 0; ax < 3; ++ax) f[off_pt + ax * H * Pv + h * Pv + p] = loc[ax];
+        f[off_norm + h * Pv + p] = ipa::point_norm(loc);
+      }
+      for (int64_t k = 0; k < c_z; ++k) f[off_pair + h * c_z + k] = accp[h * c_z + k] * inv;
     }
-    for (int64_t k = 0; k < c_z; ++k) f[off_pair + h * c_z + k] = accp[h * c_z + k] * inv;
   }
 }
 
@@ -456,19 +482,29 @@ static void MaterializeRow(const AttendArgs& a, int64_t i, float* zr) {
 
 void IpaAttend(const AttendArgs& a, bool z_bf16, int threads) {
   const int64_t N = a.d->N, c_z = a.d->c_z;
+  const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel num_threads(threads)
   {
     float* slab = a.slabs + int64_t(omp_get_thread_num()) * a.lay->per_thread;
-#pragma omp for schedule(dynamic, 4)
-    for (int64_t i = 0; i < N; ++i) {
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t i0 = b * kRowBlock, nr = std::min(kRowBlock, N - i0);
       if (a.rank > 0) {
-        float* zr = slab + a.lay->zrow;
-        MaterializeRow(a, i, zr);
-        AttendRow<float>(a, i, slab, zr);
+        const float* rows[kRowBlock];
+        for (int64_t r = 0; r < nr; ++r) {
+          float* zr = slab + a.lay->zrow + r * round_up(N * c_z, 16);
+          MaterializeRow(a, i0 + r, zr);
+          rows[r] = zr;
+        }
+        AttendRows<float>(a, i0, nr, slab, rows);
       } else if (z_bf16) {
-        AttendRow<bf16_t>(a, i, slab, static_cast<const bf16_t*>(a.z) + i * N * c_z);
+        const bf16_t* rows[kRowBlock];
+        for (int64_t r = 0; r < nr; ++r) rows[r] = static_cast<const bf16_t*>(a.z) + (i0 + r) * N * c_z;
+        AttendRows<bf16_t>(a, i0, nr, slab, rows);
       } else {
-        AttendRow<float>(a, i, slab, static_cast<const float*>(a.z) + i * N * c_z);
+        const float* rows[kRowBlock];
+        for (int64_t r = 0; r < nr; ++r) rows[r] = static_cast<const float*>(a.z) + (i0 + r) * N * c_z;
+        AttendRows<float>(a, i0, nr, slab, rows);
       }
     }
   }
