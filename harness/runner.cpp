@@ -191,6 +191,7 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
   }
   const double need = v.memory_bytes(c.params, c.impl, c.dtype);
   const double avail = double(available_memory_bytes());
+  rec["info"]["memory_model_bytes"] = need;
   if (need > 0.9 * avail)
     return skip(fmt::format("memory model needs {}, {} available", gib(need), gib(avail)));
   if (do_check) {
