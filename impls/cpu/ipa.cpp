@@ -31,10 +31,14 @@
 //   |   sums for the values, 8 z rows per bias block                    |         | perf showed   |
 //   |                                                                   |         | latency-bound |
 //   |                                                                   |         | chains before |
-// Where the time goes now (perf): pair bias ≈ 45 % and pair output ≈ 25 % of the attention
+//   | blocks of 8 query rows share each key/value tile (K, V for all    | N = 2048, | −26 %         |
+//   |   keys are ~15 MB at N = 4096: streamed from L3 for every row)     | 2 threads:|               |
+//   |                                                                   | 1.97→1.45s|               |
+// Where the time goes now (perf, N = 512): pair bias ≈ 45 % and pair output ≈ 25 % of the attention
 // loop (the two c_z·H products per pair, 3 072 MACs), the linear layers ≈ 20 % of the total.
-// With 2 threads in `attnbench run` (wall clock, shared machine): reference 1.44 s, fused
-// 112 ms (f32) / 103 ms (bf16 z) — 13× and 17×. Commands in docs/ipa.md.
+// With 2 threads in `attnbench run` (quiet machine): reference 349 ms, fused 31.0 ms (f32,
+// 11.3×, 46 % of the measured FMA peak) / 29.8 ms (bf16 z); N = 4096: 1.71 s / 1.45 s.
+// Commands in docs/ipa.md.
 
 #include "impls/cpu/ipa.hpp"
 
