@@ -1,5 +1,6 @@
-// Invariant Point Attention (AlphaFold2 Alg. 22, OpenFold monomer): the `ipa` variant.
-// Math, dims, FLOP and memory models, case-file layout: docs/ipa.md.
+// Invariant Point Attention (AlphaFold2 Alg. 22, OpenFold monomer): the `ipa` variant, and
+// `ipa_factorized` (FlashIPA-style rank-r pair factors, a different model with its own
+// reference). Math, dims, FLOP and memory models, case-file layout: docs/ipa.md.
 #include <omp.h>
 
 #include <algorithm>
@@ -8,11 +9,11 @@
 #include <stdexcept>
 #include <string>
 
+#include "harness/check.hpp"
 #include "harness/errors.hpp"
 #include "harness/variant.hpp"
-#include "harness/check.hpp"
-#include "reference/common.hpp"
 #include "impls/cpu/ipa.hpp"
+#include "reference/common.hpp"
 #include "reference/ipa.hpp"
 #if ATTNBENCH_HAVE_CUDA
 #include "harness/cuda_support.hpp"
