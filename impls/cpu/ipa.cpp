@@ -34,6 +34,9 @@
 //   | blocks of 8 query rows share each key/value tile (K, V for all    | N = 2048, | −26 %         |
 //   |   keys are ~15 MB at N = 4096: streamed from L3 for every row)     | 2 threads:|               |
 //   |                                                                   | 1.97→1.45s|               |
+//   | linear layers as packed-panel GEMMs (broadcast x, no horizontal | 63 ms   | no gain, 4×   |
+//   |   sums) instead of dot-product blocks                             |         | larger error: |
+//   |                                                                   |         | reverted      |
 // Where the time goes now (perf, N = 512): pair bias ≈ 45 % and pair output ≈ 25 % of the attention
 // loop (the two c_z·H products per pair, 3 072 MACs), the linear layers ≈ 20 % of the total.
 // With 2 threads in `attnbench run` (quiet machine): reference 349 ms, fused 31.0 ms (f32,
