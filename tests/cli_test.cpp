@@ -89,7 +89,7 @@ TEST_CASE("bad input: one line, exit 2, no output file", "[cli]") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("run writes valid results; too-large cases are skipped before allocating", "[cli]") {
+TEST_CASE("run writes valid results, and too-large cases are skipped before allocating", "[cli]") {
   const auto dir = temp_dir("run");
   const auto out = (dir / "r.json").string();
   // N = 60000: z alone would be 1.8 TB; the memory model must skip it.
