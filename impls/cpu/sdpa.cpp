@@ -10,8 +10,8 @@
 // full, partial (mask the row tails) or empty (skipped; all later tiles too).
 //
 // Algorithm (FlashAttention's, on CPU): pack K once per kv head, transposed to
-// (D, 256-key tiles) with RoPE applied, and V to (Nkv, D padded to 16) in f32;
-// then OpenMP over (b, h, 48-query tile): load the query tile (RoPE, times
+// (D, 256-key tiles) with RoPE applied, and V to (Nkv, D padded to 16) in f32
+// (f32 V with D a multiple of 16 is read in place); then OpenMP over (b, h, 48-query tile): load the query tile (RoPE, times
 // log2(e)/√D so the softmax works in base 2), and for each key tile
 //   S = Q·Kᵀ (6×64 register blocks) → mask → online softmax (running max m,
 //   sum l, P = 2^(S−m), O *= 2^(m_old−m_new)) → O += P·V (6×64 register blocks).
@@ -20,16 +20,25 @@
 // packing (q, k, v are read once), so the inner loops are the f32 ones.
 // Never materializes (Nq, Nkv) beyond one 48×256 tile per thread.
 //
-// Strategies, f32 B=1 H=8 N=4096 D=64 non-causal, 2 Zen 4 cores. GFLOP/s = 4·B·H·N²·D
-// / wall time (quiet machine); "% FMA" is of this machine's measured zmm FMA
-// throughput (≈ 110 GFLOP/s per core, ≈ 220 for both; DESIGN's ≈ 400 counts two
-// FMA pipes that Zen 4 only has at 256 bits):
+// Strategies, f32 B=1 H=8 N=4096 D=64 non-causal, 2 Zen 4 cores, quiet machine.
+// GFLOP/s = 4·B·H·N²·D / wall time; "% FMA" is of this machine's measured zmm
+// FMA throughput (`attnbench roofline`: 234 GFLOP/s for both cores; one 512-bit
+// FMA per cycle per core; DESIGN's "≈ 400" assumes two):
 //
-// | strategy                                                | GFLOP/s | % FMA |
-// |---------------------------------------------------------|---------|-------|
-// | Eigen reference in f32 (materialized S per head)        |     9.1 |     4 |
-// | fused, 48×128 tiles, 6×64 register blocks, exp2 poly    |     189 |    86 |
-// | fused, 48×256 tiles (fewer per-tile row reductions)     |   ~ +1% |       |
+// | strategy                                                      | GFLOP/s | % FMA |
+// |---------------------------------------------------------------|---------|-------|
+// | Eigen reference in f32 (materialized S per head, scalar exp)  |     9.6 |     4 |
+// | fused: 48×128 tiles, 6×64 register blocks, degree-7 exp2      |     189 |    81 |
+// | 48×256 tiles (fewer per-tile row reductions; 24/96 × 128–512  |         |       |
+// |   all within ±2 %, cpu-time measured under load)              |     197 |    84 |
+// | K packed in 16-key blocks, f32 V read in place (decode, pack) |     197 |    84 |
+// | row max folded into the QK kernel, degree-6 exp2, no select   |     200 |    85 |
+//
+// Causal (N(N+1)/2 pairs): 185–194 GFLOP/s. bf16 (widened while packing): same
+// as f32 within noise. What is left is the softmax: ~18 vector ops per 16 scores
+// against 128 FMAs at D = 64. Not done: decode (Nq ≤ 6 rows per head) wastes the
+// 6-row register block and is bound by packing K; grouping the H/Hkv query
+// heads of a kv head into one task and reading K in place would fix it.
 
 #include "impls/cpu/sdpa.hpp"
 
