@@ -138,6 +138,29 @@ HWY_INLINE void AccumulateBlockVecs(DF df, size_t vecs, size_t n, const float* H
   AccumulateBlock<R, 1>(df, n, p, p_stride, v, v_stride, alpha, o, o_stride);
 }
 
+/// ScoresBlock over the first `rows` rows (1 ≤ rows ≤ kBlockRows): the last,
+/// short block of a tile (decode has a single row) without padding rows.
+template <size_t R = kBlockRows>
+HWY_INLINE void ScoresBlockRows(DF df, size_t rows, size_t D, const float* HWY_RESTRICT q, size_t q_stride,
+                                const float* HWY_RESTRICT kt, size_t kt_stride, float* HWY_RESTRICT s,
+                                size_t s_stride, float* HWY_RESTRICT rowmax, bool first) {
+  if constexpr (R > 1) {
+    if (rows < R) return ScoresBlockRows<R - 1>(df, rows, D, q, q_stride, kt, kt_stride, s, s_stride, rowmax, first);
+  }
+  ScoresBlock<R, kBlockVecs>(df, D, q, q_stride, kt, kt_stride, s, s_stride, rowmax, first);
+}
+
+/// AccumulateBlockVecs over the first `rows` rows (1 ≤ rows ≤ kBlockRows).
+template <size_t R = kBlockRows>
+HWY_INLINE void AccumulateBlockRows(DF df, size_t rows, size_t vecs, size_t n, const float* HWY_RESTRICT p,
+                                    size_t p_stride, const float* HWY_RESTRICT v, size_t v_stride,
+                                    const float* HWY_RESTRICT alpha, float* HWY_RESTRICT o, size_t o_stride) {
+  if constexpr (R > 1) {
+    if (rows < R) return AccumulateBlockRows<R - 1>(df, rows, vecs, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+  }
+  AccumulateBlockVecs<R>(df, vecs, n, p, p_stride, v, v_stride, alpha, o, o_stride);
+}
+
 /// Online-softmax step for one row of a tile (scores in log2 units, n a multiple
 /// of Lanes, masked entries −inf). `vmax` holds the lane-wise maxima of the row
 /// (from ScoresBlock) or is null when masking changed the row (then it is

@@ -36,9 +36,11 @@
 //
 // Causal (N(N+1)/2 pairs): 185–194 GFLOP/s. bf16 (widened while packing): same
 // as f32 within noise. What is left is the softmax: ~18 vector ops per 16 scores
-// against 128 FMAs at D = 64. Not done: decode (Nq ≤ 6 rows per head) wastes the
-// 6-row register block and is bound by packing K; grouping the H/Hkv query
-// heads of a kv head into one task and reading K in place would fix it.
+// against 128 FMAs at D = 64. The last row block of a tile uses 1..5-row
+// register blocks instead of zero-padded rows (decode Nq = 1, H 32, Hkv 8,
+// Nkv 8192, D 128: 4× less CPU time). Not done: decode is now bound by packing
+// K; grouping the H/Hkv query heads of a kv head into one task and reading K in
+// place (dot products along D) would fix it.
 
 #include "impls/cpu/sdpa.hpp"
 
@@ -136,18 +138,18 @@ struct ThreadTiles {
   float* vmax;   // (kTileQ, 16) lane-wise row maxima of the current score tile
 };
 
-/// S[0:rows_p, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK) with the lane-wise
+/// S[0:rows, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK) with the lane-wise
 /// row maxima in w.vmax, then −inf where j ≥ lim_r. masked[r]: row r lost entries
 /// to the mask (its w.vmax is stale).
-HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows_p, int64_t D, const float* HWY_RESTRICT kt,
+HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows, int64_t D, const float* HWY_RESTRICT kt,
                            int64_t ncols, int64_t j0, const int64_t* lim, bool* masked) {
   const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
-  for (int64_t r0 = 0; r0 < rows_p; r0 += kBlockRows)
+  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
     for (int64_t c0 = 0; c0 < ncols; c0 += kb)
-      ScoresBlock<kBlockRows, kBlockVecs>(df, size_t(D), w.q + r0 * D, size_t(D), kt + c0, kTileK,
-                                          w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
+      ScoresBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t(D), w.q + r0 * D, size_t(D),
+                      kt + c0, kTileK, w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int64_t r = 0; r < rows_p; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     float* s = w.s + r * kTileK;
     const int64_t start = std::clamp<int64_t>(lim[r] - j0, 0, ncols);
     masked[r] = start < ncols;
@@ -190,7 +192,7 @@ void PackKV(const SdpaParams& p, const Layout& lay, const float* cos_t, const fl
 
 /// Writes weights rows [i0, i0+rows) of head (b, h): 2^(S − m)/l, 0 where masked.
 HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const ThreadTiles& w, const float* kt_head,
-                            int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t rows_p, const int64_t* lim,
+                            int64_t b, int64_t h, int64_t i0, int64_t rows, const int64_t* lim,
                             int64_t hi) {
   const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   float* wbase = p.weights + b * p.w_strides.b + h * p.w_strides.h + i0 * p.w_strides.n;
@@ -202,7 +204,7 @@ HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const
     }
     const int64_t ncols = round_up(std::min(kTileK, hi - j0), kb);
     bool masked[kTileQ];
-    TileScores(df, w, rows_p, p.D, kt_head + t * p.D * kTileK, ncols, j0, lim, masked);
+    TileScores(df, w, rows, p.D, kt_head + t * p.D * kTileK, ncols, j0, lim, masked);
     for (int64_t r = 0; r < rows; ++r) {
       float* s = w.s + r * kTileK;
       float* out = wbase + r * p.w_strides.n + j0;
@@ -230,29 +232,23 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   const int64_t qt = task % n_qt, bh = task / n_qt, b = bh / p.H, h = bh % p.H;
   const int64_t bk = b * p.Hkv + h / (p.H / p.Hkv);
   const int64_t i0 = qt * kTileQ, rows = std::min(kTileQ, p.Nq - i0);
-  const int64_t rows_p = round_up(rows, int64_t(kBlockRows));
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
 
-  // Query tile: rotate, scale into log2 units; padded rows are zero and fully masked.
+  // Query tile: rotate, scale into log2 units.
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
   int64_t lim[kTileQ];
   int64_t hi = 0;
-  for (int64_t r = 0; r < rows_p; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     float* qr = w.q + r * p.D;
-    if (r < rows) {
-      const int64_t i = i0 + r, ti = (i + p.Nkv - p.Nq - lay.pos_min) * lay.half;
-      load_row_rotated(qr, q + i * p.q_strides.n, p.D, p.rope, cos_t + ti, sin_t + ti);
-      for (int64_t d = 0; d < p.D; ++d) qr[d] *= qscale;
-      lim[r] = row_limit(p, b, i);
-      hi = std::max(hi, lim[r]);
-    } else {
-      std::fill_n(qr, p.D, 0.0f);
-      lim[r] = 0;
-    }
+    const int64_t i = i0 + r, ti = (i + p.Nkv - p.Nq - lay.pos_min) * lay.half;
+    load_row_rotated(qr, q + i * p.q_strides.n, p.D, p.rope, cos_t + ti, sin_t + ti);
+    for (int64_t d = 0; d < p.D; ++d) qr[d] *= qscale;
+    lim[r] = row_limit(p, b, i);
+    hi = std::max(hi, lim[r]);
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.0f;
   }
-  std::fill_n(w.o, rows_p * lay.Dp, 0.0f);
+  std::fill_n(w.o, rows * lay.Dp, 0.0f);
 
   const float* kt_head = kpack + bk * lay.T * p.D * kTileK;
   // V rows: packed (Nkv_p, Dp), or the f32 input itself (rows ≥ lim are never read).
@@ -265,15 +261,15 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   for (int64_t j0 = 0; j0 < hi; j0 += kTileK) {
     const int64_t span = std::min(kTileK, hi - j0), ncols = round_up(span, kb);
     bool masked[kTileQ];
-    TileScores(df, w, rows_p, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim, masked);
-    for (int64_t r = 0; r < rows_p; ++r)
+    TileScores(df, w, rows, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim, masked);
+    for (int64_t r = 0; r < rows; ++r)
       w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L,
                                     w.m[r], w.l[r]);
-    for (int64_t r0 = 0; r0 < rows_p; r0 += kBlockRows)
+    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
-        AccumulateBlockVecs<kBlockRows>(df, size_t((lay.Dp - c0) / L), size_t(span), w.s + r0 * kTileK, kTileK,
-                                        v_head + j0 * v_stride + c0, size_t(v_stride), w.alpha + r0,
-                                        w.o + r0 * lay.Dp + c0, size_t(lay.Dp));
+        AccumulateBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t((lay.Dp - c0) / L),
+                            size_t(span), w.s + r0 * kTileK, kTileK, v_head + j0 * v_stride + c0, size_t(v_stride),
+                            w.alpha + r0, w.o + r0 * lay.Dp + c0, size_t(lay.Dp));
   }
 
   float* o = p.o + b * p.o_strides.b + h * p.o_strides.h;
@@ -282,7 +278,7 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     float* orow = o + (i0 + r) * p.o_strides.n;
     for (int64_t d = 0; d < p.D; ++d) orow[d] = w.o[r * lay.Dp + d] * inv;
   }
-  if (p.weights) WeightsPass(df, p, lay, w, kt_head, b, h, i0, rows, rows_p, lim, hi);
+  if (p.weights) WeightsPass(df, p, lay, w, kt_head, b, h, i0, rows, lim, hi);
 }
 
 template <class T>
