@@ -38,7 +38,7 @@
 // as f32 within noise. What is left is the softmax: ~18 vector ops per 16 scores
 // against 128 FMAs at D = 64. The last row block of a tile uses 1..5-row
 // register blocks instead of zero-padded rows (decode Nq = 1, H 32, Hkv 8,
-// Nkv 8192, D 128: 4× less CPU time). Not done: decode is now bound by packing
+// Nkv 8192, D 128: 1.7× less CPU time). Not done: decode is now bound by packing
 // K; grouping the H/Hkv query heads of a kv head into one task and reading K in
 // place (dot products along D) would fix it.
 
