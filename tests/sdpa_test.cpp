@@ -3,8 +3,9 @@
 // empty rows, RoPE conventions, attention weights, bf16; the CUDA kernel's host
 // helpers (impls/cuda/sdpa_math.hpp) against the reference math; and the CUDA
 // implementation itself where a device is usable.
-#include <catch2/catch.hpp>
+#include "impls/cpu/sdpa.hpp"
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -13,7 +14,6 @@
 #include "harness/errors.hpp"
 #include "harness/runner.hpp"
 #include "harness/variant.hpp"
-#include "impls/cpu/sdpa.hpp"
 #include "impls/cuda/sdpa_math.hpp"
 #include "reference/sdpa.hpp"
 
@@ -52,7 +52,7 @@ struct Direct {
   ref::SdpaDims d;
   std::vector<int32_t> kv_len;
   std::vector<double> q, k, v;
-  std::vector<float> o, w;          // kernel outputs
+  std::vector<float> o, w;           // kernel outputs
   std::vector<double> o_ref, w_ref;  // f64 reference
 
   Direct(ref::SdpaDims dims, std::vector<int32_t> lens, DType dtype = DType::f32) : d(dims), kv_len(std::move(lens)) {
@@ -80,7 +80,7 @@ struct Direct {
     SdpaParams p;
     p.B = d.B, p.H = d.H, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nkv = d.Nkv, p.D = d.D;
     p.causal = d.causal;
-    p.rope = d.rope == ref::RopeMode::half ? SdpaRope::half
+    p.rope = d.rope == ref::RopeMode::half          ? SdpaRope::half
              : d.rope == ref::RopeMode::interleaved ? SdpaRope::interleaved
                                                     : SdpaRope::none;
     p.dtype = dtype;
@@ -337,7 +337,12 @@ TEST_CASE("sdpa cuda: matches the reference on a device", "[sdpa][cuda]") {
     require_passes("cuda", dt, {{"H", 2}, {"Nq", 37}, {"Nkv", 300}, {"D", 64}, {"causal", true}, {"rope", "half"}});
     require_passes("cuda", dt, {{"H", 2}, {"Nq", 300}, {"Nkv", 37}, {"D", 128}, {"causal", true}});
     require_passes("cuda", dt,
-                   {{"B", 4}, {"H", 2}, {"N", 130}, {"D", 200}, {"padding", true}, {"need_weights", true},
+                   {{"B", 4},
+                    {"H", 2},
+                    {"N", 130},
+                    {"D", 200},
+                    {"padding", true},
+                    {"need_weights", true},
                     {"rope", "interleaved"}});
   }
 }

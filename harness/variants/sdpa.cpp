@@ -10,6 +10,8 @@
 // for every input dtype (all kernels accumulate in f32 and store f32; the bf16/f16
 // reference rounds its stages to the dtype and stores the rounded values), f64
 // for the f64 oracle.
+#include "impls/cpu/sdpa.hpp"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -18,7 +20,6 @@
 
 #include "harness/errors.hpp"
 #include "harness/variant.hpp"
-#include "impls/cpu/sdpa.hpp"
 #include "reference/sdpa.hpp"
 
 #if ATTNBENCH_HAVE_CUDA
@@ -77,9 +78,12 @@ Tensor tensor_from(const std::vector<double>& x, DType dtype, Shape shape) {
 
 SdpaRope rope_of(ref::RopeMode m) {
   switch (m) {
-    case ref::RopeMode::half: return SdpaRope::half;
-    case ref::RopeMode::interleaved: return SdpaRope::interleaved;
-    default: return SdpaRope::none;
+    case ref::RopeMode::half:
+      return SdpaRope::half;
+    case ref::RopeMode::interleaved:
+      return SdpaRope::interleaved;
+    default:
+      return SdpaRope::none;
   }
 }
 
@@ -174,11 +178,13 @@ class SdpaVariant final : public Variant {
                          for (auto& [name, t] : r) outputs.at(name) = std::move(t);
                        });
                  }});
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16},
-                 [](const ImplArgs& a) { return std::make_unique<SdpaCpuInstance>(a); }});
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
+                   return std::make_unique<SdpaCpuInstance>(a);
+                 }});
 #if ATTNBENCH_HAVE_CUDA
-    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16},
-                 [](const ImplArgs& a) { return std::make_unique<SdpaCudaInstance>(a); }});
+    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
+                   return std::make_unique<SdpaCudaInstance>(a);
+                 }});
 #endif
     return v;
   }
@@ -214,8 +220,7 @@ class SdpaVariant final : public Variant {
     normal("v", kv_shape(c.d));
     Tensor len(DType::i32, {c.d.B});
     Rng rng(seed, key, "kv_len");
-    for (int64_t b = 0; b < c.d.B; ++b)
-      len.data<int32_t>()[b] = int32_t(c.padding ? rng.integer(0, c.d.Nkv) : c.d.Nkv);
+    for (int64_t b = 0; b < c.d.B; ++b) len.data<int32_t>()[b] = int32_t(c.padding ? rng.integer(0, c.d.Nkv) : c.d.Nkv);
     m.emplace("kv_len", std::move(len));
     return m;
   }
@@ -283,7 +288,8 @@ class SdpaVariant final : public Variant {
     const double io = n_in * es + n_out * os + 4.0 * double(d.B);
     if (impl == "reference") {
       const double cs = dtype == DType::f64 ? 8.0 : 4.0;
-      return io + 8.0 * (n_in + n_out) + 2.0 * cs * double(d.Nq) * double(d.Nkv) + 3.0 * cs * double(d.Nq + d.Nkv) * double(d.D);
+      return io + 8.0 * (n_in + n_out) + 2.0 * cs * double(d.Nq) * double(d.Nkv) +
+             3.0 * cs * double(d.Nq + d.Nkv) * double(d.D);
     }
     if (impl == "cpu") {
       const SdpaParams kp = kernel_params(c, dtype);
@@ -306,9 +312,21 @@ class SdpaVariant final : public Variant {
         {{"B", 2}, {"H", 4}, {"Hkv", 2}, {"N", 17}, {"D", 40}, {"causal", true}, {"padding", true}},
         {{"B", 1}, {"H", 2}, {"N", 129}, {"D", 80}, {"causal", true}, {"rope", "half"}},
         {{"B", 1}, {"H", 2}, {"Hkv", 1}, {"N", 1000}, {"D", 128}, {"padding", true}},
-        {{"B", 1}, {"H", 2}, {"Nq", 17}, {"Nkv", 129}, {"D", 64}, {"causal", true}, {"rope", "interleaved"},
+        {{"B", 1},
+         {"H", 2},
+         {"Nq", 17},
+         {"Nkv", 129},
+         {"D", 64},
+         {"causal", true},
+         {"rope", "interleaved"},
          {"need_weights", true}},
-        {{"B", 3}, {"H", 2}, {"Nq", 129}, {"Nkv", 17}, {"D", 64}, {"causal", true}, {"padding", true},
+        {{"B", 3},
+         {"H", 2},
+         {"Nq", 129},
+         {"Nkv", 17},
+         {"D", 64},
+         {"causal", true},
+         {"padding", true},
          {"need_weights", true}},
         {{"B", 1}, {"H", 1}, {"N", 1000}, {"D", 40}, {"causal", true}, {"rope", "half"}},
     };
@@ -316,7 +334,9 @@ class SdpaVariant final : public Variant {
 
   nlohmann::json case_info(const Params& p) const override {
     const SdpaCase c = case_of(p);
-    return {{"Nq", c.d.Nq}, {"Nkv", c.d.Nkv}, {"Hkv", c.d.Hkv},
+    return {{"Nq", c.d.Nq},
+            {"Nkv", c.d.Nkv},
+            {"Hkv", c.d.Hkv},
             {"density", allowed_pairs(c.d) / (double(c.d.Nq) * double(c.d.Nkv))}};
   }
 
@@ -327,8 +347,8 @@ class SdpaVariant final : public Variant {
     const Tensor& q = require(t, "q", "sdpa case file");
     const Tensor& k = require(t, "k", "sdpa case file");
     if (q.rank() != 4 || k.rank() != 4) throw InputError("sdpa case file: q and k must have rank 4 (B, heads, N, D)");
-    Params p = {{"B", q.dim(0)}, {"H", q.dim(1)}, {"Hkv", k.dim(1)}, {"N", q.dim(2)},
-                {"Nq", q.dim(2)}, {"Nkv", k.dim(2)}, {"D", q.dim(3)}, {"need_weights", t.count("weights") > 0}};
+    Params p = {{"B", q.dim(0)},  {"H", q.dim(1)},   {"Hkv", k.dim(1)}, {"N", q.dim(2)},
+                {"Nq", q.dim(2)}, {"Nkv", k.dim(2)}, {"D", q.dim(3)},   {"need_weights", t.count("weights") > 0}};
     bool padded = false;
     if (auto it = t.find("kv_len"); it != t.end())
       for (int64_t b = 0; b < it->second.numel(); ++b) padded = padded || it->second.get(b) < double(k.dim(2));

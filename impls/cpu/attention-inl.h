@@ -73,11 +73,10 @@ HWY_INLINE VF Exp2NonPositive(DF df, VF x) {
 /// block. Also folds the block into the lane-wise running row maxima
 /// rowmax[r] (overwritten when `first`), so the softmax needs no extra pass.
 template <size_t R, size_t C>
-HWY_INLINE void ScoresBlock(DF df, size_t D,
-                            const float* HWY_RESTRICT q, size_t q_stride,    // (R, D)
-                            const float* HWY_RESTRICT kt, size_t kt_stride,  // (D, C·L)
-                            float* HWY_RESTRICT s, size_t s_stride,          // (R, C·L)
-                            float* HWY_RESTRICT rowmax, bool first) {        // (R, L)
+HWY_INLINE void ScoresBlock(DF df, size_t D, const float* HWY_RESTRICT q, size_t q_stride,  // (R, D)
+                            const float* HWY_RESTRICT kt, size_t kt_stride,                 // (D, C·L)
+                            float* HWY_RESTRICT s, size_t s_stride,                         // (R, C·L)
+                            float* HWY_RESTRICT rowmax, bool first) {                       // (R, L)
   const size_t L = hn::Lanes(df);
   VF acc[R][C];
   for (size_t r = 0; r < R; ++r)
@@ -102,11 +101,10 @@ HWY_INLINE void ScoresBlock(DF df, size_t D,
 
 /// o[r][0:C·L] = alpha[r] · o[r][0:C·L] + Σ_{j<n} p[r][j] · v[j][0:C·L].
 template <size_t R, size_t C>
-HWY_INLINE void AccumulateBlock(DF df, size_t n,
-                                const float* HWY_RESTRICT p, size_t p_stride,  // (R, n)
-                                const float* HWY_RESTRICT v, size_t v_stride,  // (n, C·L)
-                                const float* HWY_RESTRICT alpha,               // (R,)
-                                float* HWY_RESTRICT o, size_t o_stride) {      // (R, C·L)
+HWY_INLINE void AccumulateBlock(DF df, size_t n, const float* HWY_RESTRICT p, size_t p_stride,  // (R, n)
+                                const float* HWY_RESTRICT v, size_t v_stride,                   // (n, C·L)
+                                const float* HWY_RESTRICT alpha,                                // (R,)
+                                float* HWY_RESTRICT o, size_t o_stride) {                       // (R, C·L)
   const size_t L = hn::Lanes(df);
   VF acc[R][C];
   for (size_t r = 0; r < R; ++r) {
@@ -142,8 +140,8 @@ HWY_INLINE void AccumulateBlockVecs(DF df, size_t vecs, size_t n, const float* H
 /// short block of a tile (decode has a single row) without padding rows.
 template <size_t R = kBlockRows>
 HWY_INLINE void ScoresBlockRows(DF df, size_t rows, size_t D, const float* HWY_RESTRICT q, size_t q_stride,
-                                const float* HWY_RESTRICT kt, size_t kt_stride, float* HWY_RESTRICT s,
-                                size_t s_stride, float* HWY_RESTRICT rowmax, bool first) {
+                                const float* HWY_RESTRICT kt, size_t kt_stride, float* HWY_RESTRICT s, size_t s_stride,
+                                float* HWY_RESTRICT rowmax, bool first) {
   if constexpr (R > 1) {
     if (rows < R) return ScoresBlockRows<R - 1>(df, rows, D, q, q_stride, kt, kt_stride, s, s_stride, rowmax, first);
   }
@@ -170,8 +168,8 @@ HWY_INLINE void AccumulateBlockRows(DF df, size_t rows, size_t vecs, size_t n, c
 /// score so far keeps m = −inf, l = 0 and gets p = 0 (never NaN). Masked
 /// entries of a row that has a finite max get 2^−126 instead of 0: at most
 /// Nkv · 1.2e-38 relative to l ≥ 1, below any rounding, and one op cheaper.
-HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, const float* HWY_RESTRICT vmax,
-                                  float& m, float& l) {
+HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, const float* HWY_RESTRICT vmax, float& m,
+                                  float& l) {
   const size_t L = hn::Lanes(df);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   VF vm_tile;

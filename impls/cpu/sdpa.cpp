@@ -11,8 +11,10 @@
 //
 // Algorithm (FlashAttention's, on CPU): pack K once per kv head, transposed to
 // (D, 256-key tiles) with RoPE applied, and V to (Nkv, D padded to 16) in f32
-// (f32 V with D a multiple of 16 is read in place); then OpenMP over (b, h, 48-query tile): load the query tile (RoPE, times
-// log2(e)/√D so the softmax works in base 2), and for each key tile
+// (f32 V with D a multiple of 16 is read in place); then OpenMP over (b, kv
+// head, tile of 48 rows of its H/Hkv query heads, ordered (query, head) so the
+// GQA heads share every K/V tile): load the query rows (RoPE, times log2(e)/√D
+// so the softmax works in base 2), and for each key tile
 //   S = Q·Kᵀ (6×64 register blocks) → mask → online softmax (running max m,
 //   sum l, P = 2^(S−m), O *= 2^(m_old−m_new)) → O += P·V (6×64 register blocks).
 // Finally O /= l (0 for a row without keys). need_weights recomputes S in a
@@ -64,8 +66,8 @@
 #define ATTNBENCH_IMPLS_CPU_SDPA_SHARED_
 namespace attnbench::cpu::sdpa_detail {
 
-inline constexpr int64_t kTileQ = 48;   // query rows per task (multiple of every kBlockRows)
-inline constexpr int64_t kTileK = 256;  // keys per tile (multiple of every key block)
+inline constexpr int64_t kTileQ = 48;     // query rows per task (multiple of every kBlockRows)
+inline constexpr int64_t kTileK = 256;    // keys per tile (multiple of every key block)
 inline constexpr int64_t kMaxLanes = 16;  // f32 lanes of the widest x86 target (AVX-512)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -147,8 +149,8 @@ HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows, int64_t D,
   const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
     for (int64_t c0 = 0; c0 < ncols; c0 += kb)
-      ScoresBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t(D), w.q + r0 * D, size_t(D),
-                      kt + c0, kTileK, w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
+      ScoresBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t(D), w.q + r0 * D, size_t(D), kt + c0,
+                      kTileK, w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   for (int64_t r = 0; r < rows; ++r) {
     float* s = w.s + r * kTileK;
@@ -162,8 +164,8 @@ HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows, int64_t D,
 /// V widened to (kTileK, Dp); keys ≥ Nkv and dims ≥ D are zero. Keys go through
 /// `rows` (16, D) in blocks of 16 so that the transposed stores fill whole cache lines.
 template <class T>
-void PackKV(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, float* kpack,
-            float* vpack, float* rows, int64_t task) {
+void PackKV(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, float* kpack, float* vpack,
+            float* rows, int64_t task) {
   constexpr int64_t kBlock = 16;
   const int64_t t = task % lay.T, bk = task / lay.T, b = bk / p.Hkv, hk = bk % p.Hkv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
@@ -230,8 +232,8 @@ inline int64_t query_tiles(const SdpaParams& p) { return (p.Nq * (p.H / p.Hkv) +
 /// with f = i·G + g for query i of head hk·G + g (G = H/Hkv). Grouping the
 /// query heads that share K and V reads each key tile once per tile of rows.
 template <class T>
-void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t,
-                     const float* kpack, const float* vpack, const ThreadTiles& w, int64_t task) {
+void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, const float* kpack,
+                     const float* vpack, const ThreadTiles& w, int64_t task) {
   const DF df;
   const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   const int64_t G = p.H / p.Hkv, n_qt = query_tiles(p);
@@ -273,8 +275,8 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     bool masked[kTileQ];
     TileScores(df, w, rows, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim, masked);
     for (int64_t r = 0; r < rows; ++r)
-      w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L,
-                                    w.m[r], w.l[r]);
+      w.alpha[r] =
+          OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L, w.m[r], w.l[r]);
     for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
         AccumulateBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t((lay.Dp - c0) / L),

@@ -4,9 +4,8 @@
 // declares the CUDA launcher with the same parameters).
 #pragma once
 
-#include <cstdint>
-
 #include <cstddef>
+#include <cstdint>
 
 #include "harness/dtype.hpp"
 
@@ -29,19 +28,19 @@ inline SdpaStrides sdpa_dense_strides(int64_t heads, int64_t rows, int64_t cols)
 /// device pointers for the CUDA one.
 struct SdpaParams {
   int64_t B = 1, H = 1, Hkv = 1, Nq = 1, Nkv = 1, D = 1;  // H a multiple of Hkv; D even with RoPE
-  bool causal = false;                                     // bottom-right aligned: j ≤ i + Nkv − Nq
-  SdpaRope rope = SdpaRope::none;                          // query i at position i + Nkv − Nq, key j at j
-  DType dtype = DType::f32;                                // of q, k, v (f32, bf16; f16 on CUDA)
+  bool causal = false;                                    // bottom-right aligned: j ≤ i + Nkv − Nq
+  SdpaRope rope = SdpaRope::none;                         // query i at position i + Nkv − Nq, key j at j
+  DType dtype = DType::f32;                               // of q, k, v (f32, bf16; f16 on CUDA)
 
-  float* o = nullptr;        // (B, H, Nq, D) f32
+  float* o = nullptr;  // (B, H, Nq, D) f32
   SdpaStrides o_strides;
   float* weights = nullptr;  // (B, H, Nq, Nkv) f32 probabilities, or null (need_weights off)
   SdpaStrides w_strides;
-  const void* q = nullptr;   // (B, H, Nq, D) in dtype
+  const void* q = nullptr;  // (B, H, Nq, D) in dtype
   SdpaStrides q_strides;
-  const void* k = nullptr;   // (B, Hkv, Nkv, D) in dtype
+  const void* k = nullptr;  // (B, Hkv, Nkv, D) in dtype
   SdpaStrides k_strides;
-  const void* v = nullptr;   // (B, Hkv, Nkv, D) in dtype
+  const void* v = nullptr;  // (B, Hkv, Nkv, D) in dtype
   SdpaStrides v_strides;
   const int32_t* kv_len = nullptr;  // (B,) keys j ≥ kv_len[b] are masked; null = all Nkv keys
 };

@@ -23,13 +23,12 @@
 // | SIMT flash forward, f32 FMA, K/V share one smem buffer       | this file           |
 // | tensor-core mma (bf16/f16) and cp.async double buffering     | next, needs a GPU   |
 
-#include "impls/cuda/sdpa.hpp"
-
 #include <cuda_runtime.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "impls/cuda/sdpa.hpp"
 #include "impls/cuda/sdpa_math.hpp"
 
 namespace attnbench::cuda {
@@ -41,8 +40,8 @@ namespace sm = attnbench::sdpa_math;
 template <int kHeadDim>
 struct SdpaFlashTraits {
   static constexpr int kD = kHeadDim;
-  static constexpr int kBlockM = 64;   // query rows per CTA
-  static constexpr int kBlockN = 64;   // keys per tile
+  static constexpr int kBlockM = 64;  // query rows per CTA
+  static constexpr int kBlockN = 64;  // keys per tile
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
   // Thread grid over the S and O tiles: 8 row groups × 16 column lanes; thread
@@ -76,10 +75,10 @@ struct KernelArgs {
   SdpaParams p;
   const float* cos_t;  // (n_pos, D/2) RoPE table from position pos_min, or null
   const float* sin_t;
-  float* stat_m;       // (B, H, Nq) softmax statistics for the weights pass, or null
+  float* stat_m;  // (B, H, Nq) softmax statistics for the weights pass, or null
   float* stat_l;
   int64_t pos_min;
-  float q_scale;       // log2(e)/√D
+  float q_scale;  // log2(e)/√D
 };
 
 /// Loads rows [row0, row0 + 64) of a (rows, D) slice into shared memory as f32
@@ -146,12 +145,12 @@ __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_fl
   using Store = typename sm::Elem<kT>::type;
   const SdpaParams& p = a.p;
   extern __shared__ float smem[];
-  float* q_s = smem;                    // (kBlockM, kQStride)
-  float* kv_s = q_s + Tr::kQFloats;     // (kBlockN, kKVStride) K, then V
-  float* s_s = kv_s + Tr::kKVFloats;    // (kBlockM, kSStride) scores, then probabilities
-  float* m_s = s_s + Tr::kSFloats;      // (kBlockM,) running max
-  float* l_s = m_s + Tr::kBlockM;       // (kBlockM,) running sum
-  float* alpha_s = l_s + Tr::kBlockM;   // (kBlockM,) rescale of the current tile
+  float* q_s = smem;                   // (kBlockM, kQStride)
+  float* kv_s = q_s + Tr::kQFloats;    // (kBlockN, kKVStride) K, then V
+  float* s_s = kv_s + Tr::kKVFloats;   // (kBlockM, kSStride) scores, then probabilities
+  float* m_s = s_s + Tr::kSFloats;     // (kBlockM,) running max
+  float* l_s = m_s + Tr::kBlockM;      // (kBlockM,) running sum
+  float* alpha_s = l_s + Tr::kBlockM;  // (kBlockM,) rescale of the current tile
 
   const int tid = int(threadIdx.x), ty = tid / Tr::kColLanes, tx = tid % Tr::kColLanes;
   const int warp = tid / 32, lane = tid % 32;
@@ -399,10 +398,14 @@ void sdpa_forward_flash(const SdpaParams& p, void* scratch, void* stream_ptr) {
     a.stat_l = a.stat_m + lay.stat_floats / 2;
   }
   switch (p.dtype) {
-    case DType::f32: return launch_head_dim<DType::f32>(a, stream);
-    case DType::bf16: return launch_head_dim<DType::bf16>(a, stream);
-    case DType::f16: return launch_head_dim<DType::f16>(a, stream);
-    default: throw std::invalid_argument("sdpa cuda: q, k, v must be f32, bf16 or f16");
+    case DType::f32:
+      return launch_head_dim<DType::f32>(a, stream);
+    case DType::bf16:
+      return launch_head_dim<DType::bf16>(a, stream);
+    case DType::f16:
+      return launch_head_dim<DType::f16>(a, stream);
+    default:
+      throw std::invalid_argument("sdpa cuda: q, k, v must be f32, bf16 or f16");
   }
 }
 

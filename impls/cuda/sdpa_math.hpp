@@ -65,9 +65,7 @@ ATTNBENCH_HD float rope_rotate(float x, float y, float c, float s, bool second) 
 /// p = 0 and alpha = 0 (never NaN).
 ATTNBENCH_HD float softmax_new_max(float m, float tile_max) { return m > tile_max ? m : tile_max; }
 ATTNBENCH_HD float softmax_prob(float s, float m_new) { return m_new == kNegInf ? 0.0f : exp2f(s - m_new); }
-ATTNBENCH_HD float softmax_alpha(float m_old, float m_new) {
-  return m_old == kNegInf ? 0.0f : exp2f(m_old - m_new);
-}
+ATTNBENCH_HD float softmax_alpha(float m_old, float m_new) { return m_old == kNegInf ? 0.0f : exp2f(m_old - m_new); }
 /// Output of a row from its accumulator: acc / l, or 0 for a row without keys.
 ATTNBENCH_HD float softmax_finish(float acc, float l) { return l > 0.0f ? acc / l : 0.0f; }
 
