@@ -2,6 +2,7 @@
 
 #if ATTNBENCH_HAVE_CUDA
 
+#include <algorithm>
 #include <stdexcept>
 
 namespace attnbench {
@@ -53,6 +54,7 @@ CudaInstance::~CudaInstance() {
   cudaEventDestroy(stop_);
   cudaStreamDestroy(stream_);
   cudaFree(scratch_);
+  cudaFree(flush_);
 }
 
 void* CudaInstance::scratch(size_t bytes) {
@@ -66,6 +68,15 @@ void* CudaInstance::scratch(size_t bytes) {
 }
 
 void CudaInstance::run() {
+  // Cold-cache timing: overwrite an L2-sized buffer before every sample.
+  if (!flush_) {
+    int device = 0, l2 = 0;
+    ATTNBENCH_CUDA_CHECK(cudaGetDevice(&device));
+    ATTNBENCH_CUDA_CHECK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device));
+    flush_bytes_ = size_t(std::max(l2, 1)) * 2;
+    ATTNBENCH_CUDA_CHECK(cudaMalloc(&flush_, flush_bytes_));
+  }
+  ATTNBENCH_CUDA_CHECK(cudaMemsetAsync(flush_, int(++flush_value_ & 0xff), flush_bytes_, stream_));
   ATTNBENCH_CUDA_CHECK(cudaEventRecord(start_, stream_));
   launch(stream_);
   ATTNBENCH_CUDA_CHECK(cudaGetLastError());

@@ -40,7 +40,8 @@ class DeviceTensors {
   size_t bytes_ = 0;
 };
 
-/// Uploads the inputs at construction, runs launch() between two events.
+/// Uploads the inputs at construction, runs launch() between two events after
+/// flushing the L2 cache (cold timing, DESIGN §4).
 class CudaInstance : public Instance {
  public:
   explicit CudaInstance(const ImplArgs& args);
@@ -64,6 +65,9 @@ class CudaInstance : public Instance {
   cudaEvent_t start_ = nullptr, stop_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  void* flush_ = nullptr;  // twice the L2 size, rewritten before each timed launch
+  size_t flush_bytes_ = 0;
+  unsigned flush_value_ = 0;
   double last_seconds_ = -1.0;
 };
 

@@ -160,7 +160,12 @@ nlohmann::json CaseRunner::bench(const CaseSpec& c, const Impl& impl) {
                       {"setup_s", setup_s}, {"flops", flops}, {"gflops", gflops},
                       {"pct_peak", nullptr}, {"peak_bytes", ws.peak_bytes()},
                       {"heap_peak_bytes", t.heap_peak_bytes}, {"allocs", t.allocs_per_call}};
-  if (impl.device == Device::cpu && o_.peak_gflops > 0) b["pct_peak"] = 100.0 * gflops / o_.peak_gflops;
+  if (impl.device == Device::cpu && o_.peak_gflops > 0) {
+    b["pct_peak"] = 100.0 * gflops / o_.peak_gflops;
+    // Faster than the machine can multiply: skipped work or a wrong FLOP count.
+    if (gflops > 1.02 * o_.peak_gflops)
+      b["suspect"] = fmt::format("{:.0f} GFLOP/s exceeds the measured FMA peak {:.0f}", gflops, o_.peak_gflops);
+  }
   if (impl.device == Device::cuda) b["device_bytes"] = inst->device_bytes();
   return b;
 }

@@ -74,6 +74,7 @@ std::string row(const nlohmann::json& r) {
     const auto& b = r["bench"];
     bench = fmt::format("{:>9} {:>8.1f} GF/s", time_str(b["median_s"].get<double>()), b["gflops"].get<double>());
     if (b["pct_peak"].is_number()) bench += fmt::format(" {:>5.1f}%pk", b["pct_peak"].get<double>());
+    if (b.contains("suspect")) bench += "  SUSPECT: " + b["suspect"].get<std::string>();
   }
   std::string status = r["status"].get<std::string>();
   std::string line = fmt::format("{:<8} {:<10} {:<5} {:<14} {}", status, r["impl"].get<std::string>(),
