@@ -52,10 +52,10 @@ const Variant& find_variant(const std::string& name, const std::string& where) {
   throw InputError(where + ": unknown variant '" + name + "', expected one of " + list + did_you_mean(name, names));
 }
 
-TensorMap Variant::cast_inputs(const Params&, const TensorMap& inputs64, DType dtype) const {
-  TensorMap out;
-  for (const auto& [name, t] : inputs64) out.emplace(name, is_floating(t.dtype()) ? t.to(dtype) : t);
-  return out;
+TensorMap Variant::cast_inputs(const Params&, TensorMap inputs, DType dtype) const {
+  for (auto& [name, t] : inputs)
+    if (is_floating(t.dtype()) && t.dtype() != dtype) t = t.to(dtype);
+  return inputs;
 }
 
 TensorMap Variant::make_inputs_as(const Params& p, uint64_t seed, const std::string& key, DType storage) const {

@@ -150,19 +150,15 @@ TensorMap make_common_inputs(const ref::IpaDims& d, const Params& p, uint64_t se
 
 /// f64 → everything f64; f32 → everything f32; bf16 → the pair tensors in bf16, the rest f32
 /// (for IPA "bf16" means a bf16 pair representation; all arithmetic is f32).
-TensorMap cast_inputs(const TensorMap& in, DType dtype, const std::vector<std::string>& pair_names) {
-  TensorMap out;
-  for (const auto& [name, t] : in) {
+TensorMap cast_inputs(TensorMap in, DType dtype, const std::vector<std::string>& pair_names) {
+  for (auto& [name, t] : in) {
     DType want = dtype;
     if (dtype == DType::bf16 &&
         std::find(pair_names.begin(), pair_names.end(), name) == pair_names.end())
       want = DType::f32;
-    if (t.dtype() == want)
-      out.emplace(name, t);  // one copy, made in place (a ?: would add a transient one)
-    else
-      out.emplace(name, t.to(want));
+    if (t.dtype() != want) t = t.to(want);  // tensors already in `want` are moved, not copied
   }
-  return out;
+  return in;
 }
 
 template <class T>
@@ -368,8 +364,8 @@ class IpaVariant final : public Variant {
   std::vector<OutputSpec> outputs(const Params& p, DType dtype) const override {
     return {{"output", dtype == DType::f64 ? DType::f64 : DType::f32, {p.at("N").get<int64_t>(), p.at("c_s").get<int64_t>()}}};
   }
-  TensorMap cast_inputs(const Params&, const TensorMap& in, DType dtype) const override {
-    return ipa_variant::cast_inputs(in, dtype, {"z"});
+  TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
+    return ipa_variant::cast_inputs(std::move(in), dtype, {"z"});
   }
   TensorMap reference(const Params& p, const TensorMap& in, DType dtype) const override {
     const ref::IpaDims d = dims_of(p);

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
 #include <string>
 
 #include "harness/errors.hpp"
@@ -181,11 +182,16 @@ class SdpaVariant final : public Variant {
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
                    return std::make_unique<SdpaCpuInstance>(a);
                  }});
+    // Registered in every build so that suites naming it run everywhere: the runner records
+    // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
+    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16},
+                 [](const ImplArgs& a) -> std::unique_ptr<Instance> {
 #if ATTNBENCH_HAVE_CUDA
-    v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
                    return std::make_unique<SdpaCudaInstance>(a);
-                 }});
+#else
+                   throw std::runtime_error("sdpa cuda: " + cuda_unusable_reason());
 #endif
+                 }});
     return v;
   }
 
@@ -234,15 +240,12 @@ class SdpaVariant final : public Variant {
   }
 
   /// Floating inputs to the dtype; kv_len to int32 whatever a case file stored.
-  TensorMap cast_inputs(const Params&, const TensorMap& in, DType dtype) const override {
-    TensorMap out;
-    for (const auto& [name, t] : in) {
-      if (name == "kv_len")
-        out.emplace(name, t.dtype() == DType::i32 ? t : t.to(DType::i32));
-      else
-        out.emplace(name, is_floating(t.dtype()) ? t.to(dtype) : t);
+  TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
+    for (auto& [name, t] : in) {
+      const DType want = name == "kv_len" ? DType::i32 : is_floating(t.dtype()) ? dtype : t.dtype();
+      if (t.dtype() != want) t = t.to(want);
     }
-    return out;
+    return in;
   }
 
   TensorMap reference(const Params& p, const TensorMap& in, DType dtype) const override {
