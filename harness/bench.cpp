@@ -1,6 +1,9 @@
 #include "harness/bench.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 #include <cmath>
 #include <mutex>
@@ -37,34 +40,67 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
   int64_t heap_peak = 0;
 };
 
-/// Google Benchmark's memory hook, fed by the counting allocator.
+/// "VmRSS" or "VmHWM" of this process in bytes (0 if unreadable).
+int64_t proc_status_bytes(const char* key) {
+  std::FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return 0;
+  char line[256];
+  int64_t kib = 0;
+  const size_t n = std::strlen(key);
+  while (std::fgets(line, sizeof line, f))
+    if (std::strncmp(line, key, n) == 0 && line[n] == ':') kib = std::atoll(line + n + 1);
+  std::fclose(f);
+  return kib * 1024;
+}
+
+/// Resets the resident-set high-water mark (Linux: "5" > /proc/self/clear_refs).
+bool reset_rss_peak() {
+  std::FILE* f = std::fopen("/proc/self/clear_refs", "w");
+  if (!f) return false;
+  const bool ok = std::fputs("5", f) >= 0;
+  return (std::fclose(f) == 0) && ok;
+}
+
+/// Google Benchmark's memory hook: operator new counts from the counting
+/// allocator, and the growth of the resident set over the run, which also sees
+/// what bypasses operator new (Eigen's and the C library's malloc).
 class CountingMemoryManager : public benchmark::MemoryManager {
  public:
   void Start() override {
     AllocCounter::reset_peak();
     start_ = AllocCounter::snapshot();
+    rss_ok_ = reset_rss_peak();
+    rss_start_ = proc_status_bytes("VmRSS");
   }
   void Stop(Result& r) override {
     auto now = AllocCounter::snapshot();
     r.num_allocs = now.allocs - start_.allocs;
     r.max_bytes_used = now.peak_bytes - start_.bytes_in_use;
     r.net_heap_growth = now.bytes_in_use - start_.bytes_in_use;
+    rss_growth = rss_ok_ ? std::max<int64_t>(0, proc_status_bytes("VmHWM") - rss_start_) : -1;
   }
   void Stop(Result* r) override { Stop(*r); }
+  int64_t rss_growth = -1;  // of the last Start/Stop, -1 when unavailable
 
  private:
   AllocCounter::Snapshot start_{};
+  bool rss_ok_ = false;
+  int64_t rss_start_ = 0;
 };
+
+CountingMemoryManager& memory_manager() {
+  static CountingMemoryManager mm;
+  return mm;
+}
 
 void initialize_once() {
   static std::once_flag once;
   std::call_once(once, [] {
-    static CountingMemoryManager mm;
     int argc = 1;
     char name[] = "attnbench";
     char* argv[] = {name, nullptr};
     benchmark::Initialize(&argc, argv);
-    benchmark::RegisterMemoryManager(&mm);
+    benchmark::RegisterMemoryManager(&memory_manager());
   });
 }
 
@@ -159,6 +195,7 @@ Timing time_instance(const std::string& name, Instance& instance, const BenchSet
   t.cv = t.repetitions > 1 ? std::sqrt(var / (t.repetitions - 1)) / t.mean_s : 0.0;
   t.allocs_per_call = reporter.allocs_per_call;
   t.heap_peak_bytes = reporter.heap_peak;
+  t.rss_peak_bytes = memory_manager().rss_growth;
   return t;
 }
 

@@ -17,7 +17,8 @@ struct Timing {
   int64_t iterations = 0;          // per repetition (the last one)
   std::vector<double> samples_s;   // per-repetition mean time of one call
   double allocs_per_call = 0;
-  int64_t heap_peak_bytes = 0;     // peak heap growth during a call
+  int64_t heap_peak_bytes = 0;     // peak operator-new growth during a call
+  int64_t rss_peak_bytes = -1;     // peak resident-set growth during the memory run (-1: unavailable)
 };
 
 /// Times `instance.run()`. Uses CUDA-event time when the instance reports it.

@@ -160,6 +160,7 @@ nlohmann::json CaseRunner::bench(const CaseSpec& c, const Impl& impl) {
                       {"setup_s", setup_s}, {"flops", flops}, {"gflops", gflops},
                       {"pct_peak", nullptr}, {"peak_bytes", ws.peak_bytes()},
                       {"heap_peak_bytes", t.heap_peak_bytes}, {"allocs", t.allocs_per_call}};
+  if (t.rss_peak_bytes >= 0) b["rss_peak_bytes"] = t.rss_peak_bytes;
   if (impl.device == Device::cpu && o_.peak_gflops > 0) {
     b["pct_peak"] = 100.0 * gflops / o_.peak_gflops;
     // Faster than the machine can multiply: skipped work or a wrong FLOP count.

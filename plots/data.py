@@ -146,7 +146,7 @@ def validate_results(path, doc):
                 raise InputError(f"{path}: records[{i}].bench.median_s: expected a positive "
                                  f"number, got {median}")
             for key in ("min_s", "mean_s", "cv", "flops", "gflops", "pct_peak", "peak_bytes",
-                        "heap_peak_bytes", "device_bytes", "setup_s"):
+                        "heap_peak_bytes", "rss_peak_bytes", "device_bytes", "setup_s"):
                 bench.opt(key, "num")
             samples = bench.opt("samples_s", "list")
             for j, s in enumerate(samples or []):

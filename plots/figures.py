@@ -260,7 +260,7 @@ def _memory_of(r):
     if not r.bench:
         return None
     b = r.bench
-    vals = [b.get(k) for k in ("peak_bytes", "heap_peak_bytes", "device_bytes")]
+    vals = [b.get(k) for k in ("peak_bytes", "heap_peak_bytes", "rss_peak_bytes", "device_bytes")]
     vals = [v for v in vals if v is not None]
     return max(vals) if vals else None
 

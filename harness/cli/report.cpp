@@ -102,7 +102,7 @@ std::string status_cell(const json& r) {
 
 std::string memory_cell(const json& b) {
   double m = -1;
-  for (const char* k : {"peak_bytes", "heap_peak_bytes", "device_bytes"})
+  for (const char* k : {"peak_bytes", "heap_peak_bytes", "rss_peak_bytes", "device_bytes"})
     if (auto v = number(b, k)) m = std::max(m, *v);
   return m < 0 ? "–" : bytes(m);
 }
