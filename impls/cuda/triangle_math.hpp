@@ -1,0 +1,72 @@
+// Per-element arithmetic of triangle attention, shared by the CUDA kernels, the CPU kernel's
+// scalar parts and the host tests (ATTNBENCH_HD: host and device).
+//
+//   x = LayerNorm(z) (eps 1e-5), logit^h_ijk = q^h_ij·k^h_ik/√c + b^h_jk + inf·(m_ik − max_k m_ik)
+//   o^h_ij = sigmoid(g^h_ij) ⊙ Σ_k softmax_k(logit) v^h_ik,   inf = 1e9
+// (see reference/triangle.hpp for the mask's row-constant shift).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#include "impls/common.hpp"
+
+namespace attnbench::triangle {
+
+/// Shapes of one triangle attention problem (AF2: c_z 128, c 32, H 4).
+struct TriangleShape {
+  int64_t N = 0, c_z = 0, c = 0, H = 0;
+  bool starting = true;
+  ATTNBENCH_HD int64_t hidden() const { return H * c; }
+  /// Offset (in pairs) in z / mask / out of pair (a, b) of the problem: (a, b) for the
+  /// starting node, (b, a) for the ending node (which runs on zᵀ).
+  ATTNBENCH_HD int64_t pair(int64_t a, int64_t b) const { return starting ? a * N + b : b * N + a; }
+};
+
+inline constexpr float kInf = 1e9f;
+inline constexpr float kLnEps = 1e-5f;
+
+/// Mean and 1/sqrt(var + eps) of n values (biased variance, two passes: no cancellation).
+template <class Load>
+ATTNBENCH_HD void layer_norm_stats(const Load& load, int64_t n, float& mean, float& inv_std) {
+  float s = 0.f;
+  for (int64_t k = 0; k < n; ++k) s += load(k);
+  mean = s / float(n);
+  float v = 0.f;
+  for (int64_t k = 0; k < n; ++k) {
+    const float d = load(k) - mean;
+    v += d * d;
+  }
+  inv_std = 1.0f / sqrtf(v / float(n) + kLnEps);
+}
+
+/// One layer-normed value: (z − mean) · inv_std · w + b.
+ATTNBENCH_HD float layer_norm_apply(float z, float mean, float inv_std, float w, float b) {
+  return (z - mean) * inv_std * w + b;
+}
+
+/// Mask bias of key k in a row whose largest mask value is `row_max`.
+ATTNBENCH_HD float mask_bias(float m, float row_max) { return kInf * (m - row_max); }
+
+ATTNBENCH_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/// Online softmax state of one row: running max m and sum l of exp(x − m).
+struct OnlineSoftmax {
+  float m = -INFINITY;
+  float l = 0.f;
+};
+
+/// Folds a block whose max is `block_max` into the state; returns the factor by which
+/// accumulators of earlier blocks must be multiplied (0 on the first block).
+ATTNBENCH_HD float online_softmax_rescale(OnlineSoftmax& s, float block_max) {
+  const float m_new = s.m > block_max ? s.m : block_max;
+  const float scale = s.m == -INFINITY ? 0.f : expf(s.m - m_new);
+  s.l *= scale;
+  s.m = m_new;
+  return scale;
+}
+
+/// 1/l, or 0 for an empty row (never NaN).
+ATTNBENCH_HD float online_softmax_inv_sum(const OnlineSoftmax& s) { return s.l > 0.f ? 1.0f / s.l : 0.f; }
+
+}  // namespace attnbench::triangle
