@@ -24,14 +24,13 @@
 // Weights are in PyTorch's [out, in] layout under OpenFold's state_dict names.
 #pragma once
 
+#include <Eigen/Dense>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 #include <vector>
-
-#include <Eigen/Dense>
 
 #include "harness/dtype.hpp"
 #include "harness/errors.hpp"
@@ -65,8 +64,8 @@ inline TriangleDims triangle_dims_from_tensors(const TensorMap& m) {
   d.c_z = wb[1];
   const Shape& wq = shape("mha.linear_q.weight", 2);
   if (d.H <= 0 || wq[0] % d.H != 0)
-    throw InputError(where + ": mha.linear_q.weight rows " + std::to_string(wq[0]) + " not a multiple of H=" +
-                     std::to_string(d.H) + " (the rows of linear.weight)");
+    throw InputError(where + ": mha.linear_q.weight rows " + std::to_string(wq[0]) +
+                     " not a multiple of H=" + std::to_string(d.H) + " (the rows of linear.weight)");
   d.c = wq[0] / d.H;
   const Shape& z = shape("z", 3);
   d.N = z[0];
@@ -76,10 +75,18 @@ inline TriangleDims triangle_dims_from_tensors(const TensorMap& m) {
   };
   const int64_t Hc = d.H * d.c;
   const std::vector<Expect> expect = {
-      {"layer_norm.weight", {d.c_z}},     {"layer_norm.bias", {d.c_z}},      {"linear.weight", {d.H, d.c_z}},
-      {"mha.linear_q.weight", {Hc, d.c_z}}, {"mha.linear_k.weight", {Hc, d.c_z}}, {"mha.linear_v.weight", {Hc, d.c_z}},
-      {"mha.linear_g.weight", {Hc, d.c_z}}, {"mha.linear_g.bias", {Hc}},       {"mha.linear_o.weight", {d.c_z, Hc}},
-      {"mha.linear_o.bias", {d.c_z}},     {"z", {d.N, d.N, d.c_z}},          {"mask", {d.N, d.N}},
+      {"layer_norm.weight", {d.c_z}},
+      {"layer_norm.bias", {d.c_z}},
+      {"linear.weight", {d.H, d.c_z}},
+      {"mha.linear_q.weight", {Hc, d.c_z}},
+      {"mha.linear_k.weight", {Hc, d.c_z}},
+      {"mha.linear_v.weight", {Hc, d.c_z}},
+      {"mha.linear_g.weight", {Hc, d.c_z}},
+      {"mha.linear_g.bias", {Hc}},
+      {"mha.linear_o.weight", {d.c_z, Hc}},
+      {"mha.linear_o.bias", {d.c_z}},
+      {"z", {d.N, d.N, d.c_z}},
+      {"mask", {d.N, d.N}},
   };
   for (const Expect& e : expect) {
     const Tensor& t = require(m, e.name, where);
@@ -150,8 +157,7 @@ Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in,
       const Matrix<T> vh = v.block(i * N, h * c, N, c);
       Matrix<T> a = qh * kh.transpose();
       for (int64_t j = 0; j < N; ++j)
-        for (int64_t kk = 0; kk < N; ++kk)
-          a(j, kk) += b(j * N + kk, h) + T(kTriangleInf) * (mask(i, kk) - mmax);
+        for (int64_t kk = 0; kk < N; ++kk) a(j, kk) += b(j * N + kk, h) + T(kTriangleInf) * (mask(i, kk) - mmax);
       for (int64_t j = 0; j < N; ++j) {
         const T mx = a.row(j).maxCoeff();
         a.row(j) = (a.row(j).array() - mx).exp().matrix();

@@ -1,10 +1,11 @@
 // Triangle attention: reference vs a direct loop evaluation of OpenFold's formula, ending node =
 // starting node on the transposed input, fully masked rows, OpenFold's own output, fused CPU vs
 // reference, the per-element helpers shared with the CUDA kernels, CUDA where usable.
-#include <catch2/catch.hpp>
+#include "impls/cpu/triangle.hpp"
 
 #include <omp.h>
 
+#include <catch2/catch.hpp>
 #include <cmath>
 #include <filesystem>
 #include <vector>
@@ -14,7 +15,6 @@
 #include "harness/runner.hpp"
 #include "harness/safetensors.hpp"
 #include "harness/variant.hpp"
-#include "impls/cpu/triangle.hpp"
 #include "impls/cuda/triangle_math.hpp"
 #include "reference/triangle.hpp"
 
@@ -79,8 +79,8 @@ std::vector<double> triangle_direct(const ref::TriangleDims& d, const TensorMap&
     for (int64_t k = 0; k < cz; ++k) var += (at("z", p * cz + k) - mean) * (at("z", p * cz + k) - mean);
     var /= double(cz);
     for (int64_t k = 0; k < cz; ++k)
-      x[size_t(p * cz + k)] = (at("z", p * cz + k) - mean) / std::sqrt(var + 1e-5) * at("layer_norm.weight", k) +
-                              at("layer_norm.bias", k);
+      x[size_t(p * cz + k)] =
+          (at("z", p * cz + k) - mean) / std::sqrt(var + 1e-5) * at("layer_norm.weight", k) + at("layer_norm.bias", k);
   }
   auto lin = [&](const char* w, int64_t p, int64_t o) {
     double y = 0;
@@ -174,8 +174,8 @@ TEST_CASE("triangle ending node equals the starting node on the transposed input
     const TensorMap cast = v.cast_inputs(end, in, dt);
     const TensorMap inr = to_f64(cast);
     const CheckResult r =
-        check_equivalence(run_impl(v, "cpu", end, dt, cast).at("output"), v.reference(end, inr, DType::f64).at("output"),
-                          v.reference(end, inr, dt).at("output"), dt);
+        check_equivalence(run_impl(v, "cpu", end, dt, cast).at("output"),
+                          v.reference(end, inr, DType::f64).at("output"), v.reference(end, inr, dt).at("output"), dt);
     INFO(dtype_name(dt) << " max_abs " << r.max_abs << " naive " << r.naive_max_abs << " bound " << r.bound);
     CHECK(r.passed);
   }
@@ -314,8 +314,7 @@ TEST_CASE("triangle fused CPU scratch is O(N²·H), not O(N³)", "[triangle][mem
   out.emplace("output", Tensor(DType::f32, {20, 20, 13}));
   Workspace ws;
   v.find_impl("cpu")->make(ImplArgs{p, DType::f32, in, out, ws})->run();
-  CHECK(ws.peak_bytes() ==
-        triangle_attention_forward_fused_scratch_bytes({20, 13, 5, 3, true}, omp_get_max_threads()));
+  CHECK(ws.peak_bytes() == triangle_attention_forward_fused_scratch_bytes({20, 13, 5, 3, true}, omp_get_max_threads()));
 }
 
 TEST_CASE("triangle per-element helpers (shared with the CUDA kernels)", "[triangle][cuda-math]") {
@@ -372,8 +371,8 @@ TEST_CASE("triangle CUDA matches the reference", "[triangle][cuda]") {
   RunOptions o;
   o.bench = false;
   o.check_seeds = 2;
-  for (const Params& p : {tri_params(17, true, 0.25), tri_params(33, false, 0.1),
-                          v.complete({{"N", 70}, {"mask_fraction", 0.1}}, "t")})
+  for (const Params& p :
+       {tri_params(17, true, 0.25), tri_params(33, false, 0.1), v.complete({{"N", 70}, {"mask_fraction", 0.1}}, "t")})
     for (DType dt : {DType::f32, DType::bf16}) {
       const auto rec = run_case(CaseSpec{&v, "cuda", dt, p}, o);
       INFO(rec.dump());

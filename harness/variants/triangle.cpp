@@ -1,5 +1,7 @@
 // Triangle attention (AlphaFold2 Alg. 13/14, OpenFold `TriangleAttention`): the
 // `triangle_attention` variant. Math, dims, FLOP and memory models, case files: docs/triangle.md.
+#include "impls/cpu/triangle.hpp"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -10,7 +12,6 @@
 
 #include "harness/errors.hpp"
 #include "harness/variant.hpp"
-#include "impls/cpu/triangle.hpp"
 #include "reference/common.hpp"
 #include "reference/triangle.hpp"
 #if ATTNBENCH_HAVE_CUDA
@@ -154,8 +155,9 @@ class TriangleAttentionVariant final : public Variant {
                          outputs.at("output") = reference(params, inputs, dtype).at("output");
                        });
                  }});
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16},
-                 [](const ImplArgs& a) { return std::make_unique<TriangleCpuInstance>(a); }});
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
+                   return std::make_unique<TriangleCpuInstance>(a);
+                 }});
     // Registered in every build so that suites naming it run everywhere: the runner records
     // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
     v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16}, [](const ImplArgs& a) -> std::unique_ptr<Instance> {
@@ -254,7 +256,7 @@ class TriangleAttentionVariant final : public Variant {
     const double NN = double(d.N) * double(d.N);
     const double pair = NN * double(d.c_z);
     const double z_in = pair * (dtype == DType::f64 ? 8.0 : dtype == DType::bf16 ? 2.0 : 4.0);
-    const double master = (pair + NN) * 8.0;                           // f64 inputs (z, mask)
+    const double master = (pair + NN) * 8.0;                            // f64 inputs (z, mask)
     const double out = pair * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;  // output + the oracle's
     const double small = weight_count(d) * 8.0 * 2.0 + NN * 8.0;
     double scratch = 0;  // host scratch; the CUDA impl's device memory is its own

@@ -71,18 +71,18 @@ struct Layout {
     bias = take(at, d.H * d.N * Np);  // log2(e)·b^h_jk (H, N, Np), −inf past N
     mbias = take(at, d.N * Np);       // log2(e)·mask bias (N, Np), 0 past N
     int64_t t = 0;
-    t_x = take(t, d.N * d.c_z);     // layer-normed row i (N, c_z)
-    t_proj = take(t, d.N * Op);     // [q | k | v | g] of row i (N, Op)
-    t_kt = take(t, d.c * Np);       // keys of one head, transposed (c, Np)
-    t_v = take(t, Np * Dp);         // values of one head (Np, Dp)
+    t_x = take(t, d.N * d.c_z);      // layer-normed row i (N, c_z)
+    t_proj = take(t, d.N * Op);      // [q | k | v | g] of row i (N, Op)
+    t_kt = take(t, d.c * Np);        // keys of one head, transposed (c, Np)
+    t_v = take(t, Np * Dp);          // values of one head (Np, Dp)
     t_s = take(t, kTileQ * kTileK);  // scores / probabilities of a tile
-    t_o = take(t, kTileQ * Dp);     // output accumulator of a query tile
+    t_o = take(t, kTileQ * Dp);      // output accumulator of a query tile
     t_m = take(t, kTileQ);
     t_l = take(t, kTileQ);
     t_alpha = take(t, kTileQ);
     t_vmax = take(t, kTileQ * 16);
-    t_cat = take(t, d.N * Hc);      // gated concatenation of the heads (N, H·c)
-    t_y = take(t, d.N * czp);       // output rows before the (maybe transposed) store
+    t_cat = take(t, d.N * Hc);  // gated concatenation of the heads (N, H·c)
+    t_y = take(t, d.N * czp);   // output rows before the (maybe transposed) store
     per_thread = t;
     slab = take(at, per_thread * threads);
     total = at;
@@ -230,8 +230,8 @@ static void TriangleRow(const cpu_triangle::RowArgs& a, int64_t i, float* slab) 
         for (int64_t r0 = 0; r0 < rows; r0 += int64_t(kBlockRows))
           for (int64_t c0 = 0; c0 < ncols; c0 += kb)
             ScoresBlockRows(df, size_t(std::min<int64_t>(int64_t(kBlockRows), rows - r0)), size_t(c), q + r0 * Op,
-                            size_t(Op), kt + k0 + c0, size_t(Np), s + r0 * kTileK + c0, size_t(kTileK),
-                            vmax + r0 * L, c0 == 0);
+                            size_t(Op), kt + k0 + c0, size_t(Np), s + r0 * kTileK + c0, size_t(kTileK), vmax + r0 * L,
+                            c0 == 0);
         // + b_jk + mask bias of (i, k); past N the bias is −inf.
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s + r * kTileK;

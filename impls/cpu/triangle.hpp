@@ -23,7 +23,7 @@ struct TriangleWeightsF32 {
 
 /// Activations: z f32 or bf16 (raw bf16 bits), mask f32.
 struct TriangleActivations {
-  const void* z;      // (N, N, c_z)
+  const void* z;  // (N, N, c_z)
   bool z_bf16;
   const float* mask;  // (N, N)
 };

@@ -22,14 +22,13 @@
 //   | materialized logits (like the reference)                | not written: O(H·N³) memory        |
 //   | one warp per (i, j, h), keys from global memory         | this file (straightforward)        |
 //   | query tiles per (i, h) block, K/V tiles in shared memory | next step: flash-attention tiling  |
-#include "impls/cuda/triangle.hpp"
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "impls/cuda/triangle.hpp"
 #include "impls/cuda/triangle_math.hpp"
 
 namespace attnbench::cuda {
@@ -100,7 +99,8 @@ __global__ void tri_layer_norm_bias_kernel(triangle::TriangleShape d, const ZT* 
   }
   const float inv = 1.0f / sqrtf(warp_sum(v) / float(c_z) + triangle::kLnEps);
   float* xp = x + pair * c_z;
-  for (int64_t k = lane; k < c_z; k += 32) xp[k] = triangle::layer_norm_apply(load_z(zp, k), mean, inv, ln_w[k], ln_b[k]);
+  for (int64_t k = lane; k < c_z; k += 32)
+    xp[k] = triangle::layer_norm_apply(load_z(zp, k), mean, inv, ln_w[k], ln_b[k]);
   __syncwarp();
   for (int64_t h = 0; h < d.H; ++h) {
     float acc = 0.f;
@@ -226,11 +226,11 @@ void triangle_attention_forward_cuda(float* out, const triangle::TriangleShape& 
 
   const unsigned ln_blocks = blocks_for(NN * 32, 128);
   if (x.z_bf16)
-    tri_layer_norm_bias_kernel<uint16_t><<<ln_blocks, 128, 0, s>>>(d, static_cast<const uint16_t*>(x.z), w.ln_w,
-                                                                   w.ln_b, w.wb, base + lay.x, base + lay.bias);
+    tri_layer_norm_bias_kernel<uint16_t><<<ln_blocks, 128, 0, s>>>(d, static_cast<const uint16_t*>(x.z), w.ln_w, w.ln_b,
+                                                                   w.wb, base + lay.x, base + lay.bias);
   else
-    tri_layer_norm_bias_kernel<float><<<ln_blocks, 128, 0, s>>>(d, static_cast<const float*>(x.z), w.ln_w, w.ln_b,
-                                                                w.wb, base + lay.x, base + lay.bias);
+    tri_layer_norm_bias_kernel<float><<<ln_blocks, 128, 0, s>>>(d, static_cast<const float*>(x.z), w.ln_w, w.ln_b, w.wb,
+                                                                base + lay.x, base + lay.bias);
   check_launch("tri_layer_norm_bias_kernel");
   tri_mask_max_kernel<<<blocks_for(N, 128), 128, 0, s>>>(d, x.mask, base + lay.mmax);
   check_launch("tri_mask_max_kernel");
