@@ -110,8 +110,15 @@ inline void layer_norm_pair(const triangle::TriangleShape& d, const void* z, boo
                             int64_t a, int64_t b, float* x) {
   const int64_t off = d.pair(a, b) * d.c_z;
   for (int64_t k = 0; k < d.c_z; ++k) x[k] = load_z(z, bf16, off + k);
-  float mean, inv;
-  triangle::layer_norm_stats([&](int64_t k) { return x[k]; }, d.c_z, mean, inv);
+  // Vectorized sums (a scalar chain of c_z dependent adds is latency-bound: perf showed the
+  // layer norms and the pair bias at ~15 % of the forward).
+  float sum = 0.f, sq = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < d.c_z; ++k) sum += x[k];
+  const float mean = sum / float(d.c_z);
+#pragma omp simd reduction(+ : sq)
+  for (int64_t k = 0; k < d.c_z; ++k) sq += (x[k] - mean) * (x[k] - mean);
+  const float inv = triangle::layer_norm_inv_std(sq, d.c_z);
   for (int64_t k = 0; k < d.c_z; ++k) x[k] = triangle::layer_norm_apply(x[k], mean, inv, w.ln_w[k], w.ln_b[k]);
 }
 
@@ -321,7 +328,9 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
       cpu_triangle::layer_norm_pair(d, x.z, x.z_bf16, w, j, k, xr);
       for (int64_t h = 0; h < H; ++h) {
         float acc = 0.f;
-        for (int64_t e = 0; e < c_z; ++e) acc += xr[e] * w.wb[h * c_z + e];
+        const float* wbh = w.wb + h * c_z;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t e = 0; e < c_z; ++e) acc += xr[e] * wbh[e];
         bias[(h * N + j) * Np + k] = float(kLog2e) * acc;
       }
     }

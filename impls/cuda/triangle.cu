@@ -97,7 +97,7 @@ __global__ void tri_layer_norm_bias_kernel(triangle::TriangleShape d, const ZT* 
     const float dv = load_z(zp, k) - mean;
     v += dv * dv;
   }
-  const float inv = 1.0f / sqrtf(warp_sum(v) / float(c_z) + triangle::kLnEps);
+  const float inv = triangle::layer_norm_inv_std(warp_sum(v), c_z);
   float* xp = x + pair * c_z;
   for (int64_t k = lane; k < c_z; k += 32)
     xp[k] = triangle::layer_norm_apply(load_z(zp, k), mean, inv, ln_w[k], ln_b[k]);

@@ -26,18 +26,10 @@ struct TriangleShape {
 inline constexpr float kInf = 1e9f;
 inline constexpr float kLnEps = 1e-5f;
 
-/// Mean and 1/sqrt(var + eps) of n values (biased variance, two passes: no cancellation).
-template <class Load>
-ATTNBENCH_HD void layer_norm_stats(const Load& load, int64_t n, float& mean, float& inv_std) {
-  float s = 0.f;
-  for (int64_t k = 0; k < n; ++k) s += load(k);
-  mean = s / float(n);
-  float v = 0.f;
-  for (int64_t k = 0; k < n; ++k) {
-    const float d = load(k) - mean;
-    v += d * d;
-  }
-  inv_std = 1.0f / sqrtf(v / float(n) + kLnEps);
+/// 1/sqrt(var + eps) from the sum of squared deviations from the mean of n values (biased
+/// variance, as torch.nn.LayerNorm; two passes over the values, no cancellation).
+ATTNBENCH_HD float layer_norm_inv_std(float sum_sq_dev, int64_t n) {
+  return 1.0f / sqrtf(sum_sq_dev / float(n) + kLnEps);
 }
 
 /// One layer-normed value: (z − mean) · inv_std · w + b.
