@@ -129,8 +129,9 @@ __global__ void tri_linear_kernel(const float* __restrict__ x, int64_t ldx, int6
   __shared__ float xs[T][T + 1];
   __shared__ float ws[T][T + 1];
   const int tx = int(threadIdx.x), ty = int(threadIdx.y);
-  const int64_t r = int64_t(blockIdx.y) * T + ty;
-  const int64_t o0 = int64_t(blockIdx.x) * T;
+  // Row tiles on grid x (up to 2³¹ − 1 blocks: N² rows), output tiles on grid y (≤ 65 535).
+  const int64_t r = int64_t(blockIdx.x) * T + ty;
+  const int64_t o0 = int64_t(blockIdx.y) * T;
   float acc = 0.f;
   for (int64_t k0 = 0; k0 < in; k0 += T) {
     xs[ty][tx] = (r < rows && k0 + tx < in) ? x[r * ldx + k0 + tx] : 0.f;
@@ -204,7 +205,7 @@ void check_launch(const char* what) {
 void linear(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* w, const float* b, int64_t outs,
             float* y, int64_t ldy, int64_t remap_N, cudaStream_t s) {
   constexpr int T = LinearTraits::kTile;
-  const dim3 grid(unsigned((outs + T - 1) / T), unsigned((rows + T - 1) / T));
+  const dim3 grid(unsigned((rows + T - 1) / T), unsigned((outs + T - 1) / T));
   tri_linear_kernel<<<grid, dim3(T, T), 0, s>>>(x, ldx, rows, in, w, b, outs, y, ldy, remap_N);
   check_launch("tri_linear_kernel");
 }
