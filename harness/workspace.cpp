@@ -34,6 +34,9 @@ namespace {
 std::atomic<int64_t> g_allocs{0};
 std::atomic<int64_t> g_in_use{0};
 std::atomic<int64_t> g_peak{0};
+// AddressSanitizer brings its own operator new; a second replacement would
+// free its blocks with our header arithmetic. Sanitizer builds count nothing.
+#if !defined(__SANITIZE_ADDRESS__)
 constexpr size_t kHeader = 16;  // keeps the default 16-byte alignment
 
 void* counted_alloc(size_t n) {
@@ -54,6 +57,7 @@ void counted_free(void* p) {
   g_in_use.fetch_sub(int64_t(*static_cast<size_t*>(base)), std::memory_order_relaxed);
   std::free(base);
 }
+#endif
 }  // namespace
 
 AllocCounter::Snapshot AllocCounter::snapshot() {
@@ -64,9 +68,11 @@ void AllocCounter::reset_peak() { g_peak.store(g_in_use.load()); }
 
 }  // namespace attnbench
 
+#if !defined(__SANITIZE_ADDRESS__)
 void* operator new(size_t n) { return attnbench::counted_alloc(n); }
 void* operator new[](size_t n) { return attnbench::counted_alloc(n); }
 void operator delete(void* p) noexcept { attnbench::counted_free(p); }
 void operator delete[](void* p) noexcept { attnbench::counted_free(p); }
 void operator delete(void* p, size_t) noexcept { attnbench::counted_free(p); }
 void operator delete[](void* p, size_t) noexcept { attnbench::counted_free(p); }
+#endif

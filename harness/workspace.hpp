@@ -41,7 +41,8 @@ class Workspace {
   size_t peak_ = 0;
 };
 
-/// Process-wide counts from the replaced global operator new/delete.
+/// Process-wide counts from the replaced global operator new/delete
+/// (all zero in AddressSanitizer builds, which keep ASan's operator new).
 struct AllocCounter {
   struct Snapshot {
     int64_t allocs;
