@@ -11,10 +11,16 @@
 namespace attnbench {
 
 namespace {
-std::vector<const Variant*>& registry() {
-  static std::vector<const Variant*> r;
+/// Owns the registered variants; `view` lists them sorted by name.
+struct Registry {
+  std::vector<std::unique_ptr<Variant>> owned;
+  std::vector<const Variant*> view;
+};
+Registry& registry_storage() {
+  static Registry r;
   return r;
 }
+std::vector<const Variant*>& registry() { return registry_storage().view; }
 
 const char* json_type_name(const nlohmann::json& j) {
   if (j.is_boolean()) return "a boolean";
@@ -35,7 +41,8 @@ bool same_kind(const nlohmann::json& want, const nlohmann::json& got) {
 
 Registrar::Registrar(std::unique_ptr<Variant> v) {
   auto& r = registry();
-  r.push_back(v.release());
+  r.push_back(v.get());
+  registry_storage().owned.push_back(std::move(v));
   std::sort(r.begin(), r.end(), [](const Variant* a, const Variant* b) { return a->name() < b->name(); });
 }
 
