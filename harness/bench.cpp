@@ -28,16 +28,14 @@ class CollectingReporter : public benchmark::BenchmarkReporter {
       if (r.error_occurred) throw std::runtime_error("benchmark error: " + r.error_message);
       if (r.iterations > 0) samples.push_back(r.real_accumulated_time / double(r.iterations));
       iterations = r.iterations;
-      if (r.memory_result) {
-        allocs_per_call = r.allocs_per_iter;
-        heap_peak = r.memory_result->max_bytes_used;
-      }
+      // Only the pointer is tested: Google Benchmark 1.7.1 leaves it dangling
+      // (the peak comes from our own memory manager instead).
+      if (r.memory_result) allocs_per_call = r.allocs_per_iter;
     }
   }
   std::vector<double> samples;
   int64_t iterations = 0;
   double allocs_per_call = 0;
-  int64_t heap_peak = 0;
 };
 
 /// "VmRSS" or "VmHWM" of this process in bytes (0 if unreadable).
@@ -78,9 +76,11 @@ class CountingMemoryManager : public benchmark::MemoryManager {
     r.max_bytes_used = now.peak_bytes - start_.bytes_in_use;
     r.net_heap_growth = now.bytes_in_use - start_.bytes_in_use;
     rss_growth = rss_ok_ ? std::max<int64_t>(0, proc_status_bytes("VmHWM") - rss_start_) : -1;
+    heap_peak = r.max_bytes_used;
   }
   void Stop(Result* r) override { Stop(*r); }
   int64_t rss_growth = -1;  // of the last Start/Stop, -1 when unavailable
+  int64_t heap_peak = 0;    // of the last Start/Stop
 
  private:
   AllocCounter::Snapshot start_{};
@@ -194,7 +194,7 @@ Timing time_instance(const std::string& name, Instance& instance, const BenchSet
   for (double s : t.samples_s) var += (s - t.mean_s) * (s - t.mean_s);
   t.cv = t.repetitions > 1 ? std::sqrt(var / (t.repetitions - 1)) / t.mean_s : 0.0;
   t.allocs_per_call = reporter.allocs_per_call;
-  t.heap_peak_bytes = reporter.heap_peak;
+  t.heap_peak_bytes = memory_manager().heap_peak;
   t.rss_peak_bytes = memory_manager().rss_growth;
   return t;
 }
