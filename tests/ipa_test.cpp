@@ -19,8 +19,10 @@
 #include "impls/cpu/ipa.hpp"
 #include "impls/cuda/ipa_math.hpp"
 #include "reference/ipa.hpp"
+#include "tests/support.hpp"
 
 using namespace attnbench;
+using namespace attnbench::test;
 
 namespace {
 
@@ -30,43 +32,6 @@ Params odd_params(int64_t N, double mask_fraction = 0.0) {
   return ipa_variant().complete({{"N", N}, {"c_s", 13}, {"c_z", 17}, {"c", 19}, {"H", 5}, {"P", 7}, {"P_v", 11},
                                  {"mask_fraction", mask_fraction}},
                                 "ipa_test");
-}
-
-TensorMap to_f64(const TensorMap& m) {
-  TensorMap out;
-  for (const auto& [name, t] : m) out.emplace(name, t.to(DType::f64));
-  return out;
-}
-
-/// Runs implementation `impl` of `v` in `dtype` on the given (already cast) inputs.
-TensorMap run_impl(const Variant& v, const std::string& impl, const Params& p, DType dtype, const TensorMap& inputs) {
-  TensorMap out;
-  for (const auto& o : v.outputs(p, dtype)) out.emplace(o.name, Tensor(o.dtype, o.shape));
-  for (auto& [name, t] : out) t.fill_nan();
-  Workspace ws;
-  auto inst = v.find_impl(impl)->make(ImplArgs{p, dtype, inputs, out, ws});
-  inst->run();
-  inst->finish();
-  return out;
-}
-
-double max_abs(const Tensor& t) {
-  double m = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.get(i)));
-  return m;
-}
-
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.shape() == b.shape());
-  double m = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a.get(i) - b.get(i)));
-  return m;
-}
-
-bool all_finite(const Tensor& t) {
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (!std::isfinite(t.get(i))) return false;
-  return true;
 }
 
 /// IPA written out in plain loops from OpenFold's forward (no Eigen, no shared code with the

@@ -17,8 +17,10 @@
 #include "harness/variant.hpp"
 #include "impls/cuda/triangle_math.hpp"
 #include "reference/triangle.hpp"
+#include "tests/support.hpp"
 
 using namespace attnbench;
+using namespace attnbench::test;
 
 namespace {
 
@@ -28,42 +30,6 @@ Params tri_params(int64_t N, bool starting, double mask_fraction, int64_t c_z = 
   return tri_variant().complete(
       {{"N", N}, {"c_z", c_z}, {"c", c}, {"H", H}, {"starting", starting}, {"mask_fraction", mask_fraction}},
       "triangle_test");
-}
-
-TensorMap to_f64(const TensorMap& m) {
-  TensorMap out;
-  for (const auto& [name, t] : m) out.emplace(name, t.to(DType::f64));
-  return out;
-}
-
-TensorMap run_impl(const Variant& v, const std::string& impl, const Params& p, DType dtype, const TensorMap& inputs) {
-  TensorMap out;
-  for (const auto& o : v.outputs(p, dtype)) out.emplace(o.name, Tensor(o.dtype, o.shape));
-  for (auto& [name, t] : out) t.fill_nan();
-  Workspace ws;
-  auto inst = v.find_impl(impl)->make(ImplArgs{p, dtype, inputs, out, ws});
-  inst->run();
-  inst->finish();
-  return out;
-}
-
-double max_abs(const Tensor& t) {
-  double m = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.get(i)));
-  return m;
-}
-
-double max_abs_diff(const Tensor& a, const Tensor& b) {
-  REQUIRE(a.shape() == b.shape());
-  double m = 0;
-  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a.get(i) - b.get(i)));
-  return m;
-}
-
-bool all_finite(const Tensor& t) {
-  for (int64_t i = 0; i < t.numel(); ++i)
-    if (!std::isfinite(t.get(i))) return false;
-  return true;
 }
 
 /// Triangle attention (starting node) written out in plain loops from OpenFold's forward (no

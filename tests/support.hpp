@@ -1,0 +1,56 @@
+// Helpers shared by the per-variant tests: run one implementation directly,
+// widen tensors, and compare them elementwise.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "harness/variant.hpp"
+
+namespace attnbench::test {
+
+inline TensorMap to_f64(const TensorMap& m) {
+  TensorMap out;
+  for (const auto& [name, t] : m) out.emplace(name, t.to(DType::f64));
+  return out;
+}
+
+/// Runs implementation `impl` of `v` in `dtype` on the given (already cast)
+/// inputs, with NaN-filled outputs; the ImplArgs outlive the instance, as in
+/// the harness.
+inline TensorMap run_impl(const Variant& v, const std::string& impl, const Params& p, DType dtype,
+                          const TensorMap& inputs) {
+  TensorMap out;
+  for (const auto& o : v.outputs(p, dtype)) out.emplace(o.name, Tensor(o.dtype, o.shape));
+  for (auto& [name, t] : out) t.fill_nan();
+  Workspace ws;
+  const ImplArgs args{p, dtype, inputs, out, ws};
+  auto inst = v.find_impl(impl)->make(args);
+  inst->run();
+  inst->finish();
+  return out;
+}
+
+inline double max_abs(const Tensor& t) {
+  double m = 0;
+  for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, std::abs(t.get(i)));
+  return m;
+}
+
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  REQUIRE(a.shape() == b.shape());
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, std::abs(a.get(i) - b.get(i)));
+  return m;
+}
+
+inline bool all_finite(const Tensor& t) {
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(t.get(i))) return false;
+  return true;
+}
+
+}  // namespace attnbench::test
