@@ -63,6 +63,9 @@ class Instance {
   virtual double device_seconds() const { return -1.0; }
   /// Bytes of device memory held (CUDA), 0 on the host.
   virtual size_t device_bytes() const { return 0; }
+  /// Numbers about this instance's setup recorded with its timing (block-map
+  /// build time, tiles computed, ...): merged into the results' "bench" object.
+  virtual nlohmann::json info() const { return nlohmann::json::object(); }
 };
 
 struct Impl {
@@ -137,8 +140,12 @@ class Variant {
   /// (like an eager PyTorch module in that dtype). Inputs are f64 tensors.
   virtual TensorMap reference(const Params& p, const TensorMap& inputs, DType dtype) const = 0;
 
-  /// Dense-equivalent floating point operations of one forward call.
+  /// Floating point operations of one forward call (GFLOP/s and % of peak
+  /// are computed from it; variants that skip work count the useful part).
   virtual double flops(const Params& p) const = 0;
+  /// What the f64 oracle (the reference) costs, for checks.max_oracle_gflop.
+  /// Default flops(); masked attention's dense reference costs more.
+  virtual double oracle_flops(const Params& p) const { return flops(p); }
   /// Bytes the implementation needs (inputs, outputs and scratch): cases whose
   /// model exceeds free memory are skipped before anything is allocated.
   virtual double memory_bytes(const Params& p, const std::string& impl, DType dtype) const = 0;

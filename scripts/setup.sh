@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   build-essential cmake ninja-build pkg-config
   libeigen3-dev nlohmann-json3-dev catch2 libbenchmark-dev libhwy-dev
-  libcli11-dev libfmt-dev libomp-dev
+  libcli11-dev libfmt-dev libomp-dev libpng-dev
   python3 python3-matplotlib python3-numpy
 )
 

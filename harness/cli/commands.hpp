@@ -16,5 +16,6 @@ void add_export(CLI::App& app, int& exit_code);
 void add_verify(CLI::App& app, int& exit_code);
 void add_merge(CLI::App& app, int& exit_code);
 void add_report(CLI::App& app, int& exit_code);
+void add_mask(CLI::App& app, int& exit_code);
 
 }  // namespace attnbench::cli

@@ -1,0 +1,51 @@
+// Masked (block-sparse) attention forward: the parameters shared by the CPU
+// and CUDA entry points (impls/cpu/masked.cpp has the equation, the algorithm
+// and the measured strategies; impls/cuda/masked.hpp declares the CUDA launcher).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "harness/dtype.hpp"
+#include "impls/mask.hpp"
+
+namespace attnbench {
+
+/// One forward call. Pointers are host pointers for the CPU entry point and
+/// device pointers for the CUDA one (the mask's and the block map's included).
+/// Tensors are dense row-major.
+struct MaskedParams {
+  int64_t B = 1, H = 1, Nq = 1, Nkv = 1, D = 1;
+  DType dtype = DType::f32;  // of q, k, v (f32, bf16; f16 on CUDA)
+  mask::MaskData mask;
+  mask::ScoreMod mod;
+
+  float* o = nullptr;        // (B, H, Nq, D) f32
+  const void* q = nullptr;   // (B, H, Nq, D) in dtype
+  const void* k = nullptr;   // (B, H, Nkv, D) in dtype
+  const void* v = nullptr;   // (B, H, Nkv, D) in dtype
+  // RoPE (half-split pairs (i, i + D/2), θ_i = 10000^(−2i/D)) at these positions, or off when null.
+  const int32_t* q_pos = nullptr;  // (Nq,)
+  const int32_t* k_pos = nullptr;  // (Nkv,)
+
+  // Block map (impls/block_map.hpp): map_batches is B when the mask depends on b, else 1.
+  int64_t tile_q = 64, tile_k = 64, n_qt = 1, n_kt = 1, map_batches = 1;
+  const uint8_t* tiles = nullptr;     // (map_batches, n_qt, n_kt) mask::Tile
+  const int32_t* kv_count = nullptr;  // (map_batches, n_qt)
+  const int32_t* kv_index = nullptr;  // (map_batches, n_qt, n_kt)
+};
+
+namespace cpu {
+
+/// Bytes of scratch masked_forward_block_sparse needs with `threads` threads.
+size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int threads);
+
+/// o_i = Σ_j softmax_j(mod(q_i·k_j/√D) over the allowed j) v_j, 0 for a row
+/// without allowed keys; only the non-empty tiles of the block map are
+/// computed and the mask is evaluated on partial tiles only. f32 accumulation
+/// and output; q, k, v f32 or bf16. `scratch` (64-byte aligned) holds
+/// masked_forward_block_sparse_scratch_bytes(p, threads) bytes.
+void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads);
+
+}  // namespace cpu
+}  // namespace attnbench

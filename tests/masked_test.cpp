@@ -1,0 +1,301 @@
+// Masked attention: every mask functor against its dense definition, block-map
+// classification against the dense mask (odd sizes, tiles larger than N, N not
+// a multiple of the tile), DAG semantics and DAG file errors, empty rows,
+// block-sparse = dense execution, parameter errors. The numerical equivalence
+// of every implementation with the reference on odd shapes and all dtypes is
+// the registry-driven tests/equivalence_test.cpp (the variant's test_shapes).
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+
+#include "harness/dag.hpp"
+#include "harness/errors.hpp"
+#include "harness/masks.hpp"
+#include "harness/runner.hpp"
+#include "harness/variant.hpp"
+#include "impls/block_map.hpp"
+#include "impls/cuda/masked_math.hpp"
+#include "reference/masked.hpp"
+#include "tests/support.hpp"
+
+using namespace attnbench;
+using namespace attnbench::test;
+
+namespace {
+
+const Variant& masked_variant() { return find_variant("masked", "masked_test"); }
+
+Params params(const Params& given) { return masked_variant().complete(given, "masked_test"); }
+
+/// The reference's definition of the case's mask (documents, DAG parents, logits).
+struct Dense {
+  ref::MaskDefinition def;
+  std::vector<double> logits;
+};
+
+Dense dense_definition(const MaskedCase& c, const MaskStorage& s, const TensorMap& in) {
+  Dense d;
+  d.def.kind = c.mask, d.def.Nq = c.Nq, d.def.Nkv = c.Nkv, d.def.window = c.window, d.def.cyclic = c.cyclic;
+  d.def.causal = c.causal, d.def.attend_all = c.attend_all, d.def.prefix = c.prefix, d.def.registers = c.registers;
+  d.def.threshold = c.threshold, d.def.doc = s.group;
+  if (c.mask == "maskattn") {
+    d.logits = require(in, "mask_logits", "test").to_f64_vector();
+    d.def.logits = d.logits.data();
+  }
+  if (c.dag_graph) {
+    std::map<std::string, int32_t> index;
+    for (const auto& n : c.dag_graph->nodes) index[n.id] = int32_t(index.size());
+    for (const auto& n : c.dag_graph->nodes) {
+      d.def.parents.emplace_back();
+      for (const auto& p : n.parents) d.def.parents.back().push_back(index.at(p));
+      d.def.node.insert(d.def.node.end(), size_t(n.length), int32_t(d.def.parents.size() - 1));
+    }
+  }
+  return d;
+}
+
+/// Checks the functor and the block map of case `given` against the dense mask.
+void check_against_dense(const Params& given) {
+  const Params p = params(given);
+  INFO(p.dump());
+  const MaskedCase c = masked_case(p);
+  const TensorMap in = masked_variant().make_inputs_as(p, 0, "k", DType::f32);
+  std::vector<float> logits;
+  if (c.mask == "maskattn") {
+    const Tensor& t = require(in, "mask_logits", "test");
+    logits.assign(t.data<float>(), t.data<float>() + t.numel());
+  }
+  const MaskStorage s = make_mask(c, logits.empty() ? nullptr : logits.data());
+  const Dense d = dense_definition(c, s, in);
+  const mask::BlockMap map = mask::build_block_map(s.data, c.B, c.tile_q, c.tile_k);
+  double allowed_pairs = 0;
+  for (int64_t b = 0; b < map.batches; ++b) {
+    const std::vector<bool> dense = ref::dense_mask(d.def, b);
+    int64_t predicate_mismatches = 0;
+    mask::visit_mask(s.data, [&](const auto& m) {
+      for (int64_t i = 0; i < c.Nq; ++i)
+        for (int64_t j = 0; j < c.Nkv; ++j) predicate_mismatches += m(b, i, j) != dense[size_t(i * c.Nkv + j)];
+    });
+    CHECK(predicate_mismatches == 0);
+    for (int64_t qt = 0; qt < map.n_qt; ++qt)
+      for (int64_t kt = 0; kt < map.n_kt; ++kt) {
+        int64_t n = 0, total = 0;
+        for (int64_t i = qt * c.tile_q; i < std::min(c.Nq, (qt + 1) * c.tile_q); ++i)
+          for (int64_t j = kt * c.tile_k; j < std::min(c.Nkv, (kt + 1) * c.tile_k); ++j, ++total)
+            n += dense[size_t(i * c.Nkv + j)];
+        allowed_pairs += double(n);
+        const mask::Tile want = n == 0 ? mask::Tile::empty : n == total ? mask::Tile::full : mask::Tile::partial;
+        INFO("b " << b << " tile (" << qt << ", " << kt << ")");
+        CHECK(int(map.at(b, qt, kt)) == int(want));
+      }
+  }
+  CHECK(map.allowed_pairs == allowed_pairs);
+  // The compacted lists name exactly the non-empty tiles, ascending.
+  for (int64_t bq = 0; bq < map.batches * map.n_qt; ++bq) {
+    int32_t n = 0;
+    for (int64_t kt = 0; kt < map.n_kt; ++kt)
+      if (mask::Tile(map.tiles[size_t(bq * map.n_kt + kt)]) != mask::Tile::empty)
+        CHECK(map.kv_index[size_t(bq * map.n_kt + n++)] == kt);
+    CHECK(map.kv_count[size_t(bq)] == n);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("every mask and its block map equal the dense definition", "[masked]") {
+  for (const Params& shape : masked_variant().test_shapes()) check_against_dense(shape);
+  // Odd sizes and tiles: tiles larger than N, N not a multiple of the tile, single-token tiles.
+  for (int64_t tile : {1, 5, 64, 300}) {
+    const Params t = {{"tile_q", tile}, {"tile_k", tile == 5 ? 7 : tile}};
+    auto with = [&](Params p) {
+      p.update(t);
+      return p;
+    };
+    check_against_dense(with({{"N", 61}, {"mask", "window"}, {"window", 7}}));
+    check_against_dense(with({{"N", 61}, {"mask", "window"}, {"window", 200}}));
+    check_against_dense(with({{"N", 61}, {"mask", "wrapped_window"}, {"window", 12}}));
+    check_against_dense(with({{"N", 61}, {"mask", "wrapped_window"}, {"window", 61}}));
+    check_against_dense(with({{"Nq", 23}, {"Nkv", 71}, {"mask", "strided"}, {"window", 4}, {"cyclic", true}}));
+    check_against_dense(with({{"Nq", 71}, {"Nkv", 23}, {"mask", "strided"}, {"window", 2}}));
+    check_against_dense(with({{"Nq", 30}, {"Nkv", 12}, {"mask", "strided"}, {"window", 2}, {"cyclic", true}}));
+    check_against_dense(with({{"Nq", 71}, {"Nkv", 23}, {"mask", "strided_t"}, {"window", 6}, {"cyclic", true}}));
+    check_against_dense(with({{"Nq", 12}, {"Nkv", 40}, {"mask", "strided_t"}, {"window", 3}, {"cyclic", true}}));
+    // Cyclic windows covering the whole cycle (2h + 1 >= the period).
+    check_against_dense(with({{"Nq", 30}, {"Nkv", 30}, {"mask", "strided"}, {"window", 40}, {"cyclic", true}}));
+    check_against_dense(with({{"Nq", 21}, {"Nkv", 20}, {"mask", "strided"}, {"window", 19}, {"cyclic", true}}));
+    check_against_dense(with({{"Nq", 20}, {"Nkv", 45}, {"mask", "strided_t"}, {"window", 20}, {"cyclic", true}}));
+    check_against_dense(with({{"N", 61}, {"mask", "document"}, {"doc_len", 6}}));
+    check_against_dense(with({{"N", 61}, {"mask", "prefix"}, {"prefix", 0}, {"doc_len", 9}}));
+    check_against_dense(with({{"N", 61}, {"mask", "prefix"}, {"prefix", 61}, {"doc_len", 9}}));
+    check_against_dense(with({{"N", 61}, {"mask", "registers"}, {"registers", 4}, {"window", 6}}));
+    check_against_dense(with({{"N", 102}, {"mask", "dag"}, {"dag", "le_attention:3"}}));
+    check_against_dense(with({{"N", 102}, {"mask", "dag_ancestors"}, {"dag", "le_attention:3"}}));
+    check_against_dense(with({{"Nq", 9}, {"Nkv", 61}, {"mask", "maskattn"}, {"density", 0.1}, {"attend_all", true}}));
+    check_against_dense(with({{"Nq", 61}, {"Nkv", 9}, {"mask", "causal"}}));
+  }
+}
+
+TEST_CASE("DAG semantics: the chain X1 -> X2 -> X3", "[masked][dag]") {
+  // The README's example: under parents-only X3 sees X2 but not X1; with ancestors it sees both.
+  const Dag dag = load_dag("chain:3:2", "test");
+  for (bool ancestors : {false, true}) {
+    const DagLayout L = layout_dag(dag, ancestors);
+    REQUIRE(L.tokens == 6);
+    const mask::Dag m{L.node.data(), L.node_start.data(), L.reach.data(), L.words};
+    const int64_t x3 = 5;  // last token of X3
+    CHECK(m(0, x3, 2));    // X2's first token
+    CHECK(m(0, x3, 4));    // own node, earlier token
+    CHECK(m(0, x3, 0) == ancestors);  // X1
+    CHECK_FALSE(m(0, 4, 5));          // not a later token of the own node
+    CHECK_FALSE(m(0, 0, 2));          // a parent does not see its child
+    CHECK(L.pos == std::vector<int32_t>{0, 1, 0, 1, 0, 1});  // positions restart in every node
+  }
+}
+
+TEST_CASE("DAG position ids: start_pos_id and end_pos_id", "[masked][dag]") {
+  const nlohmann::json j = {{"nodes",
+                             {{{"id", "a"}, {"length", 3}},
+                              {{"id", "b"}, {"text", "héllo"}, {"parents", {"a"}}, {"start_pos_id", 10}},
+                              {{"id", "c"}, {"length", 2}, {"parents", {"a"}}, {"end_pos_id", 7}},
+                              {{"id", "d"}, {"length", 2}, {"parents", {"b", "c"}}, {"start_pos_id", 4}, {"end_pos_id", 5}}}}};
+  const DagLayout L = layout_dag(parse_dag(j, "test"), false);
+  CHECK(L.tokens == 12);  // "héllo" is 5 characters
+  CHECK(L.pos == std::vector<int32_t>{0, 1, 2, 10, 11, 12, 13, 14, 6, 7, 4, 5});
+}
+
+TEST_CASE("DAG files: bad input gives one clear error naming the field", "[masked][dag]") {
+  auto error_of = [](const nlohmann::json& j) {
+    try {
+      parse_dag(j, "g.json");
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  using nlohmann::json;
+  CHECK_THAT(error_of(json{{"nodes", json::array()}}), Catch::Contains("g.json: nodes: the graph is empty"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}, {"parents", {"b"}}}}}}),
+             Catch::Contains("nodes[0].parents[0]: unknown parent \"b\""));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}}, {{"id", "a"}, {"length", 2}}}}}),
+             Catch::Contains("nodes[1].id: duplicate id \"a\""));
+  CHECK_THAT(error_of(json{{"nodes",
+                            {{{"id", "a"}, {"length", 1}, {"parents", {"c"}}},
+                             {{"id", "b"}, {"length", 1}, {"parents", {"a"}}},
+                             {{"id", "c"}, {"length", 1}, {"parents", {"b"}}}}}}),
+             Catch::Contains("cycle among \"a\", \"b\", \"c\""));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}, {"parents", {"a"}}}}}}),
+             Catch::Contains("lists itself as a parent"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"start_pos_id", 2}, {"end_pos_id", 9}}}}}),
+             Catch::Contains("nodes[0]: start_pos_id 2 and end_pos_id 9 conflict"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"text", "ab"}}}}}),
+             Catch::Contains("length 3 disagrees with text of 2 characters"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"lenght", 3}}}}}),
+             Catch::Contains("unknown field \"lenght\" (did you mean 'length'?)"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}}}}}), Catch::Contains("nodes[0]: expected \"length\" or \"text\""));
+
+  // Files: unreadable and malformed.
+  const auto dir = std::filesystem::temp_directory_path() / "attnbench_dag_test";
+  std::filesystem::create_directories(dir);
+  const std::string bad = (dir / "bad.json").string();
+  std::ofstream(bad) << "{\"nodes\": [";
+  CHECK_THROWS_WITH(load_dag(bad, "dag"), Catch::Contains("bad.json: not valid JSON"));
+  CHECK_THROWS_WITH(load_dag((dir / "missing.json").string(), "dag"),
+                    Catch::Contains("is neither a readable DAG file nor a generator"));
+  CHECK_THROWS_WITH(load_dag("chain:3", "dag"), Catch::Contains("expected \"chain:K:L\""));
+}
+
+TEST_CASE("masked parameters: impossible combinations are refused naming the field", "[masked]") {
+  CHECK_THROWS_WITH(params({{"mask", "window"}, {"window", 0}}), Catch::Contains("window: mask \"window\" needs"));
+  CHECK_THROWS_WITH(params({{"mask", "windw"}}), Catch::Contains("mask: expected one of") && Catch::Contains("did you mean 'window'"));
+  CHECK_THROWS_WITH(params({{"mask", "dag"}, {"dag", "chain:3:5"}, {"N", 16}}),
+                    Catch::Contains("N: the DAG \"chain:3:5\" has 15 tokens, got N = 16"));
+  CHECK_THROWS_WITH(params({{"mask", "document"}, {"Nq", 10}, {"Nkv", 20}}), Catch::Contains("needs Nq = Nkv"));
+  CHECK_THROWS_WITH(params({{"mask", "maskattn"}, {"threshold", 1.0}}), Catch::Contains("threshold: expected a probability"));
+  CHECK_THROWS_WITH(params({{"score_mod", "softcap"}}), Catch::Contains("softcap: score_mod \"softcap\" needs softcap > 0"));
+  CHECK_THROWS_WITH(params({{"mask", "window"}, {"rope", "half"}, {"D", 15}}), Catch::Contains("D: RoPE needs an even"));
+}
+
+TEST_CASE("mask attention: empty rows give zeros, or attend to every key with attend_all", "[masked]") {
+  for (bool attend_all : {false, true}) {
+    const Params p = params({{"B", 1}, {"H", 2}, {"Nq", 40}, {"Nkv", 64}, {"D", 16}, {"mask", "maskattn"},
+                             {"density", 0.05}, {"attend_all", attend_all}, {"tile_q", 16}, {"tile_k", 16}});
+    const TensorMap in = masked_variant().cast_inputs(p, masked_variant().make_inputs(p, 1, "e"), DType::f32);
+    const Tensor& logits = require(in, "mask_logits", "test");
+    const auto empty = mask::maskattn_empty_rows(logits.data<float>(), 1, 40, 64, 0.0f);
+    REQUIRE(std::count(empty.begin(), empty.end(), 1) > 0);  // the generator leaves ~10 % of queries without hits
+    const TensorMap o = run_impl(masked_variant(), "cpu", p, DType::f32, in);
+    const TensorMap full = run_impl(masked_variant(), "cpu", params({{"B", 1}, {"H", 2}, {"N", 64}, {"Nq", 40}, {"Nkv", 64},
+                                                                    {"D", 16}, {"mask", "none"}}),
+                                    DType::f32, in);
+    const Tensor& out = o.at("o");
+    for (int64_t h = 0; h < 2; ++h)
+      for (int64_t i = 0; i < 40; ++i) {
+        if (!empty[size_t(i)]) continue;
+        for (int64_t d = 0; d < 16; ++d) {
+          const int64_t at = (h * 40 + i) * 16 + d;
+          if (attend_all)
+            CHECK(out.get(at) == Approx(full.at("o").get(at)).margin(1e-6));
+          else
+            CHECK(out.get(at) == 0.0);
+        }
+      }
+  }
+}
+
+TEST_CASE("block-sparse and dense execution agree and the sparse one skips tiles", "[masked]") {
+  const Params p = params({{"B", 1}, {"H", 2}, {"N", 300}, {"D", 32}, {"mask", "wrapped_window"}, {"window", 40},
+                           {"score_mod", "alibi"}, {"tile_q", 32}, {"tile_k", 32}});
+  const TensorMap in = masked_variant().cast_inputs(p, masked_variant().make_inputs(p, 2, "d"), DType::f32);
+  const TensorMap sparse = run_impl(masked_variant(), "cpu", p, DType::f32, in);
+  const TensorMap dense = run_impl(masked_variant(), "cpu_dense", p, DType::f32, in);
+  CHECK(max_abs_diff(sparse.at("o"), dense.at("o")) < 1e-5);
+  const auto info = masked_variant().case_info(p);
+  CHECK(info["tiles_fraction"].get<double>() < 0.5);
+  CHECK(info["density"].get<double>() == Approx(41.0 / 300.0));
+  CHECK(info["useful_flops"].get<double>() == Approx(4.0 * 2 * 32 * 41 * 300));
+}
+
+TEST_CASE("CUDA masked kernel: per-element helpers on the host", "[masked][cuda_host]") {
+  // Block-map row of a CTA: per-batch maps (mask attention) vs one shared map.
+  CHECK(masked_math::map_row(1, 3, 10, 4) == 4);
+  CHECK(masked_math::map_row(4, 3, 10, 4) == 34);
+  CHECK(masked_math::query_tile_of_block(0, 7) == 6);
+  // Allowed elements: padding never (the functor is not asked), full tiles always,
+  // partial tiles by the functor.
+  const mask::Window w{10, 2};
+  CHECK_FALSE(masked_math::element_allowed(w, true, 0, 10, 3, 10, 10));
+  CHECK_FALSE(masked_math::element_allowed(w, true, 0, 3, 10, 10, 10));
+  CHECK(masked_math::element_allowed(w, true, 0, 0, 9, 10, 10));
+  CHECK(masked_math::element_allowed(w, false, 0, 4, 6, 10, 10));
+  CHECK_FALSE(masked_math::element_allowed(w, false, 0, 4, 7, 10, 10));
+  // Logits in base 2: the mod in natural units, then ×log2(e); masked is −inf for every mod.
+  for (auto kind : {mask::ScoreModKind::none, mask::ScoreModKind::relative, mask::ScoreModKind::cyclic,
+                    mask::ScoreModKind::alibi, mask::ScoreModKind::softcap}) {
+    const mask::ScoreMod mod{kind, 50, 4, 2.0f};
+    CHECK(std::isinf(masked_math::score_base2(mod, 1.5f, 1, 3, 40, false)));
+    const double s = 1.5, d = 37;
+    const double want = kind == mask::ScoreModKind::relative  ? s - d
+                        : kind == mask::ScoreModKind::cyclic  ? s - 13
+                        : kind == mask::ScoreModKind::alibi   ? s + std::exp2(-8.0 * 2 / 4) * d
+                        : kind == mask::ScoreModKind::softcap ? 2.0 * std::tanh(s / 2.0)
+                                                              : s;
+    CHECK(masked_math::score_base2(mod, 1.5f, 1, 3, 40, true) == Approx(want * 1.4426950408889634).epsilon(1e-6));
+  }
+  CHECK(masked_math::rope_table_index(3, 2, 16) == 26);
+}
+
+TEST_CASE("masked timing records the block-map build and the tiles computed", "[masked]") {
+  RunOptions o;
+  o.check = false;
+  o.bench_settings.min_time_s = 0.001;
+  o.bench_settings.repetitions = 1;
+  const Params p = params({{"B", 1}, {"H", 1}, {"N", 256}, {"D", 16}, {"mask", "window"}, {"window", 32}});
+  const auto rec = run_case(CaseSpec{&masked_variant(), "cpu", DType::f32, p}, o);
+  INFO(rec.dump());
+  REQUIRE(rec["status"] == "ok");
+  CHECK(rec["bench"]["block_map_s"].get<double>() >= 0);
+  CHECK(rec["bench"]["tiles_computed"] == rec["info"]["tiles_computed"]);
+  CHECK(rec["bench"]["tiles_total"] == 16);
+  CHECK(rec["info"]["density"].get<double>() == Approx((256.0 * 33 - 2 * (16 * 17 / 2)) / (256.0 * 256)));
+}
