@@ -285,8 +285,11 @@ struct Dag {
     for (int64_t w = 0; w * 32 < ni; ++w) {
       uint32_t bits = row[w];
       while (bits) {
-        int bit = 0;
-        while (!((bits >> bit) & 1u)) ++bit;
+#if defined(__CUDA_ARCH__)
+        const int bit = __ffs(int(bits)) - 1;
+#else
+        const int bit = __builtin_ctz(bits);
+#endif
         bits &= bits - 1;
         const int64_t nj = w * 32 + bit;
         if (nj < ni) emit(int64_t(node_start[nj]), int64_t(node_start[nj + 1]));

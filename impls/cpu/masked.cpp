@@ -12,9 +12,10 @@
 //   S = Q·Kᵀ → score mod (if any, every visited tile) → mask (partial tiles only)
 //   → online softmax → O += P·V.
 // Masking a partial tile row uses the mask's key intervals (a window row is one
-// interval, a DAG row a few): fills of −inf between them, no per-element
-// predicate. Mask attention compares the row of logits with the threshold
-// (a vectorizable select). Other masks would fall back to the predicate.
+// interval, a DAG row a few), collected once per call (an O(Nq · intervals)
+// pass, inside the timed call): fills of −inf between them, no per-element
+// predicate. Mask attention compares the row of logits with the threshold (a
+// vectorizable select).
 // Tile sizes come from the block map (tile_q query rows, tile_k keys; the
 // packed key tile is padded to a multiple of 64 keys and the pad masked).
 //
@@ -33,7 +34,10 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <stdexcept>
+#include <type_traits>
+#include <vector>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "impls/cpu/masked.cpp"
@@ -46,6 +50,7 @@
 #define ATTNBENCH_IMPLS_CPU_MASKED_SHARED_
 namespace attnbench::cpu::masked_detail {
 
+inline constexpr int64_t kMaxTileQ = 1024;  // query rows per tile, at most
 inline constexpr int64_t kKeyAlign = 64;  // packed key tiles: a multiple of every target's key block
 inline constexpr int64_t kMaxLanes = 16;  // f32 lanes of the widest x86 target (AVX-512)
 inline constexpr float kLog2e = 1.4426950408889634f;
@@ -97,25 +102,52 @@ void load_row_rotated(float* out, const T* in, int64_t D, const float* c, const 
   }
 }
 
-/// −inf in row s (keys j0 .. j0 + span) wherever the mask forbids (b, i, ·).
-/// Interval masks: fills between the row's allowed intervals.
+/// The allowed keys of every query row as merged intervals (CSR), collected
+/// once per call: a DAG query row walks all its parents, which per (head, tile)
+/// cost more than the tile's arithmetic. Key tiles are visited in ascending
+/// order, so a task keeps one cursor per row to its first interval not yet behind.
+struct RowIntervals {
+  std::vector<int64_t> lo, hi;  // intervals [lo, hi) of all rows, concatenated
+  std::vector<size_t> first;    // (Nq + 1,) row i's intervals: [first[i], first[i + 1])
+
+  template <class M>
+  void collect(const M& m, int64_t Nq) {
+    lo.clear(), hi.clear(), first.assign(1, 0);
+    for (int64_t i = 0; i < Nq; ++i) {
+      const size_t start = lo.size();
+      m.row_keys(0, i, [&](int64_t a, int64_t z) {
+        if (a >= z) return;
+        if (lo.size() > start && hi.back() == a)
+          hi.back() = z;
+        else
+          lo.push_back(a), hi.push_back(z);
+      });
+      first.push_back(lo.size());
+    }
+  }
+
+  /// −inf in row i's scores s (keys j0 .. j0 + span) outside its intervals;
+  /// `c` is the row's cursor (start it at first[i]).
+  void mask_row(int64_t i, int64_t j0, int64_t span, float* s, size_t& c) const {
+    constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+    const int64_t end = j0 + span;
+    const size_t last = first[size_t(i) + 1];
+    while (c < last && hi[c] <= j0) ++c;
+    int64_t at = j0;  // keys before it are settled
+    for (size_t k = c; k < last && lo[k] < end; ++k) {
+      std::fill(s + (at - j0), s + (std::max(lo[k], at) - j0), kNegInf);
+      at = std::min(hi[k], end);
+    }
+    std::fill(s + (at - j0), s + span, kNegInf);
+  }
+};
+
+/// −inf in row s (keys j0 .. j0 + span) wherever a mask without intervals forbids (b, i, ·).
 template <class M>
 void MaskRow(const M& m, int64_t b, int64_t i, int64_t j0, int64_t span, float* s) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  if constexpr (M::kIntervals) {
-    int64_t cursor = j0;  // keys before it are settled
-    const int64_t end = j0 + span;
-    m.row_keys(b, i, [&](int64_t lo, int64_t hi) {
-      if (hi <= cursor || cursor >= end) return;
-      lo = std::min(std::max(lo, cursor), end);
-      std::fill(s + (cursor - j0), s + (lo - j0), kNegInf);
-      cursor = std::min(hi, end);
-    });
-    std::fill(s + (cursor - j0), s + span, kNegInf);
-  } else {
-    for (int64_t j = 0; j < span; ++j)
-      if (!m(b, i, j0 + j)) s[j] = kNegInf;
-  }
+  for (int64_t j = 0; j < span; ++j)
+    if (!m(b, i, j0 + j)) s[j] = kNegInf;
 }
 
 /// Mask attention: a select against the threshold (the row's logits are contiguous).
@@ -182,7 +214,8 @@ void PackKV(const MaskedParams& p, const Layout& lay, const float* cos_t, const 
 /// One task: query tile qt of head (b, h) against the key tiles of its block-map row.
 template <class T>
 void AttendQueryTile(const MaskedParams& p, const Layout& lay, const float* cos_t, const float* sin_t,
-                     const float* kpack, const float* vpack, const MaskedTiles& w, int64_t task) {
+                     const float* kpack, const float* vpack, const RowIntervals* intervals, const MaskedTiles& w,
+                     int64_t task) {
   const DF df;
   const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   const int64_t qt = task % p.n_qt, bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
@@ -208,6 +241,9 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const float* cos_
     v_head = static_cast<const float*>(p.v) + bh * p.Nkv * p.D;
     v_stride = p.D;
   }
+  size_t cursor[kMaxTileQ];  // interval masks: each row's first interval not yet behind
+  if (intervals)
+    for (int64_t r = 0; r < rows; ++r) cursor[r] = intervals->first[size_t(i0 + r)];
   const int64_t mb = p.map_batches > 1 ? b : 0;
   const int64_t map_row = (mb * p.n_qt + qt) * p.n_kt;
   const int64_t n_visit = p.kv_count[mb * p.n_qt + qt];
@@ -227,7 +263,10 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const float* cos_
       const int64_t i = i0 + r;
       if (mod)  // in natural units: s·ln2 is the scaled logit
         for (int64_t j = 0; j < span; ++j) s[j] = kLog2e * mask::apply_score_mod(p.mod, s[j] * kLn2, h, i, j0 + j);
-      if (partial) visit_mask(p.mask, [&](const auto& m) { MaskRow(m, b, i, j0, span, s); });
+      if (partial && intervals)
+        intervals->mask_row(i, j0, span, s, cursor[r]);
+      else if (partial)
+        visit_mask(p.mask, [&](const auto& m) { MaskRow(m, b, i, j0, span, s); });
       std::fill(s + span, s + ncols, kNegInf);
       w.stale[r] = mod || partial || span < ncols;
     }
@@ -257,17 +296,13 @@ void ForwardTyped(const MaskedParams& p, float* scratch, int threads) {
   float* sin_t = cos_t + lay.n_pos * lay.half;
   float* slabs = vpack + lay.vpack + lay.rope;
 
-  if (p.q_pos) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t pi = 0; pi < lay.n_pos; ++pi) {
-      const double pos = double(pi + lay.pos_min);
-      for (int64_t i = 0; i < lay.half; ++i) {
-        const double angle = pos * std::pow(10000.0, -double(2 * i) / double(p.D));
-        cos_t[pi * lay.half + i] = float(std::cos(angle));
-        sin_t[pi * lay.half + i] = float(std::sin(angle));
-      }
-    }
-  }
+  if (p.q_pos) RopeTables(lay.pos_min, lay.n_pos, p.D, cos_t, sin_t, threads);
+
+  // Interval masks (all but mask attention, so never per batch entry): the rows' keys, once.
+  std::optional<RowIntervals> intervals;
+  visit_mask(p.mask, [&](const auto& m) {
+    if constexpr (std::decay_t<decltype(m)>::kIntervals) intervals.emplace().collect(m, p.Nq);
+  });
 
 #pragma omp parallel num_threads(threads)
   {
@@ -287,7 +322,7 @@ void ForwardTyped(const MaskedParams& p, float* scratch, int threads) {
       PackKV<T>(p, lay, cos_t, sin_t, kpack, vpack, w.rows, task);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.B * p.H * p.n_qt; ++task)
-      AttendQueryTile<T>(p, lay, cos_t, sin_t, kpack, vpack, w, task);
+      AttendQueryTile<T>(p, lay, cos_t, sin_t, kpack, vpack, intervals ? &*intervals : nullptr, w, task);
   }
 }
 
@@ -316,6 +351,8 @@ void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threa
     throw std::invalid_argument("masked_forward_block_sparse: q, k, v must be f32 or bf16");
   if (p.q_pos && (p.D % 2 != 0 || !p.k_pos))
     throw std::invalid_argument("masked_forward_block_sparse: RoPE needs an even D and both position arrays");
+  if (p.tile_q > masked_detail::kMaxTileQ)
+    throw std::invalid_argument("masked_forward_block_sparse: tile_q above 1024");
   if (p.n_qt != (p.Nq + p.tile_q - 1) / p.tile_q || p.n_kt != (p.Nkv + p.tile_k - 1) / p.tile_k)
     throw std::invalid_argument("masked_forward_block_sparse: block map tiles do not match Nq, Nkv");
   HWY_DYNAMIC_DISPATCH(MaskedForward)(p, static_cast<float*>(scratch), std::max(1, threads));
