@@ -73,6 +73,17 @@ TensorMap Variant::make_inputs_as(const Params& p, uint64_t seed, const std::str
   return m;
 }
 
+Impl Variant::reference_impl(std::vector<DType> dtypes) const {
+  // ImplArgs is a temporary: capture what it refers to, not the struct.
+  return {"reference", Device::cpu, std::move(dtypes), [this](const ImplArgs& a) {
+            return std::make_unique<FunctionInstance>(
+                [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
+                  TensorMap r = reference(params, inputs, dtype);
+                  for (auto& [name, t] : outputs) t = std::move(r.at(name));
+                });
+          }};
+}
+
 Params Variant::params_from_tensors(const TensorMap&) const {
   throw InputError("variant '" + name() + "' does not read case files without shape metadata");
 }

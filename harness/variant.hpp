@@ -170,6 +170,9 @@ class Variant {
   /// Defaults filled in, unknown keys rejected (with did-you-mean), types
   /// checked, validate() called. `where` prefixes errors ("suites/x.json: groups[0].sweep").
   Params complete(const Params& given, const std::string& where) const;
+  /// The "reference" implementation: reference() in the dtype under test, as a
+  /// timed implementation (the naive baseline of the speedups).
+  Impl reference_impl(std::vector<DType> dtypes) const;
   std::optional<Impl> find_impl(const std::string& name) const;
 };
 

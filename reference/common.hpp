@@ -9,6 +9,9 @@
 
 #include <Eigen/Core>
 
+#include <cmath>
+#include <limits>
+
 #include "harness/dtype.hpp"
 
 namespace attnbench::ref {
@@ -34,6 +37,26 @@ void round_inplace(Eigen::DenseBase<Derived>& x, DType dtype) {
 template <class Scalar>
 Scalar round_scalar(Scalar x, DType dtype) {
   return static_cast<Scalar>(round_to(dtype, double(x)));
+}
+
+/// Softmax of every row of S in place, over its finite entries (−inf marks a
+/// masked pair and becomes 0); a row without any finite entry becomes all zeros.
+template <class Scalar>
+void masked_softmax_rows(Matrix<Scalar>& S) {
+  const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
+  for (Eigen::Index i = 0; i < S.rows(); ++i) {
+    const Scalar m = S.row(i).maxCoeff();
+    if (m == neg_inf) {
+      S.row(i).setZero();
+      continue;
+    }
+    Scalar sum = 0;
+    for (Eigen::Index j = 0; j < S.cols(); ++j) {
+      S(i, j) = S(i, j) == neg_inf ? Scalar(0) : std::exp(S(i, j) - m);
+      sum += S(i, j);
+    }
+    S.row(i) /= sum;
+  }
 }
 
 }  // namespace attnbench::ref

@@ -164,23 +164,10 @@ void masked_forward_reference(int64_t B, int64_t H, int64_t D, const MaskDefinit
       round_inplace(K, round);
       Matrix<Scalar> S = (Q * K.transpose()) * scale;
       round_inplace(S, round);
-      for (int64_t i = 0; i < Nq; ++i) {
-        Scalar m = neg_inf;
-        for (int64_t j = 0; j < Nkv; ++j) {
+      for (int64_t i = 0; i < Nq; ++i)
+        for (int64_t j = 0; j < Nkv; ++j)
           S(i, j) = allowed[size_t(i * Nkv + j)] ? score_mod(mod, S(i, j), h, i, j, Nkv) : neg_inf;
-          m = std::max(m, S(i, j));
-        }
-        if (m == neg_inf) {
-          S.row(i).setZero();
-          continue;
-        }
-        Scalar sum = 0;
-        for (int64_t j = 0; j < Nkv; ++j) {
-          S(i, j) = S(i, j) == neg_inf ? Scalar(0) : std::exp(S(i, j) - m);
-          sum += S(i, j);
-        }
-        S.row(i) /= sum;
-      }
+      masked_softmax_rows(S);
       round_inplace(S, round);
       Matrix<Scalar> O = S * V;
       round_inplace(O, round);

@@ -105,23 +105,10 @@ void sdpa_forward_reference(const SdpaDims& d, DType round,
       round_inplace(S, round);
 
       // Masked row softmax; a row without any allowed key becomes all zeros.
-      for (int64_t i = 0; i < d.Nq; ++i) {
-        Scalar m = neg_inf;
-        for (int64_t j = 0; j < d.Nkv; ++j) {
+      for (int64_t i = 0; i < d.Nq; ++i)
+        for (int64_t j = 0; j < d.Nkv; ++j)
           if (!sdpa_allowed(d, i, j, kv_len[b])) S(i, j) = neg_inf;
-          m = std::max(m, S(i, j));
-        }
-        if (m == neg_inf) {
-          S.row(i).setZero();
-          continue;
-        }
-        Scalar sum = 0;
-        for (int64_t j = 0; j < d.Nkv; ++j) {
-          S(i, j) = S(i, j) == neg_inf ? Scalar(0) : std::exp(S(i, j) - m);
-          sum += S(i, j);
-        }
-        S.row(i) /= sum;
-      }
+      masked_softmax_rows(S);
       round_inplace(S, round);
 
       Matrix<Scalar> O = S * V;

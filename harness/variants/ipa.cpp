@@ -330,13 +330,7 @@ class IpaVariant final : public Variant {
   std::vector<ParamSpec> params() const override { return ipa_variant::param_specs(128); }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    // ImplArgs is a temporary: capture what it refers to, not the struct.
-    v.push_back({"reference", Device::cpu, {DType::f64, DType::f32, DType::bf16}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>(
-                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                         outputs.at("output") = reference(params, inputs, dtype).at("output");
-                       });
-                 }});
+    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16}));
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16},
                  [](const ImplArgs& a) { return std::make_unique<IpaCpuInstance>(a); }});
     // Registered in every build so that suites naming it run everywhere: the runner records
@@ -476,12 +470,7 @@ class IpaFactorizedVariant final : public Variant {
   }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    v.push_back({"reference", Device::cpu, {DType::f64, DType::f32}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>(
-                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                         outputs.at("output") = reference(params, inputs, dtype).at("output");
-                       });
-                 }});
+    v.push_back(reference_impl({DType::f64, DType::f32}));
     v.push_back({"cpu", Device::cpu, {DType::f32},
                  [](const ImplArgs& a) { return std::make_unique<IpaFactorizedCpuInstance>(a); }});
     return v;

@@ -278,13 +278,7 @@ class MaskedVariant final : public Variant {
 
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    v.push_back({"reference", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>(
-                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                         TensorMap r = reference(params, inputs, dtype);
-                         for (auto& [name, t] : r) outputs.at(name) = std::move(t);
-                       });
-                 }});
+    v.push_back(reference_impl({DType::f32, DType::bf16, DType::f16}));
     for (bool dense : {false, true}) {
       v.push_back({dense ? "cpu_dense" : "cpu", Device::cpu, {DType::f32, DType::bf16},
                    [dense](const ImplArgs& a) { return std::make_unique<MaskedCpuInstance>(a, dense); }});

@@ -171,14 +171,7 @@ class SdpaVariant final : public Variant {
 
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    // ImplArgs is a temporary: capture what it refers to, not the struct.
-    v.push_back({"reference", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>(
-                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                         TensorMap r = reference(params, inputs, dtype);
-                         for (auto& [name, t] : r) outputs.at(name) = std::move(t);
-                       });
-                 }});
+    v.push_back(reference_impl({DType::f32, DType::bf16, DType::f16}));
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
                    return std::make_unique<SdpaCpuInstance>(a);
                  }});

@@ -148,13 +148,7 @@ class TriangleAttentionVariant final : public Variant {
   }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    // ImplArgs is a temporary: capture what it refers to, not the struct.
-    v.push_back({"reference", Device::cpu, {DType::f64, DType::f32, DType::bf16}, [this](const ImplArgs& a) {
-                   return std::make_unique<FunctionInstance>(
-                       [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                         outputs.at("output") = reference(params, inputs, dtype).at("output");
-                       });
-                 }});
+    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16}));
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
                    return std::make_unique<TriangleCpuInstance>(a);
                  }});
