@@ -14,27 +14,15 @@
 #include <thread>
 
 #include "harness/results.hpp"
+#include "tests/support.hpp"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-struct Output {
-  int code;
-  std::string text;  // stdout + stderr
-};
+using attnbench::test::CommandOutput;
 
-Output run(const std::string& args) {
-  const std::string cmd = std::string(ATTNBENCH_BINARY) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  std::string text;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
-}
+CommandOutput run(const std::string& args) { return attnbench::test::run_attnbench(args); }
 
 fs::path temp_dir(const std::string& name) {
   fs::path d = fs::temp_directory_path() / ("attnbench_cli_" + name + "_" + std::to_string(::getpid()));

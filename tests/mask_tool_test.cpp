@@ -16,26 +16,15 @@
 #include <string>
 #include <utility>
 
+#include "tests/support.hpp"
+
 namespace fs = std::filesystem;
 
 namespace {
 
-struct ToolOutput {
-  int code;
-  std::string text;  // stdout + stderr
-};
+using attnbench::test::CommandOutput;
 
-ToolOutput mask_tool(const std::string& args) {
-  const std::string cmd = std::string(ATTNBENCH_BINARY) + " mask " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  REQUIRE(p);
-  std::string text;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
-  const int status = pclose(p);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
-}
+CommandOutput mask_tool(const std::string& args) { return attnbench::test::run_attnbench("mask " + args); }
 
 /// A fresh temporary directory, removed when the test case ends.
 struct TempDir {

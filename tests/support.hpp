@@ -4,8 +4,11 @@
 
 #include <catch2/catch.hpp>
 
+#include <sys/wait.h>
+
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <string>
 
 #include "harness/variant.hpp"
@@ -51,6 +54,24 @@ inline bool all_finite(const Tensor& t) {
   for (int64_t i = 0; i < t.numel(); ++i)
     if (!std::isfinite(t.get(i))) return false;
   return true;
+}
+
+struct CommandOutput {
+  int code;          // exit status, -1 when the command did not exit normally
+  std::string text;  // stdout + stderr
+};
+
+/// Runs the attnbench binary with `args` (a shell fragment) and collects its output.
+inline CommandOutput run_attnbench(const std::string& args) {
+  const std::string cmd = std::string(ATTNBENCH_BINARY) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p);
+  std::string text;
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
+  const int status = pclose(p);
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
 }
 
 }  // namespace attnbench::test

@@ -1,6 +1,6 @@
 // Highway vector helpers shared by the fused CPU attention kernels (SDPA now,
 // the masked-attention family later): a fast exp2, register-blocked micro-kernels
-// for S = Q·Kᵀ and O += P·V, and the online-softmax step of one tile row.
+// for S = Q·Kᵀ and O += P·V, the online-softmax step of one tile row, RoPE tables.
 //
 // Per-target header (Highway's foreach_target pattern): include it after
 // "hwy/highway.h" from a file compiled with HWY_TARGET_INCLUDE; everything here
@@ -23,6 +23,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <limits>
 
 #include "hwy/highway.h"
@@ -195,6 +196,22 @@ HWY_INLINE float OnlineSoftmaxRow(DF df, float* HWY_RESTRICT s, size_t n, const 
   l = l * alpha + hn::GetLane(hn::SumOfLanes(df, vsum));
   m = m_new;
   return alpha;
+}
+
+/// RoPE tables for positions pos_min … pos_min + n_pos − 1 (rows of D/2):
+/// cos and sin of pos · θ_i, θ_i = 10000^(−2i/D), computed in double.
+HWY_INLINE void RopeTables(int64_t pos_min, int64_t n_pos, int64_t D, float* HWY_RESTRICT cos_t,
+                           float* HWY_RESTRICT sin_t, int threads) {
+  const int64_t half = D / 2;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t pi = 0; pi < n_pos; ++pi) {
+    const double pos = double(pi + pos_min);
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = pos * std::pow(10000.0, -double(2 * i) / double(D));
+      cos_t[pi * half + i] = float(std::cos(angle));
+      sin_t[pi * half + i] = float(std::sin(angle));
+    }
+  }
 }
 
 }  // namespace attnbench::cpu::HWY_NAMESPACE

@@ -300,17 +300,7 @@ void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
   float* sin_t = lay.rope ? cos_t + lay.n_pos * lay.half : nullptr;
   float* slabs = vpack + lay.vpack + lay.rope;
 
-  if (lay.rope) {
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t pi = 0; pi < lay.n_pos; ++pi) {
-      const double pos = double(pi + lay.pos_min);
-      for (int64_t i = 0; i < lay.half; ++i) {
-        const double angle = pos * std::pow(10000.0, -double(2 * i) / double(p.D));
-        cos_t[pi * lay.half + i] = float(std::cos(angle));
-        sin_t[pi * lay.half + i] = float(std::sin(angle));
-      }
-    }
-  }
+  if (lay.rope) RopeTables(lay.pos_min, lay.n_pos, p.D, cos_t, sin_t, threads);
 
   const int64_t n_qt = query_tiles(p);
 #pragma omp parallel num_threads(threads)
