@@ -498,7 +498,7 @@ def _dense_median(r, by_case):
 
 
 def sparsity_speedup(ctx, variant, records):
-    by_case = {r.case_key: r for r in records}
+    by_case = {r.case_key(): r for r in records}
     recs = [r for r in records if r.bench and r.info.get("tiles_fraction")
             and not r.impl.endswith("_dense") and _dense_median(r, by_case)]
     if not recs:

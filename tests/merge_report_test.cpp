@@ -159,14 +159,14 @@ TEST_CASE("report writes the tables, with figures when python and matplotlib exi
   const fs::path dir = scratch("report");
   const fs::path out = dir / "out";
   const Run r = attnbench(
-      "report " + quote(kMain) + " " + quote(kFixtures / "synthetic_masks.json") + " --out " + quote(out), dir);
+      "report " + quote(kMain) + " " + quote(kFixtures / "run_masked.json") + " --out " + quote(out), dir);
   INFO(r.err);
   REQUIRE(r.rc == 0);
   const std::string md = read(out / "report.md");
   const json main = read_json(kMain);
   CHECK(md.find("# attnbench report") != std::string::npos);
   CHECK(md.find("## Suite `" + main["suite"]["name"].get<std::string>() + "`") != std::string::npos);
-  CHECK(md.find("## Suite `synthetic_masks`") != std::string::npos);
+  CHECK(md.find("## Suite `local`") != std::string::npos);
   CHECK(md.find("| impl | dtype |") != std::string::npos);
   CHECK(md.find("median time | GFLOP/s | % peak | memory |") != std::string::npos);
   for (const auto& rec : main["records"])

@@ -100,8 +100,8 @@ TEST_CASE("plot.py draws every figure type the fixtures have data for", "[plots]
       CHECK(fs::file_size(file) > 1000);
     }
   }
-  // The real run fixture has time/throughput/memory/speedup/error/se3 data;
-  // the synthetic ones add sparsity, breakdown and training.
+  // The real run fixtures have time/throughput/memory/speedup/error/se3 and
+  // (run_masked.json) sparsity data; the synthetic ones add breakdown and training.
   for (const char* k :
        {"time", "throughput", "memory", "speedup", "error", "se3", "sparsity", "breakdown", "training"}) {
     INFO("figure kind " << k);
@@ -115,7 +115,7 @@ TEST_CASE("plot.py reads the fixtures of each figure family on their own", "[plo
     WARN("python3 with matplotlib not found: plotting not tested");
     return;
   }
-  for (const char* name : {"synthetic_masks.json", "synthetic_pairformer.json", "synthetic_training.jsonl"}) {
+  for (const char* name : {"run_masked.json", "synthetic_pairformer.json", "synthetic_training.jsonl"}) {
     const fs::path out = scratch(std::string("one_") + name);
     const Run r = plot(py, quote(kFixtures / name) + " --no-title --out " + quote(out / "figs"), out);
     INFO(name << ": " << r.err);
