@@ -6,13 +6,14 @@
 //     intervals; a tile is touched by a row when an interval meets it and fully
 //     covered when one interval contains it. Difference arrays make the cost
 //     O(intervals) per row plus O(key tiles) per query tile, and the result is exact.
-//   * other masks (mask attention): the predicate is evaluated on the tile
-//     (stopping as soon as both an allowed and a masked pair were seen).
+//   * other masks (mask attention): the allowed pairs of each tile are counted,
+//     row by row (mask attention compares each row of logits with the threshold).
 // Host code: the CUDA implementation uploads the arrays.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "impls/mask.hpp"
@@ -110,18 +111,37 @@ BlockMap build_block_map(const M& mask, int64_t Nq, int64_t Nkv, int64_t batches
         }
       }
   } else {
+    // Allowed pairs per key tile, accumulated row by row (rows are contiguous in
+    // mask attention's logits: the counting loop is a vectorizable compare).
+    std::vector<int64_t> allowed(size_t(m.n_kt));
     for (int64_t b = 0; b < batches; ++b)
-      for (int64_t qt = 0; qt < m.n_qt; ++qt)
+      for (int64_t qt = 0; qt < m.n_qt; ++qt) {
+        std::fill(allowed.begin(), allowed.end(), 0);
+        const int64_t i0 = qt * tile_q, i1 = std::min(Nq, i0 + tile_q);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t kt = 0; kt < m.n_kt; ++kt) {
+            const int64_t j0 = kt * tile_k, j1 = std::min(Nkv, j0 + tile_k);
+            int64_t n = 0;
+            if constexpr (std::is_same_v<M, MaskAttn>) {
+              if (mask.row_all && mask.row_all[b * Nq + i]) {
+                n = j1 - j0;
+              } else {
+                const float* row = mask.logits + (b * Nq + i) * Nkv;
+                for (int64_t j = j0; j < j1; ++j) n += row[j] >= mask.threshold;
+              }
+            } else {
+              for (int64_t j = j0; j < j1; ++j) n += mask(b, i, j) ? 1 : 0;
+            }
+            allowed[size_t(kt)] += n;
+          }
         for (int64_t kt = 0; kt < m.n_kt; ++kt) {
-          const int64_t i0 = qt * tile_q, i1 = std::min(Nq, i0 + tile_q);
-          const int64_t j0 = kt * tile_k, j1 = std::min(Nkv, j0 + tile_k);
-          int64_t allowed = 0;
-          for (int64_t i = i0; i < i1; ++i)
-            for (int64_t j = j0; j < j1; ++j) allowed += mask(b, i, j) ? 1 : 0;
-          m.allowed_pairs += double(allowed);
+          const int64_t cells = (i1 - i0) * (std::min(Nkv, (kt + 1) * tile_k) - kt * tile_k);
+          const int64_t n = allowed[size_t(kt)];
+          m.allowed_pairs += double(n);
           m.tiles[size_t((b * m.n_qt + qt) * m.n_kt + kt)] =
-              uint8_t(allowed == 0 ? Tile::empty : allowed == (i1 - i0) * (j1 - j0) ? Tile::full : Tile::partial);
+              uint8_t(n == 0 ? Tile::empty : n == cells ? Tile::full : Tile::partial);
         }
+      }
   }
   detail::finish_map(m);
   return m;
