@@ -9,6 +9,7 @@
 //
 // Kernels, in launch order:
 //   ipa_linear_kernel          the five nn.Linear layers: 16×16 shared-memory tiled GEMM
+//                              (tiled_linear.cuh, shared with triangle.cu)
 //   ipa_centroid_kernel        centroid of the translations, f64, one block
 //   ipa_pack_kernel            per (residue, head): α q, frames applied to the points, values
 //   ipa_prepare_weights_kernel β W_b, β b_b, γ_h
@@ -36,6 +37,8 @@
 #include <string>
 
 #include "impls/cuda/ipa_math.hpp"
+#include "impls/cuda/tiled_linear.cuh"
+#include "impls/cuda/warp_reduce.cuh"
 
 namespace attnbench::cuda {
 namespace {
@@ -45,10 +48,6 @@ struct AttendTraits {
   static constexpr int kWarps = kThreads / 32;
   static constexpr int kTile = 32;  // keys per tile: one per lane of the warp that owns a head
   static_assert(kThreads % 32 == 0, "whole warps");
-};
-
-struct LinearTraits {
-  static constexpr int kTile = 16;  // rows × outputs × k per step
 };
 
 /// Float offsets of the scratch regions (each a multiple of 4 floats, 16-byte aligned).
@@ -129,33 +128,16 @@ struct AttendParams {
 __device__ __forceinline__ float load_z(const float* z, int64_t i) { return z[i]; }
 __device__ __forceinline__ float load_z(const uint16_t* z, int64_t i) { return __uint_as_float(uint32_t(z[i]) << 16); }
 
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
-/// y (rows, outs; stride ldy) = x (rows, in; stride ldx) · wᵀ + b, w (outs, in).
+/// y (rows, outs; stride ldy) = x (rows, in; stride ldx) · wᵀ + b, w (outs, in); output tiles
+/// on grid x, row tiles on grid y (tiled_linear.cuh).
 __global__ void ipa_linear_kernel(const float* __restrict__ x, int64_t ldx, int64_t rows, int64_t in,
                                   const float* __restrict__ w, const float* __restrict__ b, int64_t outs,
                                   float* __restrict__ y, int64_t ldy) {
-  constexpr int T = LinearTraits::kTile;
-  __shared__ float xs[T][T + 1];
-  __shared__ float ws[T][T + 1];
+  constexpr int T = tiled_linear::kTile;
   const int tx = int(threadIdx.x), ty = int(threadIdx.y);
   const int64_t r = int64_t(blockIdx.y) * T + ty;
   const int64_t o0 = int64_t(blockIdx.x) * T;
-  float acc = 0.f;
-  for (int64_t k0 = 0; k0 < in; k0 += T) {
-    xs[ty][tx] = (r < rows && k0 + tx < in) ? x[r * ldx + k0 + tx] : 0.f;
-    ws[ty][tx] = (o0 + ty < outs && k0 + tx < in) ? w[(o0 + ty) * in + k0 + tx] : 0.f;
-    __syncthreads();
-    for (int kk = 0; kk < T; ++kk) acc += xs[ty][kk] * ws[tx][kk];
-    __syncthreads();
-  }
+  const float acc = tiled_linear::tile_dot(x, ldx, rows, in, w, outs, r, o0, tx, ty);
   if (r < rows && o0 + tx < outs) y[r * ldy + o0 + tx] = acc + b[o0 + tx];
 }
 
@@ -343,7 +325,7 @@ void check_launch(const char* what) {
 
 void linear(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* w, const float* b, int64_t outs,
             float* y, int64_t ldy, cudaStream_t s) {
-  constexpr int T = LinearTraits::kTile;
+  constexpr int T = tiled_linear::kTile;
   const dim3 grid(unsigned((outs + T - 1) / T), unsigned((rows + T - 1) / T));
   ipa_linear_kernel<<<grid, dim3(T, T), 0, s>>>(x, ldx, rows, in, w, b, outs, y, ldy);
   check_launch("ipa_linear_kernel");

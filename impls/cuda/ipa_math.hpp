@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "impls/common.hpp"
+#include "impls/cuda/online_softmax_math.hpp"
 
 namespace attnbench::ipa {
 
@@ -61,25 +62,10 @@ ATTNBENCH_HD float logit(float qk, float b, float d2, float gamma, float mask_i,
   return qk + b - 0.5f * gamma * d2 + kInf * mask_i * (mask_j - 1.0f);
 }
 
-/// Online softmax state of one row: running max m and sum l of exp(x − m).
-struct OnlineSoftmax {
-  float m = -INFINITY;
-  float l = 0.f;
-};
-
-/// Folds a block whose max is `block_max` into the state; returns the factor by which
-/// accumulators of earlier blocks must be multiplied (0 on the first block). The caller
-/// then adds exp(x − s.m) of the block's entries to both l (via add) and its accumulators.
-ATTNBENCH_HD float online_softmax_rescale(OnlineSoftmax& s, float block_max) {
-  const float m_new = s.m > block_max ? s.m : block_max;
-  const float scale = s.m == -INFINITY ? 0.f : expf(s.m - m_new);
-  s.l *= scale;
-  s.m = m_new;
-  return scale;
-}
-
-/// 1/l, or 0 for an empty row (never NaN).
-ATTNBENCH_HD float online_softmax_inv_sum(const OnlineSoftmax& s) { return s.l > 0.f ? 1.0f / s.l : 0.f; }
+/// Online softmax state of one row and its update (online_softmax_math.hpp).
+using online_softmax_math::OnlineSoftmax;
+using online_softmax_math::online_softmax_inv_sum;
+using online_softmax_math::online_softmax_rescale;
 
 /// ‖o_pt‖ as OpenFold computes it: sqrt(x² + y² + z² + 1e-8).
 ATTNBENCH_HD float point_norm(const float* x) { return sqrtf(x[0] * x[0] + x[1] * x[1] + x[2] * x[2] + kNormEps); }

@@ -22,7 +22,10 @@
 // replaces K in shared memory → O = alpha·O + P·V. f32 accumulation for all input dtypes
 // (widened while loading the tiles). RoPE: per-token cos/sin tables (tokens, D/2) computed in
 // double once per call into the scratch from the device q_pos / k_pos (positions are arbitrary
-// per token, so the table is indexed by token, not by position).
+// per token, so the table is indexed by token, not by position). The tile steps (traits and
+// shared memory, tile loading, S = Q·Kᵀ, online softmax, O update, output) are shared with
+// sdpa.cu in flash_tile.cuh; this file keeps the block-map walk, the per-element mask and
+// score mod (finish_scores) and the per-token RoPE tables.
 // Kernels instantiated: 3 dtypes × head dims {32, 64, 128, 256} (padded), 12 per arch; the mask
 // kind and the score mod are runtime switches inside the kernel. ptxas (CUDA 13.0, sm_80/sm_90):
 // 127–128 / 145–164 / 179–228 / 255 registers for D = 32 / 64 / 128 / 256, no spills; dynamic
@@ -46,6 +49,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "impls/cuda/flash_tile.cuh"
 #include "impls/cuda/masked.hpp"
 #include "impls/cuda/masked_math.hpp"
 #include "impls/cuda/sdpa_math.hpp"
@@ -56,42 +60,18 @@ namespace {
 namespace sm = attnbench::sdpa_math;
 namespace mm = attnbench::masked_math;
 
-/// Tile shapes of the forward kernel for a head dimension padded to kHeadDim.
-template <int kHeadDim>
-struct MaskedFlashTraits {
-  static constexpr int kD = kHeadDim;
-  static constexpr int kBlockM = int(kMaskedTileQ);  // query rows per CTA (= the block map's tile_q)
-  static constexpr int kBlockN = int(kMaskedTileK);  // keys per tile (= the block map's tile_k)
-  static constexpr int kThreads = 128;
+/// Tile shapes of the forward (flash_tile.cuh) for a head dimension padded to kD.
+template <int kD>
+struct MaskedFlashTraits : flash::TileTraits<kD> {
+  using Base = flash::TileTraits<kD>;
   // __launch_bounds__ minimum CTAs per SM: 1 lets ptxas use up to 255 registers. Without
   // it ptxas aims at 128 / 168 registers (4 / 3 CTAs per SM) and spilled 4–24 bytes at
-  // D = 64 and 128; occupancy is bounded by the shared memory below anyway.
+  // D = 64 and 128; occupancy is bounded by the shared memory anyway.
   static constexpr int kMinBlocks = 1;
-  static constexpr int kWarps = kThreads / 32;
-  // Thread grid over the S and O tiles: 8 row groups × 16 column lanes; thread
-  // (ty, tx) owns rows ty·8 + r and columns tx + 16·c.
-  static constexpr int kRowGroups = 8, kColLanes = 16;
-  static constexpr int kRowsPerThread = kBlockM / kRowGroups;
-  static constexpr int kSCols = kBlockN / kColLanes;
-  static constexpr int kOCols = kD / kColLanes;
-  static constexpr int kRowsPerWarp = kBlockM / kWarps;  // softmax rows of one warp
-  // Shared memory in floats; strides padded so the access patterns above are
-  // conflict-free (row groups of one warp land 8 or 16 banks apart).
-  static constexpr int kRowStride = kD + 1;  // Q and K/V rows
-  static constexpr int kSStride = kBlockN + 2;
-  static constexpr int kQFloats = kBlockM * kRowStride;
-  static constexpr int kKVFloats = kBlockN * kRowStride;
-  static constexpr int kSFloats = kBlockM * kSStride;
-  static constexpr int kStatFloats = 3 * kBlockM;  // m, l, alpha
-  static constexpr size_t kSmemBytes = sizeof(float) * (kQFloats + kKVFloats + kSFloats + kStatFloats);
 
-  static_assert(kD % 32 == 0 && kD <= kMaskedMaxHeadDim, "head dim padded to a multiple of 32, at most the max");
-  static_assert(kBlockM == kBlockN, "one tile loader for Q and K/V rows");
-  static_assert(kRowGroups * kColLanes == kThreads, "thread grid covers the block");
-  static_assert(kBlockM % kRowGroups == 0 && kBlockN % kColLanes == 0, "tiles split evenly over the thread grid");
-  static_assert(kBlockN == 64, "softmax: each lane owns two columns of a row");
-  static_assert(kBlockM % kWarps == 0, "softmax rows split evenly over warps");
-  static_assert(kSmemBytes <= 163 * 1024, "fits an A100's shared memory per block (sm_80)");
+  static_assert(kD <= kMaskedMaxHeadDim, "head dim at most the max");
+  static_assert(Base::kBlockM == kMaskedTileQ && Base::kBlockN == kMaskedTileK,
+                "query rows per CTA = the block map's tile_q, keys per tile = its tile_k");
 };
 
 struct MaskedKernelArgs {
@@ -103,51 +83,23 @@ struct MaskedKernelArgs {
   float q_scale;  // 1/√D (natural units: the score mod sees q·k/√D)
 };
 
-/// Loads rows [row0, row0 + 64) of a dense (n_rows, D) slice into shared memory
-/// as f32 (stride kD + 1), zero beyond n_rows and beyond D, RoPE-rotated with the
-/// per-token table rows row0 + r when cos_t is set, times `scale`.
-template <DType kT, class Tr>
-__device__ void load_tile(float* dst, const typename sm::Elem<kT>::type* src, int64_t row0, int64_t n_rows, int D,
-                          const float* cos_t, const float* sin_t, float scale) {
-  using E = sm::Elem<kT>;
-  for (int idx = threadIdx.x; idx < Tr::kBlockN * Tr::kD; idx += Tr::kThreads) {
-    const int r = idx / Tr::kD, d = idx % Tr::kD;
-    float x = 0.0f;
-    if (row0 + r < n_rows && d < D) {
-      const typename E::type* row = src + (row0 + r) * D;
-      x = E::to_f32(row[d]);
-      if (cos_t != nullptr) {
-        const sm::RopePair pr = sm::rope_pair(mm::kRopeHalfSplit, D, d);
-        const int64_t t = mm::rope_table_index(row0 + r, pr.freq, D);
-        x = sm::rope_rotate(x, E::to_f32(row[pr.partner]), cos_t[t], sin_t[t], pr.second);
-      }
-      x *= scale;
-    }
-    dst[r * Tr::kRowStride + d] = x;
+/// A dense (n tokens, D) q, k or v slice as flash::load_tile reads it: RoPE with the
+/// per-token tables cos, sin (half-split pairs) when cos is set, row i reading table row i.
+struct TokenRows {
+  int64_t n;
+  int head_dim;
+  const float* cos;
+  const float* sin;
+  __device__ __forceinline__ int64_t n_rows() const { return n; }
+  __device__ __forceinline__ int dim() const { return head_dim; }
+  __device__ __forceinline__ bool rotate() const { return cos != nullptr; }
+  __device__ __forceinline__ sm::RopePair pair(int D, int d) const { return sm::rope_pair(mm::kRopeHalfSplit, D, d); }
+  __device__ __forceinline__ int64_t index(int /*half*/, int64_t i, int /*r*/, int freq) const {
+    return mm::rope_table_index(i, freq, head_dim);
   }
-}
-
-/// acc[r][c] = q_row(ty·8 + r) · k_row(tx + 16c) over the padded head dim.
-template <class Tr>
-__device__ __forceinline__ void tile_scores(const float* q_s, const float* k_s, int ty, int tx,
-                                            float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-    for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = 0.0f;
-#pragma unroll 4
-  for (int d = 0; d < Tr::kD; ++d) {
-    float kv[Tr::kSCols];
-#pragma unroll
-    for (int c = 0; c < Tr::kSCols; ++c) kv[c] = k_s[(tx + Tr::kColLanes * c) * Tr::kRowStride + d];
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-      const float qv = q_s[(ty * Tr::kRowsPerThread + r) * Tr::kRowStride + d];
-#pragma unroll
-      for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
-    }
-  }
-}
+  __device__ __forceinline__ const float* cos_t() const { return cos; }
+  __device__ __forceinline__ const float* sin_t() const { return sin; }
+};
 
 /// Finishes the thread's 8×4 scores of the tile at (i0, j0), stored raw (natural
 /// units) in shared memory: masked (padding, or the functor on a partial tile)
@@ -166,17 +118,6 @@ __device__ __forceinline__ void finish_scores(const M& mask, bool full, float* s
   }
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
-
 template <DType kT, int kD>
 __global__ void __launch_bounds__(MaskedFlashTraits<kD>::kThreads, MaskedFlashTraits<kD>::kMinBlocks)
 masked_forward_kernel(const MaskedKernelArgs a) {
@@ -184,12 +125,7 @@ masked_forward_kernel(const MaskedKernelArgs a) {
   using Store = typename sm::Elem<kT>::type;
   const MaskedParams& p = a.p;
   extern __shared__ float smem[];
-  float* q_s = smem;                   // (kBlockM, kRowStride)
-  float* kv_s = q_s + Tr::kQFloats;    // (kBlockN, kRowStride) K, then V
-  float* s_s = kv_s + Tr::kKVFloats;   // (kBlockM, kSStride) scores, then probabilities
-  float* m_s = s_s + Tr::kSFloats;     // (kBlockM,) running max
-  float* l_s = m_s + Tr::kBlockM;      // (kBlockM,) running sum
-  float* alpha_s = l_s + Tr::kBlockM;  // (kBlockM,) rescale of the current tile
+  const flash::Smem<Tr> sh(smem);
 
   const int tid = int(threadIdx.x), ty = tid / Tr::kColLanes, tx = tid % Tr::kColLanes;
   const int warp = tid / 32, lane = tid % 32;
@@ -206,16 +142,10 @@ masked_forward_kernel(const MaskedKernelArgs a) {
   const Store* q = static_cast<const Store*>(p.q) + bh * p.Nq * p.D;
   const Store* k = static_cast<const Store*>(p.k) + bh * p.Nkv * p.D;
   const Store* v = static_cast<const Store*>(p.v) + bh * p.Nkv * p.D;
-  load_tile<kT, Tr>(q_s, q, i0, p.Nq, D, a.q_cos, a.q_sin, a.q_scale);
-  if (tid < Tr::kBlockM) {
-    m_s[tid] = sm::kNegInf;
-    l_s[tid] = 0.0f;
-  }
+  flash::load_tile<kT, Tr>(sh.q, q, D, TokenRows{p.Nq, D, a.q_cos, a.q_sin}, i0, a.q_scale);
+  flash::init_row_stats(sh, tid);
   float o[Tr::kRowsPerThread][Tr::kOCols];
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-    for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = 0.0f;
+  flash::zero_output<Tr>(o);
   __syncthreads();
 
   for (int32_t t = 0; t < n_tiles; ++t) {
@@ -224,85 +154,33 @@ masked_forward_kernel(const MaskedKernelArgs a) {
     const int64_t j0 = kt * Tr::kBlockN;
 
     // S = Q·Kᵀ, masked and modded.
-    load_tile<kT, Tr>(kv_s, k, j0, p.Nkv, D, a.k_cos, a.k_sin, 1.0f);
+    flash::load_tile<kT, Tr>(sh.kv, k, D, TokenRows{p.Nkv, D, a.k_cos, a.k_sin}, j0, 1.0f);
     __syncthreads();
     float acc[Tr::kRowsPerThread][Tr::kSCols];
-    tile_scores<Tr>(q_s, kv_s, ty, tx, acc);
+    flash::tile_scores<Tr>(sh.q, sh.kv, ty, tx, acc);
     // Fast path (a full tile inside [0, Nkv), no score mod): base 2 right away. Padding
     // rows (i ≥ Nq) keep their finite scores there: their Q rows are 0 and they are never stored.
     const bool fast = full && no_mod && j0 + Tr::kBlockN <= p.Nkv;
     const float scale = fast ? sm::kLog2e : 1.0f;
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-      for (int c = 0; c < Tr::kSCols; ++c)
-        s_s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + tx + Tr::kColLanes * c] = acc[r][c] * scale;
+    flash::store_scores<Tr>(sh.s, ty, tx, acc, [&](int, int, float s) { return s * scale; });
     if (!fast) {
       if (full)
-        finish_scores<Tr>(mask::Full{p.Nkv}, true, s_s, ty, tx, b, h, i0, j0, p);
+        finish_scores<Tr>(mask::Full{p.Nkv}, true, sh.s, ty, tx, b, h, i0, j0, p);
       else
-        mask::visit_mask(p.mask, [&](const auto& m) { finish_scores<Tr>(m, false, s_s, ty, tx, b, h, i0, j0, p); });
+        mask::visit_mask(p.mask, [&](const auto& m) { finish_scores<Tr>(m, false, sh.s, ty, tx, b, h, i0, j0, p); });
     }
     __syncthreads();
 
-    // Online softmax, one warp per kRowsPerWarp rows, two columns per lane.
-    for (int rr = 0; rr < Tr::kRowsPerWarp; ++rr) {
-      const int row = warp * Tr::kRowsPerWarp + rr;
-      float* srow = s_s + row * Tr::kSStride;
-      const float m_old = m_s[row], l_old = l_s[row];
-      const float s0 = srow[lane], s1 = srow[lane + 32];
-      const float m_new = sm::softmax_new_max(m_old, warp_max(fmaxf(s0, s1)));
-      const float p0 = sm::softmax_prob(s0, m_new), p1 = sm::softmax_prob(s1, m_new);
-      const float sum = warp_sum(p0 + p1);
-      srow[lane] = p0;
-      srow[lane + 32] = p1;
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = sm::softmax_alpha(m_old, m_new);
-        alpha_s[row] = alpha;
-        l_s[row] = alpha * l_old + sum;
-        m_s[row] = m_new;
-      }
-    }
+    flash::online_softmax(sh, warp, lane);
     // V replaces K (every thread finished reading K before the barrier above).
-    load_tile<kT, Tr>(kv_s, v, j0, p.Nkv, D, nullptr, nullptr, 1.0f);
+    flash::load_tile<kT, Tr>(sh.kv, v, D, TokenRows{p.Nkv, D, nullptr, nullptr}, j0, 1.0f);
     __syncthreads();
-
-    // O = alpha·O + P·V.
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-      const float alpha = alpha_s[ty * Tr::kRowsPerThread + r];
-#pragma unroll
-      for (int c = 0; c < Tr::kOCols; ++c) o[r][c] *= alpha;
-    }
-#pragma unroll 2
-    for (int j = 0; j < Tr::kBlockN; ++j) {
-      float vv[Tr::kOCols];
-#pragma unroll
-      for (int c = 0; c < Tr::kOCols; ++c) vv[c] = kv_s[j * Tr::kRowStride + tx + Tr::kColLanes * c];
-#pragma unroll
-      for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-        const float pv = s_s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + j];
-#pragma unroll
-        for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = fmaf(pv, vv[c], o[r][c]);
-      }
-    }
+    flash::accumulate_pv(sh, ty, tx, o);
     __syncthreads();
   }
 
   // Every row is written, 0 for rows without an allowed key (l = 0), query tiles without key tiles included.
-  float* out = p.o + bh * p.Nq * p.D;
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-    const int row = ty * Tr::kRowsPerThread + r;
-    if (i0 + row >= p.Nq) continue;
-    const float l = l_s[row];
-#pragma unroll
-    for (int c = 0; c < Tr::kOCols; ++c) {
-      const int d = tx + Tr::kColLanes * c;
-      if (d < D) out[(i0 + row) * p.D + d] = sm::softmax_finish(o[r][c], l);
-    }
-  }
+  flash::store_output<Tr>(p.o + bh * p.Nq * p.D, p.D, i0, p.Nq, D, sh.l, ty, tx, o);
 }
 
 /// cos/sin of θ_f · pos[t] for the n tokens, f < D/2, in double: table (n, D/2).
@@ -334,15 +212,6 @@ void launch_typed(const MaskedKernelArgs& a, cudaStream_t stream) {
   const dim3 grid(unsigned(p.n_qt), unsigned(p.B * p.H));
   forward<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(a);
   check(cudaGetLastError(), "forward kernel");
-}
-
-template <DType kT>
-void launch_head_dim(const MaskedKernelArgs& a, cudaStream_t stream) {
-  const int64_t D = a.p.D;
-  if (D <= 32) return launch_typed<kT, 32>(a, stream);
-  if (D <= 64) return launch_typed<kT, 64>(a, stream);
-  if (D <= 128) return launch_typed<kT, 128>(a, stream);
-  launch_typed<kT, 256>(a, stream);
 }
 
 /// Scratch: the RoPE tables q_cos, q_sin (Nq, D/2), k_cos, k_sin (Nkv, D/2),
@@ -437,16 +306,10 @@ void masked_forward_block_sparse(const MaskedParams& p, void* scratch, void* str
     check(cudaGetLastError(), "rope table kernel (keys)");
     a.q_cos = q_cos, a.q_sin = q_sin, a.k_cos = k_cos, a.k_sin = k_sin;
   }
-  switch (p.dtype) {
-    case DType::f32:
-      return launch_head_dim<DType::f32>(a, stream);
-    case DType::bf16:
-      return launch_head_dim<DType::bf16>(a, stream);
-    case DType::f16:
-      return launch_head_dim<DType::f16>(a, stream);
-    default:
-      invalid("q, k, v must be f32, bf16 or f16");
-  }
+  const bool launched = flash::dispatch(p.dtype, p.D, [&]<DType kT, int kD>(flash::Instance<kT, kD>) {
+    launch_typed<kT, kD>(a, stream);
+  });
+  if (!launched) invalid("q, k, v must be f32, bf16 or f16");
 }
 
 }  // namespace attnbench::cuda

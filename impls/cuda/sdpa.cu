@@ -15,7 +15,10 @@
 // input dtypes (f32, bf16, f16, widened while loading the tiles). RoPE uses a
 // cos/sin table computed in double once per call. need_weights: the forward
 // also stores each row's (m, l), then a second kernel recomputes S per
-// (query tile, key tile) and writes 2^(S − m)/l.
+// (query tile, key tile) and writes 2^(S − m)/l. The tile steps (traits and shared
+// memory, tile loading, S = Q·Kᵀ, online softmax, O update, output) are shared with
+// masked.cu in flash_tile.cuh; this file keeps the row limits, the walk over
+// [0, lim), the RoPE position table and the weights pass.
 //
 // Strategies (no GPU was available while writing this; not yet measured):
 // | strategy                                                     | status              |
@@ -28,6 +31,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "impls/cuda/flash_tile.cuh"
 #include "impls/cuda/sdpa.hpp"
 #include "impls/cuda/sdpa_math.hpp"
 
@@ -36,39 +40,11 @@ namespace {
 
 namespace sm = attnbench::sdpa_math;
 
-/// Tile shapes of the forward kernel for a head dimension padded to kHeadDim.
-template <int kHeadDim>
-struct SdpaFlashTraits {
-  static constexpr int kD = kHeadDim;
-  static constexpr int kBlockM = 64;  // query rows per CTA
-  static constexpr int kBlockN = 64;  // keys per tile
-  static constexpr int kThreads = 128;
-  static constexpr int kWarps = kThreads / 32;
-  // Thread grid over the S and O tiles: 8 row groups × 16 column lanes; thread
-  // (ty, tx) owns rows ty·8 + r and columns tx + 16·c.
-  static constexpr int kRowGroups = 8, kColLanes = 16;
-  static constexpr int kRowsPerThread = kBlockM / kRowGroups;
-  static constexpr int kSCols = kBlockN / kColLanes;
-  static constexpr int kOCols = kD / kColLanes;
-  static constexpr int kRowsPerWarp = kBlockM / kWarps;  // softmax rows of one warp
-  // Shared memory in floats; strides padded so the access patterns above are
-  // conflict-free (row groups of one warp land 8 or 16 banks apart).
-  static constexpr int kQStride = kD + 1;
-  static constexpr int kKVStride = kD + 1;
-  static constexpr int kSStride = kBlockN + 2;
-  static constexpr int kQFloats = kBlockM * kQStride;
-  static constexpr int kKVFloats = kBlockN * kKVStride;
-  static constexpr int kSFloats = kBlockM * kSStride;
-  static constexpr int kStatFloats = 3 * kBlockM;  // m, l, alpha
-  static constexpr size_t kSmemBytes = sizeof(float) * (kQFloats + kKVFloats + kSFloats + kStatFloats);
-  static constexpr size_t kWeightsSmemBytes = sizeof(float) * (kQFloats + kKVFloats);
-
-  static_assert(kD % 32 == 0, "head dim padded to a multiple of 32");
-  static_assert(kBlockM == kBlockN, "one tile loader for Q and K/V rows");
-  static_assert(kRowGroups * kColLanes == kThreads, "thread grid covers the block");
-  static_assert(kBlockN == 64, "softmax: each lane owns two columns of a row");
-  static_assert(kBlockM % kWarps == 0, "softmax rows split evenly over warps");
-  static_assert(kSmemBytes <= 163 * 1024, "fits an A100's shared memory per block (sm_80)");
+/// Tile shapes of the forward (flash_tile.cuh) for a head dimension padded to kD.
+template <int kD>
+struct SdpaFlashTraits : flash::TileTraits<kD> {
+  using Base = flash::TileTraits<kD>;
+  static constexpr size_t kWeightsSmemBytes = sizeof(float) * (Base::kQFloats + Base::kKVFloats);  // Q, K
 };
 
 struct KernelArgs {
@@ -81,63 +57,23 @@ struct KernelArgs {
   float q_scale;  // log2(e)/√D
 };
 
-/// Loads rows [row0, row0 + 64) of a (rows, D) slice into shared memory as f32
-/// (stride kD + 1), zero beyond n_rows and beyond D, RoPE-rotated at positions
-/// pos0 + r when the table is set, times `scale`.
-template <DType kT, class Tr>
-__device__ void load_tile(float* dst, const typename sm::Elem<kT>::type* src, int64_t row_stride, int64_t row0,
-                          int64_t n_rows, int64_t pos0, const KernelArgs& a, bool rotate, float scale) {
-  using E = sm::Elem<kT>;
-  const int D = int(a.p.D), half = D / 2;
-  for (int idx = threadIdx.x; idx < Tr::kBlockN * Tr::kD; idx += Tr::kThreads) {
-    const int r = idx / Tr::kD, d = idx % Tr::kD;
-    float x = 0.0f;
-    if (row0 + r < n_rows && d < D) {
-      const typename E::type* row = src + (row0 + r) * row_stride;
-      x = E::to_f32(row[d]);
-      if (rotate) {
-        const sm::RopePair pr = sm::rope_pair(int(a.p.rope), D, d);
-        const int64_t t = (pos0 + r - a.pos_min) * half + pr.freq;
-        x = sm::rope_rotate(x, E::to_f32(row[pr.partner]), a.cos_t[t], a.sin_t[t], pr.second);
-      }
-      x *= scale;
-    }
-    dst[r * Tr::kQStride + d] = x;
+/// A q, k or v slice of n rows as flash::load_tile reads it: RoPE (mode p.rope) when
+/// `rot`, tile row r at position pos0 + r, i.e. row pos0 + r − pos_min of the table.
+struct SliceRows {
+  int64_t n;
+  int64_t pos0;
+  const KernelArgs& a;
+  bool rot;
+  __device__ __forceinline__ int64_t n_rows() const { return n; }
+  __device__ __forceinline__ int dim() const { return int(a.p.D); }
+  __device__ __forceinline__ bool rotate() const { return rot; }
+  __device__ __forceinline__ sm::RopePair pair(int D, int d) const { return sm::rope_pair(int(a.p.rope), D, d); }
+  __device__ __forceinline__ int64_t index(int half, int64_t /*i*/, int r, int freq) const {
+    return (pos0 + r - a.pos_min) * half + freq;
   }
-}
-
-/// acc[r][c] = q_row(ty·8 + r) · k_row(tx + 16c) over the padded head dim.
-template <class Tr>
-__device__ __forceinline__ void tile_scores(const float* q_s, const float* k_s, int ty, int tx,
-                                            float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-    for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = 0.0f;
-#pragma unroll 4
-  for (int d = 0; d < Tr::kD; ++d) {
-    float kv[Tr::kSCols];
-#pragma unroll
-    for (int c = 0; c < Tr::kSCols; ++c) kv[c] = k_s[(tx + Tr::kColLanes * c) * Tr::kKVStride + d];
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-      const float qv = q_s[(ty * Tr::kRowsPerThread + r) * Tr::kQStride + d];
-#pragma unroll
-      for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
-    }
-  }
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
+  __device__ __forceinline__ const float* cos_t() const { return a.cos_t; }
+  __device__ __forceinline__ const float* sin_t() const { return a.sin_t; }
+};
 
 template <DType kT, int kD, bool kCausal>
 __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_flash_kernel(const KernelArgs a) {
@@ -145,12 +81,7 @@ __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_fl
   using Store = typename sm::Elem<kT>::type;
   const SdpaParams& p = a.p;
   extern __shared__ float smem[];
-  float* q_s = smem;                   // (kBlockM, kQStride)
-  float* kv_s = q_s + Tr::kQFloats;    // (kBlockN, kKVStride) K, then V
-  float* s_s = kv_s + Tr::kKVFloats;   // (kBlockM, kSStride) scores, then probabilities
-  float* m_s = s_s + Tr::kSFloats;     // (kBlockM,) running max
-  float* l_s = m_s + Tr::kBlockM;      // (kBlockM,) running sum
-  float* alpha_s = l_s + Tr::kBlockM;  // (kBlockM,) rescale of the current tile
+  const flash::Smem<Tr> sh(smem);
 
   const int tid = int(threadIdx.x), ty = tid / Tr::kColLanes, tx = tid % Tr::kColLanes;
   const int warp = tid / 32, lane = tid % 32;
@@ -166,11 +97,9 @@ __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_fl
   const Store* q = static_cast<const Store*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
   const Store* k = static_cast<const Store*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
   const Store* v = static_cast<const Store*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
-  load_tile<kT, Tr>(q_s, q, p.q_strides.n, i0, p.Nq, sm::query_position(i0, p.Nq, p.Nkv), a, rotate, a.q_scale);
-  if (tid < Tr::kBlockM) {
-    m_s[tid] = sm::kNegInf;
-    l_s[tid] = 0.0f;
-  }
+  flash::load_tile<kT, Tr>(sh.q, q, p.q_strides.n, SliceRows{p.Nq, sm::query_position(i0, p.Nq, p.Nkv), a, rotate}, i0,
+                           a.q_scale);
+  flash::init_row_stats(sh, tid);
   int64_t lim[Tr::kRowsPerThread];
 #pragma unroll
   for (int r = 0; r < Tr::kRowsPerThread; ++r) {
@@ -178,87 +107,31 @@ __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_fl
     lim[r] = i < p.Nq ? sm::row_limit(i, p.Nq, p.Nkv, kv_len, kCausal) : 0;
   }
   float o[Tr::kRowsPerThread][Tr::kOCols];
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-    for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = 0.0f;
+  flash::zero_output<Tr>(o);
   __syncthreads();
 
   for (int64_t j0 = 0; j0 < hi; j0 += Tr::kBlockN) {
-    // S = Q·Kᵀ, masked.
-    load_tile<kT, Tr>(kv_s, k, p.k_strides.n, j0, p.Nkv, j0, a, rotate, 1.0f);
+    // S = Q·Kᵀ, masked: keys j ≥ lim_i → −inf.
+    flash::load_tile<kT, Tr>(sh.kv, k, p.k_strides.n, SliceRows{p.Nkv, j0, a, rotate}, j0, 1.0f);
     __syncthreads();
     float acc[Tr::kRowsPerThread][Tr::kSCols];
-    tile_scores<Tr>(q_s, kv_s, ty, tx, acc);
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r)
-#pragma unroll
-      for (int c = 0; c < Tr::kSCols; ++c) {
-        const int col = tx + Tr::kColLanes * c;
-        s_s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + col] = j0 + col < lim[r] ? acc[r][c] : sm::kNegInf;
-      }
+    flash::tile_scores<Tr>(sh.q, sh.kv, ty, tx, acc);
+    flash::store_scores<Tr>(sh.s, ty, tx, acc,
+                            [&](int r, int col, float s) { return j0 + col < lim[r] ? s : sm::kNegInf; });
     __syncthreads();
 
-    // Online softmax, one warp per kRowsPerWarp rows, two columns per lane.
-    for (int rr = 0; rr < Tr::kRowsPerWarp; ++rr) {
-      const int row = warp * Tr::kRowsPerWarp + rr;
-      float* srow = s_s + row * Tr::kSStride;
-      const float m_old = m_s[row], l_old = l_s[row];
-      const float s0 = srow[lane], s1 = srow[lane + 32];
-      const float m_new = sm::softmax_new_max(m_old, warp_max(fmaxf(s0, s1)));
-      const float p0 = sm::softmax_prob(s0, m_new), p1 = sm::softmax_prob(s1, m_new);
-      const float sum = warp_sum(p0 + p1);
-      srow[lane] = p0;
-      srow[lane + 32] = p1;
-      __syncwarp();
-      if (lane == 0) {
-        const float alpha = sm::softmax_alpha(m_old, m_new);
-        alpha_s[row] = alpha;
-        l_s[row] = alpha * l_old + sum;
-        m_s[row] = m_new;
-      }
-    }
+    flash::online_softmax(sh, warp, lane);
     // V replaces K (every thread finished reading K before the barrier above).
-    load_tile<kT, Tr>(kv_s, v, p.v_strides.n, j0, p.Nkv, j0, a, false, 1.0f);
+    flash::load_tile<kT, Tr>(sh.kv, v, p.v_strides.n, SliceRows{p.Nkv, j0, a, false}, j0, 1.0f);
     __syncthreads();
-
-    // O = alpha·O + P·V.
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-      const float alpha = alpha_s[ty * Tr::kRowsPerThread + r];
-#pragma unroll
-      for (int c = 0; c < Tr::kOCols; ++c) o[r][c] *= alpha;
-    }
-#pragma unroll 2
-    for (int j = 0; j < Tr::kBlockN; ++j) {
-      float vv[Tr::kOCols];
-#pragma unroll
-      for (int c = 0; c < Tr::kOCols; ++c) vv[c] = kv_s[j * Tr::kKVStride + tx + Tr::kColLanes * c];
-#pragma unroll
-      for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-        const float pv = s_s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + j];
-#pragma unroll
-        for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = fmaf(pv, vv[c], o[r][c]);
-      }
-    }
+    flash::accumulate_pv(sh, ty, tx, o);
     __syncthreads();
   }
 
-  float* out = p.o + b * p.o_strides.b + h * p.o_strides.h;
-#pragma unroll
-  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-    const int row = ty * Tr::kRowsPerThread + r;
-    if (i0 + row >= p.Nq) continue;
-    const float l = l_s[row];
-#pragma unroll
-    for (int c = 0; c < Tr::kOCols; ++c) {
-      const int d = tx + Tr::kColLanes * c;
-      if (d < p.D) out[(i0 + row) * p.o_strides.n + d] = sm::softmax_finish(o[r][c], l);
-    }
-  }
+  flash::store_output<Tr>(p.o + b * p.o_strides.b + h * p.o_strides.h, p.o_strides.n, i0, p.Nq, p.D, sh.l, ty, tx, o);
   if (a.stat_m != nullptr && tid < Tr::kBlockM && i0 + tid < p.Nq) {
-    a.stat_m[bh * p.Nq + i0 + tid] = m_s[tid];
-    a.stat_l[bh * p.Nq + i0 + tid] = l_s[tid];
+    a.stat_m[bh * p.Nq + i0 + tid] = sh.m[tid];
+    a.stat_l[bh * p.Nq + i0 + tid] = sh.l[tid];
   }
 }
 
@@ -279,11 +152,12 @@ __global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_weights_ke
   const bool rotate = a.cos_t != nullptr;
   const Store* q = static_cast<const Store*>(p.q) + b * p.q_strides.b + h * p.q_strides.h;
   const Store* k = static_cast<const Store*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
-  load_tile<kT, Tr>(q_s, q, p.q_strides.n, i0, p.Nq, sm::query_position(i0, p.Nq, p.Nkv), a, rotate, a.q_scale);
-  load_tile<kT, Tr>(k_s, k, p.k_strides.n, j0, p.Nkv, j0, a, rotate, 1.0f);
+  flash::load_tile<kT, Tr>(q_s, q, p.q_strides.n, SliceRows{p.Nq, sm::query_position(i0, p.Nq, p.Nkv), a, rotate}, i0,
+                           a.q_scale);
+  flash::load_tile<kT, Tr>(k_s, k, p.k_strides.n, SliceRows{p.Nkv, j0, a, rotate}, j0, 1.0f);
   __syncthreads();
   float acc[Tr::kRowsPerThread][Tr::kSCols];
-  tile_scores<Tr>(q_s, k_s, ty, tx, acc);
+  flash::tile_scores<Tr>(q_s, k_s, ty, tx, acc);
   float* w = p.weights + b * p.w_strides.b + h * p.w_strides.h;
 #pragma unroll
   for (int r = 0; r < Tr::kRowsPerThread; ++r) {
@@ -334,23 +208,6 @@ void launch_typed(const KernelArgs& a, cudaStream_t stream) {
   check(cudaGetLastError(), "weights kernel");
 }
 
-template <DType kT, int kD>
-void launch_causal(const KernelArgs& a, cudaStream_t stream) {
-  if (a.p.causal)
-    launch_typed<kT, kD, true>(a, stream);
-  else
-    launch_typed<kT, kD, false>(a, stream);
-}
-
-template <DType kT>
-void launch_head_dim(const KernelArgs& a, cudaStream_t stream) {
-  const int64_t D = a.p.D;
-  if (D <= 32) return launch_causal<kT, 32>(a, stream);
-  if (D <= 64) return launch_causal<kT, 64>(a, stream);
-  if (D <= 128) return launch_causal<kT, 128>(a, stream);
-  launch_causal<kT, 256>(a, stream);
-}
-
 struct ScratchLayout {
   int64_t pos_min = 0, n_pos = 0;
   size_t rope_floats = 0, stat_floats = 0;
@@ -397,16 +254,13 @@ void sdpa_forward_flash(const SdpaParams& p, void* scratch, void* stream_ptr) {
     a.stat_m = base + ScratchLayout::padded(lay.rope_floats);
     a.stat_l = a.stat_m + lay.stat_floats / 2;
   }
-  switch (p.dtype) {
-    case DType::f32:
-      return launch_head_dim<DType::f32>(a, stream);
-    case DType::bf16:
-      return launch_head_dim<DType::bf16>(a, stream);
-    case DType::f16:
-      return launch_head_dim<DType::f16>(a, stream);
-    default:
-      throw std::invalid_argument("sdpa cuda: q, k, v must be f32, bf16 or f16");
-  }
+  const bool launched = flash::dispatch(p.dtype, p.D, [&]<DType kT, int kD>(flash::Instance<kT, kD>) {
+    if (p.causal)
+      launch_typed<kT, kD, true>(a, stream);
+    else
+      launch_typed<kT, kD, false>(a, stream);
+  });
+  if (!launched) throw std::invalid_argument("sdpa cuda: q, k, v must be f32, bf16 or f16");
 }
 
 }  // namespace attnbench::cuda

@@ -10,6 +10,7 @@
 //   tri_layer_norm_bias_kernel  one warp per pair: layer norm into x (N², c_z), pair bias (H, N, N)
 //   tri_mask_max_kernel         max_k m_ik per row (the mask's row-constant shift)
 //   tri_linear_kernel           q | k | v | g projections and the output: 16×16 shared-memory tiles
+//                               (tiled_linear.cuh, shared with ipa.cu)
 //   tri_attend_kernel           one warp per (i, j, h), streaming over keys 32 at a time with an
 //                               online softmax (warp shuffles); the accumulator lives in shared
 //                               memory, one c-vector per warp. O(N²) memory, nothing O(N³).
@@ -28,8 +29,10 @@
 #include <stdexcept>
 #include <string>
 
+#include "impls/cuda/tiled_linear.cuh"
 #include "impls/cuda/triangle.hpp"
 #include "impls/cuda/triangle_math.hpp"
+#include "impls/cuda/warp_reduce.cuh"
 
 namespace attnbench::cuda {
 namespace {
@@ -38,10 +41,6 @@ struct AttendTraits {
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
   static_assert(kThreads % 32 == 0, "whole warps");
-};
-
-struct LinearTraits {
-  static constexpr int kTile = 16;  // rows × outputs × k per step
 };
 
 /// Float offsets of the scratch regions (each a multiple of 4 floats, 16-byte aligned).
@@ -66,15 +65,6 @@ struct DeviceLayout {
 
 __device__ __forceinline__ float load_z(const float* z, int64_t i) { return z[i]; }
 __device__ __forceinline__ float load_z(const uint16_t* z, int64_t i) { return __uint_as_float(uint32_t(z[i]) << 16); }
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
-}
 
 /// One warp per pair (a, b) of the problem: x[a·N + b] = LayerNorm(z at pair(a, b)) and
 /// bias[h, a, b] = x · W_b[h].
@@ -125,21 +115,12 @@ __global__ void tri_mask_max_kernel(triangle::TriangleShape d, const float* __re
 __global__ void tri_linear_kernel(const float* __restrict__ x, int64_t ldx, int64_t rows, int64_t in,
                                   const float* __restrict__ w, const float* __restrict__ b, int64_t outs,
                                   float* __restrict__ y, int64_t ldy, int64_t remap_N) {
-  constexpr int T = LinearTraits::kTile;
-  __shared__ float xs[T][T + 1];
-  __shared__ float ws[T][T + 1];
+  constexpr int T = tiled_linear::kTile;
   const int tx = int(threadIdx.x), ty = int(threadIdx.y);
   // Row tiles on grid x (up to 2³¹ − 1 blocks: N² rows), output tiles on grid y (≤ 65 535).
   const int64_t r = int64_t(blockIdx.x) * T + ty;
   const int64_t o0 = int64_t(blockIdx.y) * T;
-  float acc = 0.f;
-  for (int64_t k0 = 0; k0 < in; k0 += T) {
-    xs[ty][tx] = (r < rows && k0 + tx < in) ? x[r * ldx + k0 + tx] : 0.f;
-    ws[ty][tx] = (o0 + ty < outs && k0 + tx < in) ? w[(o0 + ty) * in + k0 + tx] : 0.f;
-    __syncthreads();
-    for (int kk = 0; kk < T; ++kk) acc += xs[ty][kk] * ws[tx][kk];
-    __syncthreads();
-  }
+  const float acc = tiled_linear::tile_dot(x, ldx, rows, in, w, outs, r, o0, tx, ty);
   if (r < rows && o0 + tx < outs) {
     const int64_t dst = remap_N > 0 ? (r % remap_N) * remap_N + r / remap_N : r;
     y[dst * ldy + o0 + tx] = acc + (b ? b[o0 + tx] : 0.f);
@@ -204,7 +185,7 @@ void check_launch(const char* what) {
 
 void linear(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* w, const float* b, int64_t outs,
             float* y, int64_t ldy, int64_t remap_N, cudaStream_t s) {
-  constexpr int T = LinearTraits::kTile;
+  constexpr int T = tiled_linear::kTile;
   const dim3 grid(unsigned((rows + T - 1) / T), unsigned((outs + T - 1) / T));
   tri_linear_kernel<<<grid, dim3(T, T), 0, s>>>(x, ldx, rows, in, w, b, outs, y, ldy, remap_N);
   check_launch("tri_linear_kernel");

@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include "impls/common.hpp"
+#include "impls/cuda/online_softmax_math.hpp"
 
 namespace attnbench::triangle {
 
@@ -42,23 +43,9 @@ ATTNBENCH_HD float mask_bias(float m, float row_max) { return kInf * (m - row_ma
 
 ATTNBENCH_HD float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-/// Online softmax state of one row: running max m and sum l of exp(x − m).
-struct OnlineSoftmax {
-  float m = -INFINITY;
-  float l = 0.f;
-};
-
-/// Folds a block whose max is `block_max` into the state; returns the factor by which
-/// accumulators of earlier blocks must be multiplied (0 on the first block).
-ATTNBENCH_HD float online_softmax_rescale(OnlineSoftmax& s, float block_max) {
-  const float m_new = s.m > block_max ? s.m : block_max;
-  const float scale = s.m == -INFINITY ? 0.f : expf(s.m - m_new);
-  s.l *= scale;
-  s.m = m_new;
-  return scale;
-}
-
-/// 1/l, or 0 for an empty row (never NaN).
-ATTNBENCH_HD float online_softmax_inv_sum(const OnlineSoftmax& s) { return s.l > 0.f ? 1.0f / s.l : 0.f; }
+/// Online softmax state of one row and its update (online_softmax_math.hpp).
+using online_softmax_math::OnlineSoftmax;
+using online_softmax_math::online_softmax_inv_sum;
+using online_softmax_math::online_softmax_rescale;
 
 }  // namespace attnbench::triangle
