@@ -82,11 +82,10 @@ void generate_mask_logits(const MaskedCase& c, Store&& store) {
 }
 
 /// The block map and density of a case (mask attention: of its generated
-/// logits), cached: flops(), memory_bytes() and case_info() all ask.
+/// logits), cached: flops() and case_info() both ask, several times per case.
 struct MaskSummary {
   double allowed_pairs = 0;  // over all B batch entries
   int64_t full = 0, partial = 0, empty = 0;
-  double build_s = 0;
 };
 
 MaskSummary summarize(const Params& p, const MaskedCase& c) {
@@ -102,11 +101,9 @@ MaskSummary summarize(const Params& p, const MaskedCase& c) {
     logits.resize(size_t(c.B * c.Nq * c.Nkv));
     generate_mask_logits(c, [&](int64_t i, double x) { logits[size_t(i)] = float(x); });
   }
-  const auto t0 = std::chrono::steady_clock::now();
   const MaskStorage s = make_mask(c, logits.empty() ? nullptr : logits.data());
   const mask::BlockMap map = mask::build_block_map(s.data, c.B, c.tile_q, c.tile_k);
   MaskSummary r;
-  r.build_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   r.allowed_pairs = map.allowed_pairs * double(c.B / map.batches);
   r.full = map.full, r.partial = map.partial, r.empty = map.empty;
   std::lock_guard<std::mutex> lock(mu);
