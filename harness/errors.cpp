@@ -26,7 +26,8 @@ std::string did_you_mean(std::string_view word, const std::vector<std::string>& 
   size_t best_d = std::max<size_t>(2, word.size() / 3) + 1;
   for (const auto& c : candidates) {
     size_t d = edit_distance(word, c);
-    if (d < best_d) best_d = d, best = &c;
+    // d < the longer length: a suggestion keeps something of the word ("Z" is not "A").
+    if (d < best_d && d < std::max(word.size(), c.size())) best_d = d, best = &c;
   }
   return best ? " (did you mean '" + *best + "'?)" : "";
 }

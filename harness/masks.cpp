@@ -107,7 +107,12 @@ MaskedCase masked_case(const Params& p) {
     throw InputError("softcap: score_mod \"softcap\" needs softcap > 0, got " + std::to_string(c.softcap));
   if (c.mask == "dag" || c.mask == "dag_ancestors") {
     if (c.dag.empty()) throw InputError("dag: mask \"" + c.mask + "\" needs a DAG (a JSON file, \"chain:K:L\" or \"le_attention:K\")");
-    c.dag_graph = std::make_shared<Dag>(load_dag(c.dag, "dag"));
+    try {
+      c.dag_graph = std::make_shared<Dag>(load_dag(c.dag, "dag"));
+    } catch (const InputError& e) {  // a file's errors start with its path: name the parameter first
+      const std::string msg = e.what();
+      throw InputError(msg.rfind("dag:", 0) == 0 ? msg : "dag: " + msg);
+    }
     c.dag_layout = std::make_shared<DagLayout>(layout_dag(*c.dag_graph, c.mask == "dag_ancestors"));
     if (c.dag_layout->tokens != c.Nq)
       throw InputError("N: the DAG \"" + c.dag + "\" has " + std::to_string(c.dag_layout->tokens) + " tokens, got N = " +

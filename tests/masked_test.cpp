@@ -177,6 +177,10 @@ TEST_CASE("DAG files: bad input gives one clear error naming the field", "[maske
   CHECK_THAT(error_of(json{{"nodes", json::array()}}), Catch::Contains("g.json: nodes: the graph is empty"));
   CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}, {"parents", {"b"}}}}}}),
              Catch::Contains("nodes[0].parents[0]: unknown parent \"b\""));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}, {"parents", {"b"}}}}}}),
+             !Catch::Contains("did you mean"));  // "a" is no suggestion for "b"
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "doc1"}, {"length", 1}}, {{"id", "q"}, {"length", 1}, {"parents", {"dco1"}}}}}}),
+             Catch::Contains("unknown parent \"dco1\" (did you mean 'doc1'?)"));
   CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}}, {{"id", "a"}, {"length", 2}}}}}),
              Catch::Contains("nodes[1].id: duplicate id \"a\""));
   CHECK_THAT(error_of(json{{"nodes",
@@ -203,6 +207,10 @@ TEST_CASE("DAG files: bad input gives one clear error naming the field", "[maske
   CHECK_THROWS_WITH(load_dag((dir / "missing.json").string(), "dag"),
                     Catch::Contains("is neither a readable DAG file nor a generator"));
   CHECK_THROWS_WITH(load_dag("chain:3", "dag"), Catch::Contains("expected \"chain:K:L\""));
+  // Through a case: the parameter is named before the file's own message.
+  std::ofstream(dir / "cycle.json") << R"({"nodes": [{"id": "a", "length": 1, "parents": ["a"]}]})";
+  CHECK_THROWS_WITH(params({{"mask", "dag"}, {"dag", (dir / "cycle.json").string()}, {"N", 1}}),
+                    Catch::StartsWith("masked_test.dag: ") && Catch::Contains("cycle.json: nodes[0].parents[0]"));
 }
 
 TEST_CASE("masked parameters: impossible combinations are refused naming the field", "[masked]") {
