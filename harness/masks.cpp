@@ -1,6 +1,7 @@
 #include "harness/masks.hpp"
 
 #include <cmath>
+#include <map>
 
 #include "harness/errors.hpp"
 #include "harness/rng.hpp"
@@ -176,6 +177,25 @@ MaskStorage make_mask(const MaskedCase& c, const float* logits) {
   s.mod.H = c.H;
   s.mod.softcap = float(c.softcap);
   return s;
+}
+
+ref::MaskDefinition mask_definition(const MaskedCase& c, const TensorMap& inputs) {
+  ref::MaskDefinition def;
+  def.kind = c.mask, def.Nq = c.Nq, def.Nkv = c.Nkv, def.window = c.window, def.cyclic = c.cyclic;
+  def.causal = c.causal, def.attend_all = c.attend_all, def.prefix = c.prefix, def.registers = c.registers;
+  def.threshold = c.threshold;
+  def.doc = make_mask(c, nullptr).group;
+  if (c.mask == "maskattn") def.logits = require(inputs, "mask_logits", "masked reference").to_f64_vector();
+  if (c.dag_graph) {
+    std::map<std::string, int32_t> index;
+    for (const auto& n : c.dag_graph->nodes) index[n.id] = int32_t(index.size());
+    for (const auto& n : c.dag_graph->nodes) {
+      def.parents.emplace_back();
+      for (const auto& par : n.parents) def.parents.back().push_back(index.at(par));
+      def.node.insert(def.node.end(), size_t(n.length), int32_t(def.parents.size() - 1));
+    }
+  }
+  return def;
 }
 
 }  // namespace attnbench

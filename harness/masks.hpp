@@ -11,6 +11,7 @@
 #include "harness/variant.hpp"
 #include "impls/block_map.hpp"
 #include "impls/mask.hpp"
+#include "reference/masked.hpp"
 
 namespace attnbench {
 
@@ -47,6 +48,11 @@ struct MaskStorage {
 
 /// The mask of case `c` (logits: mask attention's (B, Nq, Nkv) f32, else null).
 MaskStorage make_mask(const MaskedCase& c, const float* logits);
+
+/// The reference's definition of case `c`'s mask (documents, DAG parents from
+/// the parsed graph rather than the kernels' bit matrix, mask attention's
+/// logits from `inputs`).
+ref::MaskDefinition mask_definition(const MaskedCase& c, const TensorMap& inputs);
 
 /// Document lengths of the document and prefix masks: drawn uniformly in
 /// [1, 2·doc_len − 1] from a fixed stream, so the same N and doc_len always

@@ -1,5 +1,7 @@
 #include "harness/tensor.hpp"
 
+#include <stdexcept>
+
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -113,6 +115,21 @@ const Tensor& require(const TensorMap& m, const std::string& name, const std::st
   auto it = m.find(name);
   if (it == m.end()) throw InputError(where + ": missing tensor '" + name + "'");
   return it->second;
+}
+
+const Shape& require_rank(const TensorMap& m, const std::string& name, size_t rank, const std::string& where) {
+  const Tensor& t = require(m, name, where);
+  if (t.rank() != rank)
+    throw InputError(where + ": '" + name + "' has shape " + shape_str(t.shape()) + ", expected rank " +
+                     std::to_string(rank));
+  return t.shape();
+}
+
+const void* require_dtype(const TensorMap& m, const std::string& name, DType dtype, const std::string& where) {
+  const Tensor& t = require(m, name, where);
+  if (t.dtype() != dtype)
+    throw std::invalid_argument(where + ": tensor '" + name + "' must be " + std::string(dtype_name(dtype)));
+  return t.raw();
 }
 
 }  // namespace attnbench

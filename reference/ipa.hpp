@@ -102,13 +102,7 @@ inline Rigid random_rigid(Rng& rng, double scale) {
 /// Dims from the OpenFold weight shapes (PyTorch [out, in]) and the inputs.
 inline IpaDims ipa_dims_from_tensors(const TensorMap& m) {
   const std::string where = "IPA tensors";
-  auto shape = [&](const char* name, size_t rank) -> const Shape& {
-    const Tensor& t = require(m, name, where);
-    if (t.rank() != rank)
-      throw InputError(where + ": '" + name + "' has shape " + shape_str(t.shape()) + ", expected rank " +
-                       std::to_string(rank));
-    return t.shape();
-  };
+  auto shape = [&](const char* name, size_t rank) -> const Shape& { return require_rank(m, name, rank, where); };
   IpaDims d;
   const Shape& hw = shape("head_weights", 1);
   d.H = hw[0];

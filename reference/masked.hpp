@@ -32,7 +32,7 @@ struct MaskDefinition {
   std::vector<int32_t> doc;                   // document / prefix: document of each token (−1 in the prefix)
   std::vector<int32_t> node;                  // dag: node of each token
   std::vector<std::vector<int32_t>> parents;  // dag: parents of each node
-  const double* logits = nullptr;             // maskattn: (B, Nq, Nkv)
+  std::vector<double> logits;                 // maskattn: (B, Nq, Nkv)
   double threshold = 0.5;                     // maskattn: on sigmoid(logit)
 };
 
@@ -96,7 +96,7 @@ inline std::vector<bool> dense_mask(const MaskDefinition& m, int64_t b) {
         const int32_t ni = m.node[size_t(i)], nj = m.node[size_t(j)];
         a = ni == nj ? j <= i : bool(sees[size_t(ni)][size_t(nj)]);
       } else if (m.kind == "maskattn") {
-        const double x = m.logits[(b * Nq + i) * Nkv + j];
+        const double x = m.logits[size_t((b * Nq + i) * Nkv + j)];
         a = 1.0 / (1.0 + std::exp(-x)) >= m.threshold;
       }
       allowed[size_t(i * Nkv + j)] = a;

@@ -51,13 +51,7 @@ inline constexpr double kTriangleLnEps = 1e-5;
 /// cannot be told from tensors: it is left true.
 inline TriangleDims triangle_dims_from_tensors(const TensorMap& m) {
   const std::string where = "triangle attention tensors";
-  auto shape = [&](const char* name, size_t rank) -> const Shape& {
-    const Tensor& t = require(m, name, where);
-    if (t.rank() != rank)
-      throw InputError(where + ": '" + name + "' has shape " + shape_str(t.shape()) + ", expected rank " +
-                       std::to_string(rank));
-    return t.shape();
-  };
+  auto shape = [&](const char* name, size_t rank) -> const Shape& { return require_rank(m, name, rank, where); };
   TriangleDims d;
   const Shape& wb = shape("linear.weight", 2);
   d.H = wb[0];

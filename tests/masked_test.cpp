@@ -28,33 +28,6 @@ const Variant& masked_variant() { return find_variant("masked", "masked_test"); 
 
 Params params(const Params& given) { return masked_variant().complete(given, "masked_test"); }
 
-/// The reference's definition of the case's mask (documents, DAG parents, logits).
-struct Dense {
-  ref::MaskDefinition def;
-  std::vector<double> logits;
-};
-
-Dense dense_definition(const MaskedCase& c, const MaskStorage& s, const TensorMap& in) {
-  Dense d;
-  d.def.kind = c.mask, d.def.Nq = c.Nq, d.def.Nkv = c.Nkv, d.def.window = c.window, d.def.cyclic = c.cyclic;
-  d.def.causal = c.causal, d.def.attend_all = c.attend_all, d.def.prefix = c.prefix, d.def.registers = c.registers;
-  d.def.threshold = c.threshold, d.def.doc = s.group;
-  if (c.mask == "maskattn") {
-    d.logits = require(in, "mask_logits", "test").to_f64_vector();
-    d.def.logits = d.logits.data();
-  }
-  if (c.dag_graph) {
-    std::map<std::string, int32_t> index;
-    for (const auto& n : c.dag_graph->nodes) index[n.id] = int32_t(index.size());
-    for (const auto& n : c.dag_graph->nodes) {
-      d.def.parents.emplace_back();
-      for (const auto& p : n.parents) d.def.parents.back().push_back(index.at(p));
-      d.def.node.insert(d.def.node.end(), size_t(n.length), int32_t(d.def.parents.size() - 1));
-    }
-  }
-  return d;
-}
-
 /// Checks the functor and the block map of case `given` against the dense mask.
 void check_against_dense(const Params& given) {
   const Params p = params(given);
@@ -67,11 +40,11 @@ void check_against_dense(const Params& given) {
     logits.assign(t.data<float>(), t.data<float>() + t.numel());
   }
   const MaskStorage s = make_mask(c, logits.empty() ? nullptr : logits.data());
-  const Dense d = dense_definition(c, s, in);
+  const ref::MaskDefinition def = mask_definition(c, in);
   const mask::BlockMap map = mask::build_block_map(s.data, c.B, c.tile_q, c.tile_k);
   double allowed_pairs = 0;
   for (int64_t b = 0; b < map.batches; ++b) {
-    const std::vector<bool> dense = ref::dense_mask(d.def, b);
+    const std::vector<bool> dense = ref::dense_mask(def, b);
     int64_t predicate_mismatches = 0;
     mask::visit_mask(s.data, [&](const auto& m) {
       for (int64_t i = 0; i < c.Nq; ++i)

@@ -168,11 +168,7 @@ Tensor to_tensor(const ref::Matrix<T>& m, DType dtype) {
   return t;
 }
 
-const float* f32(const TensorMap& in, const std::string& name) {
-  const Tensor& t = require(in, name, "ipa cpu");
-  if (t.dtype() != DType::f32) throw std::invalid_argument("ipa: tensor '" + name + "' must be f32");
-  return t.data<float>();
-}
+const float* f32(const TensorMap& in, const std::string& name) { return require_f32(in, name, "ipa"); }
 
 /// The weights as f32 pointers; `ptr(name)` maps a (checked f32) tensor name to its data
 /// (host or device copy).

@@ -129,7 +129,7 @@ struct PreparedMask {
   PreparedMask(const ImplArgs& a, bool dense, int64_t tile_q, int64_t tile_k) : c(masked_case(a.params)) {
     if (tile_q == 0) tile_q = c.tile_q, tile_k = c.tile_k;
     const auto t0 = std::chrono::steady_clock::now();
-    const float* logits = c.mask == "maskattn" ? require(a.inputs, "mask_logits", "masked").data<float>() : nullptr;
+    const float* logits = c.mask == "maskattn" ? require_f32(a.inputs, "mask_logits", "masked") : nullptr;
     storage = make_mask(c, logits);
     map = mask::build_block_map(storage.data, c.B, tile_q, tile_k);
     if (dense) map = mask::dense_block_map(map);
@@ -330,25 +330,7 @@ class MaskedVariant final : public Variant {
   TensorMap reference(const Params& p, const TensorMap& in, DType dtype) const override {
     const MaskedCase c = masked_case(p);
     const MaskStorage s = make_mask(c, nullptr);
-    ref::MaskDefinition def;
-    def.kind = c.mask, def.Nq = c.Nq, def.Nkv = c.Nkv, def.window = c.window, def.cyclic = c.cyclic;
-    def.causal = c.causal, def.attend_all = c.attend_all, def.prefix = c.prefix, def.registers = c.registers;
-    def.threshold = c.threshold;
-    def.doc = s.group;
-    std::vector<double> logits;
-    if (c.mask == "maskattn") {
-      logits = require(in, "mask_logits", "masked reference").to_f64_vector();
-      def.logits = logits.data();
-    }
-    if (c.dag_graph) {  // parents by node index, from the parsed graph (not the kernels' bit matrix)
-      std::map<std::string, int32_t> index;
-      for (const auto& n : c.dag_graph->nodes) index[n.id] = int32_t(index.size());
-      for (const auto& n : c.dag_graph->nodes) {
-        def.parents.emplace_back();
-        for (const auto& par : n.parents) def.parents.back().push_back(index.at(par));
-        def.node.insert(def.node.end(), size_t(n.length), int32_t(def.parents.size() - 1));
-      }
-    }
+    const ref::MaskDefinition def = mask_definition(c, in);
     ref::ScoreModDefinition mod{c.score_mod, c.softcap, c.H};
     std::vector<int32_t> pos_q, pos_k;
     if (c.rope) pos_q = s.pos_q, pos_k = s.pos_k;

@@ -46,11 +46,7 @@ Tensor random_tensor(const Shape& shape, double std, uint64_t seed, const std::s
   return t;
 }
 
-const float* f32(const TensorMap& in, const std::string& name) {
-  const Tensor& t = require(in, name, "triangle_attention");
-  if (t.dtype() != DType::f32) throw std::invalid_argument("triangle_attention: tensor '" + name + "' must be f32");
-  return t.data<float>();
-}
+const float* f32(const TensorMap& in, const std::string& name) { return require_f32(in, name, "triangle_attention"); }
 
 /// The weights as f32 pointers; `ptr(name)` maps a tensor name to its (host or device) data.
 template <class Ptr>
