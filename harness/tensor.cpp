@@ -125,6 +125,13 @@ const Shape& require_rank(const TensorMap& m, const std::string& name, size_t ra
   return t.shape();
 }
 
+const Tensor& require_shape(const TensorMap& m, const std::string& name, const Shape& shape, const std::string& where) {
+  const Tensor& t = require(m, name, where);
+  if (t.shape() != shape)
+    throw InputError(where + ": '" + name + "' has shape " + shape_str(t.shape()) + ", expected " + shape_str(shape));
+  return t;
+}
+
 const void* require_dtype(const TensorMap& m, const std::string& name, DType dtype, const std::string& where) {
   const Tensor& t = require(m, name, where);
   if (t.dtype() != dtype)

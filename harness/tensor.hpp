@@ -76,6 +76,8 @@ using TensorMap = std::map<std::string, Tensor>;
 const Tensor& require(const TensorMap& m, const std::string& name, const std::string& where);
 /// The shape of tensor `name`, or an InputError when it is missing or not of rank `rank`.
 const Shape& require_rank(const TensorMap& m, const std::string& name, size_t rank, const std::string& where);
+/// Tensor `name`, or an InputError when it is missing or its shape is not `shape`.
+const Tensor& require_shape(const TensorMap& m, const std::string& name, const Shape& shape, const std::string& where);
 /// The data of tensor `name` stored as `dtype` (a kernel's precondition: std::invalid_argument otherwise).
 const void* require_dtype(const TensorMap& m, const std::string& name, DType dtype, const std::string& where);
 inline const float* require_f32(const TensorMap& m, const std::string& name, const std::string& where) {

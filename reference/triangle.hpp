@@ -82,12 +82,7 @@ inline TriangleDims triangle_dims_from_tensors(const TensorMap& m) {
       {"z", {d.N, d.N, d.c_z}},
       {"mask", {d.N, d.N}},
   };
-  for (const Expect& e : expect) {
-    const Tensor& t = require(m, e.name, where);
-    if (t.shape() != e.shape)
-      throw InputError(where + ": '" + e.name + "' has shape " + shape_str(t.shape()) + ", expected " +
-                       shape_str(e.shape));
-  }
+  for (const Expect& e : expect) require_shape(m, e.name, e.shape, where);
   return d;
 }
 
