@@ -75,13 +75,46 @@ TensorMap Variant::make_inputs_as(const Params& p, uint64_t seed, const std::str
 
 Impl Variant::reference_impl(std::vector<DType> dtypes) const {
   // ImplArgs is a temporary: capture what it refers to, not the struct.
-  return {"reference", Device::cpu, std::move(dtypes), [this](const ImplArgs& a) {
-            return std::make_unique<FunctionInstance>(
-                [this, params = a.params, dtype = a.dtype, &inputs = a.inputs, &outputs = a.outputs] {
-                  TensorMap r = reference(params, inputs, dtype);
-                  for (auto& [name, t] : outputs) t = std::move(r.at(name));
-                });
-          }};
+  Impl impl{"reference", Device::cpu, std::move(dtypes), [this](const ImplArgs& a) {
+              return std::make_unique<FunctionInstance>([this, params = a.params, dtype = a.dtype, pass = a.pass,
+                                                         &inputs = a.inputs, &outputs = a.outputs] {
+                TensorMap r;
+                if (runs_forward(pass)) r = reference(params, inputs, dtype);
+                if (runs_backward(pass)) r.merge(reference_backward(params, inputs, dtype));
+                for (auto& [name, t] : r)
+                  if (auto it = outputs.find(name); it != outputs.end()) it->second = std::move(t);
+              });
+            }};
+  impl.precision = std::nullopt;
+  if (has_backward()) impl.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
+  return impl;
+}
+
+std::vector<std::string> Variant::cotangents(const Params& p) const {
+  std::vector<std::string> names;
+  for (const auto& spec : outputs(p, DType::f64)) names.push_back(spec.name);
+  return names;
+}
+
+TensorMap Variant::reference_backward(const Params&, const TensorMap&, DType) const {
+  throw std::logic_error("variant '" + name() + "' has no backward");
+}
+
+double Variant::pass_flops(const Params& p, Pass pass) const {
+  switch (pass) {
+    case Pass::fwd:
+      return flops(p);
+    case Pass::bwd:
+      return backward_flops(p);
+    case Pass::fwd_bwd:
+      return flops(p) + backward_flops(p);
+  }
+  return flops(p);
+}
+
+double Variant::pass_memory_bytes(const Params& p, const std::string& impl, DType dtype, Pass pass) const {
+  const double fwd = memory_bytes(p, impl, dtype);
+  return runs_backward(pass) ? fwd + backward_memory_bytes(p, impl, dtype) : fwd;
 }
 
 Params Variant::params_from_tensors(const TensorMap&) const {

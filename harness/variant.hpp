@@ -17,6 +17,7 @@
 #include <nlohmann/json.hpp>
 
 #include "harness/dtype.hpp"
+#include "harness/pass.hpp"
 #include "harness/rng.hpp"
 #include "harness/tensor.hpp"
 #include "harness/workspace.hpp"
@@ -42,12 +43,21 @@ enum class Device { cpu, cuda };
 /// with Variant::outputs() and NaN-filled before every checked call. The
 /// harness keeps the ImplArgs (and everything it refers to) alive for as long
 /// as the Instance made from it, so instances may keep a reference to it.
+///
+/// Backward passes (harness/pass.hpp): `inputs` also hold the cotangent "d"+y
+/// of every output y in Variant::cotangents() (same shape as y, in the case's
+/// dtype), and `outputs` hold the forward outputs plus the gradient "d"+x of
+/// every input x in Variant::differentiable() (shaped like x; f32, f64 for the
+/// f64 oracle). For `bwd` the constructor (setup, untimed) runs the forward and
+/// saves what the backward reads; run() computes the gradients only. For
+/// `fwd_bwd` run() computes the forward outputs and the gradients.
 struct ImplArgs {
   const Params& params;
   DType dtype;
   const TensorMap& inputs;
   TensorMap& outputs;
   Workspace& workspace;
+  Pass pass = Pass::fwd;
 };
 
 /// A prepared implementation. Construction is setup (weight packing, uploads,
@@ -73,6 +83,12 @@ struct Impl {
   Device device = Device::cpu;
   std::vector<DType> dtypes;  // dtypes it accepts
   std::function<std::unique_ptr<Instance>(const ImplArgs&)> make;
+  std::vector<Pass> passes = {Pass::fwd};  // passes it implements; others are recorded as skipped
+  /// The precision it computes and stores in when its inputs are bf16/f16
+  /// (DESIGN §3): f32 arithmetic and output are held to the f32 rule on the
+  /// rounded inputs. nullopt: the input dtype itself (the reference, which
+  /// rounds its stages to the dtype, is held to that dtype's rule).
+  std::optional<DType> precision = DType::f32;
 };
 
 /// An Instance whose run() calls a function (most CPU implementations).
@@ -157,6 +173,29 @@ class Variant {
   virtual TensorMap cast_inputs(const Params& p, TensorMap inputs, DType dtype) const;
   /// Extra checks (default none).
   virtual std::vector<Property> properties() const { return {}; }
+
+  // ---- Backward (variants with gradients; harness/pass.hpp) ----
+  /// Inputs that get a gradient ("q", "k", "v", weights...). Empty: forward only.
+  virtual std::vector<std::string> differentiable() const { return {}; }
+  /// Outputs that receive a cotangent "d"+name (default: every output).
+  virtual std::vector<std::string> cotangents(const Params& p) const;
+  /// Gradients of Σ_y ⟨cotangent_y, y⟩ with respect to each differentiable
+  /// input, named "d"+input. `inputs` are f64 tensors holding the inputs and
+  /// the cotangents; `dtype` as in reference() (f64 oracle, f32, or stages
+  /// rounded to bf16/f16); tensors in f64 for f64, else f32.
+  virtual TensorMap reference_backward(const Params& p, const TensorMap& inputs, DType dtype) const;
+  /// FLOPs of the backward alone (default 2.5 × flops(p): FlashAttention's convention).
+  virtual double backward_flops(const Params& p) const { return 2.5 * flops(p); }
+  /// Bytes the backward needs beyond memory_bytes() (gradients, cotangents,
+  /// saved statistics, scratch). Default: the forward model once more.
+  virtual double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const {
+    return memory_bytes(p, impl, dtype);
+  }
+  bool has_backward() const { return !differentiable().empty(); }
+  /// FLOPs of one call of `pass`.
+  double pass_flops(const Params& p, Pass pass) const;
+  /// Memory model of one call of `pass`.
+  double pass_memory_bytes(const Params& p, const std::string& impl, DType dtype, Pass pass) const;
   /// Odd shapes every implementation is tested on by the registry-driven
   /// equivalence test (tests/equivalence_test.cpp); keep each case small (< 1 s).
   virtual std::vector<Params> test_shapes() const = 0;
@@ -170,8 +209,10 @@ class Variant {
   /// Defaults filled in, unknown keys rejected (with did-you-mean), types
   /// checked, validate() called. `where` prefixes errors ("suites/x.json: groups[0].sweep").
   Params complete(const Params& given, const std::string& where) const;
-  /// The "reference" implementation: reference() in the dtype under test, as a
-  /// timed implementation (the naive baseline of the speedups).
+  /// The "reference" implementation: reference() (and reference_backward()
+  /// when the variant has one) in the dtype under test, as a timed
+  /// implementation (the naive baseline of the speedups). Its bwd pass
+  /// recomputes the forward inside the backward, as the Eigen code does.
   Impl reference_impl(std::vector<DType> dtypes) const;
   std::optional<Impl> find_impl(const std::string& name) const;
 };
