@@ -89,6 +89,13 @@ nlohmann::json CaseRunner::check(const CaseSpec& c, const Impl& impl) {
 
   for (int s = 0; s < std::max(1, o_.check_seeds); ++s) {
     const Oracle& o = oracle(c, s);
+    if (const std::string bad = nonfinite_inputs(o.inputs); !bad.empty()) {
+      CheckResult r;
+      r.passed = false;
+      r.max_abs = r.max_rel = r.rms_rel = INFINITY;
+      r.detail = "non-finite inputs: " + bad;
+      add("inputs", r);
+    }
     std::map<std::string, uint64_t> hashes;
     for (const auto& [name, t] : o.inputs) hashes[name] = t.hash();
 

@@ -130,6 +130,58 @@ TEST_CASE("the correctness rule", "[check]") {
   CHECK(worst_of({ok, bad}).max_abs == 1);
 }
 
+TEST_CASE("the correctness rule never passes vacuously", "[check]") {
+  Tensor oracle(DType::f64, {4}), impl(DType::f64, {4});
+  for (int i = 0; i < 4; ++i) oracle.set(i, i + 1.0), impl.set(i, i + 1.0);
+  REQUIRE(check_equivalence(impl, oracle, oracle, DType::f32).passed);
+  SECTION("a NaN oracle does not compare equal to anything") {
+    Tensor o = oracle, g = impl;
+    o.set(2, NAN);
+    g.set(2, NAN);
+    auto r = check_equivalence(g, o, o, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("non-finite values in the oracle"));
+    g.set(2, 12345.0);
+    CHECK_FALSE(check_equivalence(g, o, o, DType::f32).passed);
+    CHECK_FALSE(check_within(g, o, 1e300).passed);
+  }
+  SECTION("an infinite output equal to an infinite oracle fails") {
+    Tensor o = oracle, g = impl;
+    o.set(0, INFINITY);
+    g.set(0, INFINITY);
+    CHECK_FALSE(check_equivalence(g, o, o, DType::f32).passed);
+    CHECK_FALSE(check_within(g, o, 1.0).passed);
+  }
+  SECTION("all NaN") {
+    Tensor o = oracle, g = impl;
+    o.fill_nan();
+    g.fill_nan();
+    auto r = check_equivalence(g, o, o, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("4 non-finite values in the output"));
+  }
+  SECTION("a non-finite naive_T does not make the bound infinite") {
+    Tensor naive = oracle, g = impl;
+    naive.set(1, NAN);
+    g.set(1, 2.5);
+    CHECK_FALSE(check_equivalence(g, oracle, naive, DType::f32).passed);
+  }
+  SECTION("a check of 0 elements fails") {
+    Tensor e(DType::f64, {0, 3});
+    auto r = check_equivalence(e, e, e, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("nothing compared"));
+    CHECK_FALSE(check_within(e, e, 1.0).passed);
+  }
+  SECTION("failure lines show the digits that differ") {
+    Tensor g = impl;
+    g.set(3, 4.0 + 4e-12);
+    auto r = check_equivalence(g, oracle, oracle, DType::f64, 1);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("got 4.000000000004") && Catch::Contains("want 4"));
+  }
+}
+
 TEST_CASE("Mann-Whitney U p-values", "[bench]") {
   // Completely separated samples of 5 and 5: p = 2 / C(10,5) = 2/252.
   CHECK(mann_whitney_p({1, 2, 3, 4, 5}, {6, 7, 8, 9, 10}) == Approx(2.0 / 252));
