@@ -84,14 +84,14 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where) {
           throw InputError(at + "." + key + ": expected an integer >= 0, got " + o[key].dump());
         (std::string(key) == "start_pos_id" ? node.start_pos_id : node.end_pos_id) = o[key].get<int64_t>();
       }
-    if (node.start_pos_id && node.end_pos_id && *node.end_pos_id - *node.start_pos_id + 1 != node.length)
-      throw InputError(at + ": start_pos_id " + std::to_string(*node.start_pos_id) + " and end_pos_id " +
-                       std::to_string(*node.end_pos_id) + " conflict: they span " +
-                       std::to_string(*node.end_pos_id - *node.start_pos_id + 1) + " positions, the node has " +
-                       std::to_string(node.length) + " tokens");
-    if (node.end_pos_id && !node.start_pos_id && *node.end_pos_id + 1 < node.length)
-      throw InputError(at + ".end_pos_id: " + std::to_string(*node.end_pos_id) + " would make the first position negative (" +
-                       std::to_string(node.length) + " tokens)");
+    // LE-ATTENTION's convention: end_pos_id is exclusive (positions end − length … end − 1),
+    // and a node gives one of the two, never both.
+    if (node.start_pos_id && node.end_pos_id)
+      throw InputError(at + ": start_pos_id and end_pos_id together: give one (end_pos_id is exclusive)");
+    if (node.end_pos_id && *node.end_pos_id < node.length)
+      throw InputError(at + ".end_pos_id: " + std::to_string(*node.end_pos_id) +
+                       " would make the first position negative (" + std::to_string(node.length) +
+                       " tokens; end_pos_id is exclusive)");
     index[node.id] = n;
     given.push_back(std::move(node));
   }
@@ -160,6 +160,16 @@ Dag load_dag(const std::string& spec, const std::string& where) {
     j["nodes"].push_back(query);
     return parse_dag(j, where);
   }
+  // Inline JSON (what `attnbench export` stores in a case file: no path to resolve).
+  if (!spec.empty() && spec.front() == '{') {
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(spec);
+    } catch (const nlohmann::json::parse_error& e) {
+      throw InputError(where + ": inline DAG: not valid JSON (" + e.what() + ")");
+    }
+    return parse_dag(j, where);
+  }
   std::ifstream in(spec);
   if (!in)
     throw InputError(where + ": \"" + spec +
@@ -185,7 +195,7 @@ DagLayout layout_dag(const Dag& dag, bool ancestors) {
     index[node.id] = n;
     L.ids.push_back(node.id);
     const int64_t first = node.start_pos_id   ? *node.start_pos_id
-                          : node.end_pos_id ? *node.end_pos_id - node.length + 1
+                          : node.end_pos_id ? *node.end_pos_id - node.length
                                             : 0;
     for (int64_t t = 0; t < node.length; ++t) {
       L.node.push_back(int32_t(n));
@@ -202,6 +212,19 @@ DagLayout layout_dag(const Dag& dag, bool ancestors) {
   }
   L.tokens = int64_t(L.node.size());
   return L;
+}
+
+std::string dag_inline(const std::string& spec, const std::string& where) {
+  const auto parts = split(spec, ':');
+  if (spec.empty() || spec.front() == '{' || (!parts.empty() && (parts[0] == "chain" || parts[0] == "le_attention")))
+    return spec;
+  std::ifstream in(spec);
+  if (!in) throw InputError(where + ": cannot open DAG file \"" + spec + "\"");
+  try {
+    return nlohmann::json::parse(in).dump();
+  } catch (const nlohmann::json::parse_error& e) {
+    throw InputError(spec + ": not valid JSON (" + e.what() + ")");
+  }
 }
 
 }  // namespace attnbench

@@ -256,13 +256,31 @@ CaseFilter::CaseFilter(const std::string& expr) {
     for (const char* op : ops) {
       auto pos = item.find(op);
       if (pos == std::string::npos || pos == 0) continue;
-      conds_.push_back({item.substr(0, pos), op, item.substr(pos + std::string(op).size())});
+      Cond c{item.substr(0, pos), op, item.substr(pos + std::string(op).size())};
+      if (c.op != "=" && c.op != "!=") {
+        char* end = nullptr;
+        std::strtod(c.value.c_str(), &end);
+        if (c.value.empty() || end != c.value.c_str() + c.value.size())
+          throw InputError("--filter: '" + item + "': " + c.op + " needs a number, got '" + c.value + "'");
+      }
+      conds_.push_back(std::move(c));
       found = true;
       break;
     }
     if (!found)
       throw InputError("--filter: '" + item + "' is not a condition; expected key=value, key!=value, key<N, key<=N, key>N or key>=N");
   }
+}
+
+void CaseFilter::check_keys(const Suite& s) const {
+  std::vector<std::string> known = {"impl", "dtype", "variant"};
+  for (const auto& g : s.groups)
+    for (const auto& spec : g.variant->params())
+      if (std::find(known.begin(), known.end(), spec.name) == known.end()) known.push_back(spec.name);
+  for (const auto& cond : conds_)
+    if (std::find(known.begin(), known.end(), cond.key) == known.end())
+      throw InputError("--filter: '" + cond.key + "' is not impl, dtype, variant or a parameter of this suite's variants" +
+                       did_you_mean(cond.key, known));
 }
 
 bool CaseFilter::matches(const CaseSpec& c) const {

@@ -49,8 +49,12 @@ std::vector<SuiteCase> expand(const Suite& s);
 /// parameter, each `key=value`, `key!=value`, `key<N`, `key<=N`, `key>N`, `key>=N`.
 class CaseFilter {
  public:
+  /// Throws InputError for a malformed condition or a comparison with a non-number.
   explicit CaseFilter(const std::string& expr);
   bool matches(const CaseSpec& c) const;
+  /// Throws InputError (did-you-mean) for a key that is none of impl, dtype,
+  /// variant or a parameter of some variant in `s`: a typo would select nothing.
+  void check_keys(const Suite& s) const;
 
  private:
   struct Cond {

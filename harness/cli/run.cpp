@@ -107,6 +107,17 @@ int run(const RunArgs& a) {
   std::vector<DType> dtypes;
   for (const auto& d : split_list(a.dtypes)) dtypes.push_back(parse_dtype(d, "--dtype"));
   const CaseFilter filter(a.filter);
+  filter.check_keys(suite);
+  // --impl names must exist in some group's variant: a typo would select nothing.
+  std::vector<std::string> known_impls;
+  for (const auto& g : suite.groups)
+    for (const auto& impl : g.variant->impls())
+      if (std::find(known_impls.begin(), known_impls.end(), impl.name) == known_impls.end())
+        known_impls.push_back(impl.name);
+  for (const auto& name : impls)
+    if (std::find(known_impls.begin(), known_impls.end(), name) == known_impls.end())
+      throw InputError("--impl: no variant in " + suite.file + " has an implementation '" + name + "'" +
+                       did_you_mean(name, known_impls));
 
   std::vector<SuiteCase> cases;
   int index = 0;
@@ -116,6 +127,13 @@ int run(const RunArgs& a) {
     if (!filter.matches(c.spec)) continue;
     if (index++ % shard_n != shard_k - 1) continue;
     cases.push_back(std::move(c));
+  }
+
+  if (cases.empty()) {
+    // Nothing selected is nothing checked: not a pass.
+    std::printf("attnbench run %s: no case selected (suite, --impl, --dtype, --filter and --shard leave none): "
+                "nothing was checked\n", suite.file.c_str());
+    return 1;
   }
 
   std::string out = a.out;
@@ -186,7 +204,12 @@ int run(const RunArgs& a) {
               g_interrupted ? "interrupted" : "done", s["ok"].get<int>(), s["failed"].get<int>(),
               s["skipped"].get<int>(), s["checks_failed"].get<int>(), duration(total).c_str(), out.c_str());
   if (g_interrupted) return 130;
-  return s["failed"].get<int>() > 0 ? 1 : 0;
+  if (s["failed"].get<int>() > 0) return 1;
+  if (s["ok"].get<int>() == 0) {
+    std::printf("not a pass: every selected case was skipped, nothing was checked\n");
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace

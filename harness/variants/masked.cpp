@@ -23,6 +23,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "harness/dag.hpp"
 #include "harness/errors.hpp"
 #include "harness/masks.hpp"
 #include "harness/variant.hpp"
@@ -288,6 +289,31 @@ class MaskedVariant final : public Variant {
   }
 
   void validate(const Params& p) const override { masked_case(p); }
+
+  /// A DAG fixes the token count: N from it unless N, Nq or Nkv is given.
+  Params derived(const Params& given) const override {
+    Params p = given;
+    const std::string mask = given.value("mask", std::string());
+    if ((mask == "dag" || mask == "dag_ancestors") && given.contains("dag") && !given.contains("N") &&
+        !given.contains("Nq") && !given.contains("Nkv")) {
+      const std::string spec = given.at("dag").get<std::string>();
+      if (!spec.empty()) {
+        try {
+          p["N"] = layout_dag(load_dag(spec, "dag"), mask == "dag_ancestors").tokens;
+        } catch (const InputError& e) {  // as masked_case(): name the parameter first
+          const std::string msg = e.what();
+          throw InputError(msg.rfind("dag:", 0) == 0 ? msg : "dag: " + msg);
+        }
+      }
+    }
+    return p;
+  }
+
+  Params self_contained(const Params& p) const override {
+    Params q = p;
+    if (q.contains("dag")) q["dag"] = dag_inline(q.at("dag").get<std::string>(), "dag");
+    return q;
+  }
 
   TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const override {
     return make_inputs_as(p, seed, key, DType::f64);

@@ -14,6 +14,8 @@
 
 #include <omp.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -230,6 +232,17 @@ class SdpaVariant final : public Variant {
     std::vector<OutputSpec> o{{"o", out, q_shape(c.d)}};
     if (c.need_weights) o.push_back({"weights", out, w_shape(c.d)});
     return o;
+  }
+
+  /// kv_len indexes the keys: every value an integer in [0, Nkv].
+  void validate_inputs(const Params& p, const TensorMap& in) const override {
+    const SdpaCase c = case_of(p);
+    const Tensor& len = require(in, "kv_len", "sdpa case file");
+    for (int64_t b = 0; b < len.numel(); ++b) {
+      const double x = len.get(b);
+      if (!(x >= 0 && x <= double(c.d.Nkv) && x == std::floor(x)))
+        throw InputError(fmt::format("tensor 'kv_len': [{}] = {}: expected an integer in [0, Nkv = {}]", b, x, c.d.Nkv));
+    }
   }
 
   /// Floating inputs to the dtype; kv_len to int32 whatever a case file stored.
