@@ -251,7 +251,11 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const float* cos_
   const int64_t n_visit = p.kv_count[mb * p.n_qt + qt];
   for (int64_t n = 0; n < n_visit; ++n) {
     const int64_t kt = p.kv_index[map_row + n];
+#if defined(ATTNBENCH_MUTANT_masked_ignore_mask)  // scripts/mutation-test.sh: partial tiles are not masked
+    const bool partial = false;
+#else
     const bool partial = mask::Tile(p.tiles[map_row + kt]) == mask::Tile::partial;
+#endif
     const int64_t j0 = kt * p.tile_k, span = std::min(p.tile_k, p.Nkv - j0), ncols = round_up(span, kb);
     const float* ktile = kt_head + kt * p.D * lay.Tkp;
     for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
@@ -275,6 +279,10 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const float* cos_
     for (int64_t r = 0; r < rows; ++r)
       w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * lay.Tkp, size_t(ncols), w.stale[r] ? nullptr : w.vmax + r * L,
                                     w.m[r], w.l[r]);
+#if defined(ATTNBENCH_MUTANT_masked_p_bf16)  // scripts/mutation-test.sh: probabilities rounded to bf16 before P·V
+    if constexpr (std::is_same_v<T, bf16_t>)
+      for (int64_t x = 0; x < rows * lay.Tkp; ++x) w.s[x] = to_float(to_bf16(w.s[x]));
+#endif
     for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
         AccumulateBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t((lay.Dp - c0) / L),

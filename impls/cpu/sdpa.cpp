@@ -106,7 +106,11 @@ void load_row_rotated(float* out, const T* in, int64_t D, SdpaRope rope, const f
   const int64_t half = D / 2;
   for (int64_t i = 0; i < half; ++i) {
     const int64_t ia = rope == SdpaRope::half ? i : 2 * i;
+#if defined(ATTNBENCH_MUTANT_sdpa_rope_pair)  // scripts/mutation-test.sh: half pairs i with i + half + 1
+    const int64_t ib = rope == SdpaRope::half ? (i + half + 1) % D : 2 * i + 1;
+#else
     const int64_t ib = rope == SdpaRope::half ? i + half : 2 * i + 1;
+#endif
     const float a = out[ia], b = out[ib];
     out[ia] = a * c[i] - b * s[i];
     out[ib] = b * c[i] + a * s[i];
@@ -239,7 +243,11 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   const int64_t G = p.H / p.Hkv, n_qt = query_tiles(p);
   const int64_t qt = task % n_qt, bk = task / n_qt, b = bk / p.Hkv, hk = bk % p.Hkv;
   const int64_t f0 = qt * kTileQ, rows = std::min(kTileQ, p.Nq * G - f0);
+#if defined(ATTNBENCH_MUTANT_sdpa_scale_bf16)  // scripts/mutation-test.sh: scale off by 1e-3, bf16 only
+  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)) * (std::is_same_v<T, bf16_t> ? 1.001 : 1.0));
+#else
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
+#endif
 
   // Query tile: rotate, scale into log2 units; output (and weights) row pointers.
   int64_t lim[kTileQ];
@@ -256,6 +264,9 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     load_row_rotated(qr, q, p.D, p.rope, cos_t + ti, sin_t + ti);
     for (int64_t d = 0; d < p.D; ++d) qr[d] *= qscale;
     lim[r] = row_limit(p, b, i);
+#if defined(ATTNBENCH_MUTANT_sdpa_drop_key)  // scripts/mutation-test.sh: the last visible key is dropped
+    lim[r] = std::max<int64_t>(0, lim[r] - 1);
+#endif
     hi = std::max(hi, lim[r]);
     w.m[r] = -std::numeric_limits<float>::infinity();
     w.l[r] = 0.0f;
@@ -277,6 +288,10 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     for (int64_t r = 0; r < rows; ++r)
       w.alpha[r] =
           OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L, w.m[r], w.l[r]);
+#if defined(ATTNBENCH_MUTANT_sdpa_p_bf16)  // scripts/mutation-test.sh: probabilities rounded to bf16 before P·V
+    if constexpr (std::is_same_v<T, bf16_t>)
+      for (int64_t x = 0; x < rows * kTileK; ++x) w.s[x] = to_float(to_bf16(w.s[x]));
+#endif
     for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
       for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
         AccumulateBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t((lay.Dp - c0) / L),
