@@ -55,6 +55,10 @@ TEST_CASE("verify: an unknown --impl or --dtype is bad input, nothing run is a f
   auto o = run_attnbench("verify ipa " + file + " --impl cpu");
   INFO(o.text);
   CHECK(o.code == 0);
+  // bf16 inputs, f32 arithmetic and output: the f32 rule (DESIGN §3).
+  o = run_attnbench("verify ipa " + file + " --impl cpu --dtype bf16");
+  CHECK(o.code == 0);
+  CHECK_THAT(o.text, Catch::Contains("cpu (bf16, held to the f32 rule)"));
 
   o = run_attnbench("verify ipa " + file + " --impl bogus");
   CHECK(o.code == 2);
