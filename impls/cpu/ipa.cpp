@@ -614,12 +614,12 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
 #endif
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t k = 0; k < d.c_z; ++k) base[lay.wb + k * lay.Hp + h] = beta * w.linear_b_w[h * d.c_z + k];
-#if defined(ATTNBENCH_MUTANT_ipa_no_bias)  // scripts/mutation-test.sh: linear_b's bias term is missing
-    base[lay.bb + h] = 0.0f;
-#else
     base[lay.bb + h] = beta * w.linear_b_b[h];
-#endif
+#if defined(ATTNBENCH_MUTANT_ipa_no_point_term)  // scripts/mutation-test.sh: the point-distance term is missing
+    base[lay.gamma + h] = 0.0f * ipa::point_weight(w.head_weights[h], P);
+#else
     base[lay.gamma + h] = -0.5f * ipa::point_weight(w.head_weights[h], P);
+#endif
   }
 
   // Attention: the concatenation (N, F) reuses the raw region (the projections are packed).
