@@ -44,6 +44,11 @@ namespace sm = attnbench::sdpa_math;
 template <int kD>
 struct SdpaFlashTraits : flash::TileTraits<kD> {
   using Base = flash::TileTraits<kD>;
+  // __launch_bounds__ minimum CTAs per SM: 1 lets ptxas use up to 255 registers. Without it
+  // ptxas aimed at 168 registers at D = 128 (3 CTAs per SM) and spilled 20 bytes (60 bytes
+  // reloaded) in five of the six D = 128 forward instances; occupancy is bounded by the
+  // shared memory anyway (83 712 bytes per CTA at D = 128).
+  static constexpr int kMinBlocks = 1;
   static constexpr size_t kWeightsSmemBytes = sizeof(float) * (Base::kQFloats + Base::kKVFloats);  // Q, K
 };
 
@@ -76,7 +81,8 @@ struct SliceRows {
 };
 
 template <DType kT, int kD, bool kCausal>
-__global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads) sdpa_forward_flash_kernel(const KernelArgs a) {
+__global__ void __launch_bounds__(SdpaFlashTraits<kD>::kThreads, SdpaFlashTraits<kD>::kMinBlocks)
+    sdpa_forward_flash_kernel(const KernelArgs a) {
   using Tr = SdpaFlashTraits<kD>;
   using Store = typename sm::Elem<kT>::type;
   const SdpaParams& p = a.p;
