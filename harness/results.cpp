@@ -114,13 +114,19 @@ json load_results(const std::string& path) {
     fail("context.peak_gflops", "expected a number");
   if (!doc.contains("suite") || !doc["suite"].is_object()) fail("suite", "expected an object");
   if (!doc.contains("records") || !doc["records"].is_array()) fail("records", "expected an array");
-  const auto& recs = doc["records"];
+  auto& recs = doc["records"];
   for (size_t i = 0; i < recs.size(); ++i) {
-    const auto& r = recs[i];
+    auto& r = recs[i];
     const std::string at = "records[" + std::to_string(i) + "]";
     if (!r.is_object()) fail(at, "expected an object");
     for (const char* k : {"variant", "impl", "dtype", "status"})
       if (!r.contains(k) || !r[k].is_string()) fail(at + "." + k, "expected a string");
+    if (!r.contains("pass")) {
+      r["pass"] = "fwd";
+    } else if (!r["pass"].is_string() ||
+               (r["pass"] != "fwd" && r["pass"] != "bwd" && r["pass"] != "fwd_bwd")) {
+      fail(at + ".pass", "expected \"fwd\", \"bwd\" or \"fwd_bwd\", got " + r["pass"].dump());
+    }
     const auto status = r["status"].get<std::string>();
     if (status != "ok" && status != "failed" && status != "skipped")
       fail(at + ".status", "expected ok, failed or skipped, got \"" + status + "\"");
@@ -139,6 +145,11 @@ json load_results(const std::string& path) {
     }
   }
   return doc;
+}
+
+std::string record_key(const json& r) {
+  return r["variant"].get<std::string>() + " " + r["impl"].get<std::string>() + " " + r["dtype"].get<std::string>() +
+         " " + r.value("pass", std::string("fwd")) + " " + r["shape"].dump();
 }
 
 JsonlWriter::JsonlWriter(const std::string& path) {

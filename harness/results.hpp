@@ -15,8 +15,13 @@ inline constexpr const char* kResultsSchema = "attnbench.results/1";
 nlohmann::json run_context(int threads);
 
 /// Loads and validates a results file (schema, context, every record's
-/// required fields and types). Throws InputError naming the file and field.
+/// required fields and types). Records written before the pass axis existed
+/// get "pass": "fwd". Throws InputError naming the file and field.
 nlohmann::json load_results(const std::string& path);
+
+/// "variant impl dtype pass {shape}": what identifies a case across results
+/// files (compare, merge and report pair records by it; never across passes).
+std::string record_key(const nlohmann::json& record);
 
 /// Writes `doc` to `path` atomically (temp file in the same folder + rename).
 void write_json_atomic(const std::string& path, const nlohmann::json& doc);

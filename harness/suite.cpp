@@ -131,7 +131,7 @@ void read_bench(const Node& n, RunOptions& o) {
 }
 
 SuiteGroup read_group(const Node& g, bool quick) {
-  g.only({"variant", "impls", "dtypes", "sweep", "cases", "quick", "skip", "description"});
+  g.only({"variant", "impls", "dtypes", "passes", "sweep", "cases", "quick", "skip", "description"});
   SuiteGroup out;
   out.where = g.where();
   out.variant = &find_variant(g.str("variant", "", true), g.where() + ".variant");
@@ -147,6 +147,10 @@ SuiteGroup read_group(const Node& g, bool quick) {
   }
   if (!g.has("dtypes")) g.fail("dtypes", "missing (expected an array such as [\"f32\", \"bf16\"])");
   for (const auto& d : g.strings("dtypes")) out.dtypes.push_back(parse_dtype(d, g.where() + ".dtypes"));
+  if (g.has("passes")) {
+    out.passes.clear();
+    for (const auto& name : g.strings("passes")) out.passes.push_back(parse_pass(name, g.where() + ".passes"));
+  }
 
   std::vector<std::pair<json, std::string>> shapes;  // raw params and where they came from
   if (g.has("sweep")) {
@@ -193,6 +197,8 @@ bool skip_matches(const SkipRule& r, const CaseSpec& c) {
       if (want != c.impl) return false;
     } else if (key == "dtype") {
       if (want != dtype_name(c.dtype)) return false;
+    } else if (key == "pass") {
+      if (want != pass_name(c.pass)) return false;
     } else if (key == "min") {
       for (const auto& [axis, bound] : want.items())
         if (!c.params.contains(axis) || !numeric_match(c.params[axis], bound, true)) return false;
@@ -234,15 +240,16 @@ std::vector<SuiteCase> expand(const Suite& s) {
   for (const auto& g : s.groups)
     for (const auto& p : g.shapes)
       for (DType d : g.dtypes)
-        for (const auto& impl : g.impls) {
-          SuiteCase c{CaseSpec{g.variant, impl, d, p}, ""};
-          for (const auto& r : g.skips)
-            if (skip_matches(r, c.spec)) {
-              c.skip_reason = r.reason;
-              break;
-            }
-          out.push_back(std::move(c));
-        }
+        for (Pass pass : g.passes)
+          for (const auto& impl : g.impls) {
+            SuiteCase c{CaseSpec{g.variant, impl, d, p, pass}, ""};
+            for (const auto& r : g.skips)
+              if (skip_matches(r, c.spec)) {
+                c.skip_reason = r.reason;
+                break;
+              }
+            out.push_back(std::move(c));
+          }
   return out;
 }
 
@@ -271,6 +278,7 @@ bool CaseFilter::matches(const CaseSpec& c) const {
     json have_json;
     if (cond.key == "impl") have = c.impl;
     else if (cond.key == "dtype") have = std::string(dtype_name(c.dtype));
+    else if (cond.key == "pass") have = std::string(pass_name(c.pass));
     else if (cond.key == "variant") have = c.variant->name();
     else if (c.params.contains(cond.key)) {
       have_json = c.params[cond.key];

@@ -20,6 +20,7 @@ struct SuiteGroup {
   const Variant* variant = nullptr;
   std::vector<std::string> impls;
   std::vector<DType> dtypes;
+  std::vector<Pass> passes = {Pass::fwd};
   std::vector<Params> shapes;  // completed (defaults filled), in sweep order
   std::vector<SkipRule> skips;
   std::string where;           // "suites/x.json: groups[0]"
@@ -42,10 +43,10 @@ struct SuiteCase {
 /// the lighter quick bench settings.
 Suite load_suite(const std::string& path, bool quick);
 
-/// Cases in run order (group, shape, dtype, impl).
+/// Cases in run order (group, shape, dtype, pass, impl).
 std::vector<SuiteCase> expand(const Suite& s);
 
-/// `--filter`: comma-separated conditions on impl, dtype, variant or a shape
+/// `--filter`: comma-separated conditions on impl, dtype, pass, variant or a shape
 /// parameter, each `key=value`, `key!=value`, `key<N`, `key<=N`, `key>N`, `key>=N`.
 class CaseFilter {
  public:

@@ -21,11 +21,6 @@ namespace {
 
 using nlohmann::json;
 
-std::string key_of(const json& r) {
-  return r["variant"].get<std::string>() + " " + r["impl"].get<std::string>() + " " + r["dtype"].get<std::string>() +
-         " " + r["shape"].dump();
-}
-
 bool all_passed(const json& r) {
   if (!r.contains("checks")) return true;
   for (const auto& [n, c] : r["checks"].items())
@@ -48,12 +43,12 @@ int compare(const CompareArgs& a) {
                                    a.base, a.next, k, base["context"][k].dump(), next["context"][k].dump()));
   }
   std::map<std::string, const json*> old;
-  for (const auto& r : base["records"]) old[key_of(r)] = &r;
+  for (const auto& r : base["records"]) old[record_key(r)] = &r;
 
   int slower = 0, faster = 0, same = 0, ambiguous = 0, broken = 0, missing = 0;
   fmt::print("{:<9} {:>8} {:>7}  case\n", "verdict", "ratio", "p");
   for (const auto& r : next["records"]) {
-    auto it = old.find(key_of(r));
+    auto it = old.find(record_key(r));
     if (it == old.end()) {
       ++missing;
       continue;
@@ -78,7 +73,7 @@ int compare(const CompareArgs& a) {
       continue;
     }
     if (verdict != "SAME")
-      fmt::print("{:<9} {:>8.3f} {:>7.3f}  {}\n", verdict, ratio, p, key_of(r));
+      fmt::print("{:<9} {:>8.3f} {:>7.3f}  {}\n", verdict, ratio, p, record_key(r));
   }
   fmt::print("{} same, {} faster, {} slower, {} ambiguous, {} broken checks, {} cases only in {} "
              "(threshold {:.2f}x, Mann-Whitney p < 0.05)\n",

@@ -77,14 +77,14 @@ std::string row(const nlohmann::json& r) {
     if (b.contains("suspect")) bench += "  SUSPECT: " + b["suspect"].get<std::string>();
   }
   std::string status = r["status"].get<std::string>();
-  std::string line = fmt::format("{:<8} {:<10} {:<5} {:<14} {}", status, r["impl"].get<std::string>(),
-                                 r["dtype"].get<std::string>(), check, bench);
+  std::string line = fmt::format("{:<8} {:<10} {:<5} {:<7} {:<14} {}", status, r["impl"].get<std::string>(),
+                                 r["dtype"].get<std::string>(), r["pass"].get<std::string>(), check, bench);
   if (status != "ok") line += "  " + r["reason"].get<std::string>();
   return line;
 }
 
 struct RunArgs {
-  std::string suite, impls, dtypes, filter, out, shard;
+  std::string suite, impls, dtypes, passes, filter, out, shard;
   bool quick = false, no_bench = false, no_check = false;
   int threads = 0;
   int64_t seed = -1;
@@ -106,6 +106,11 @@ int run(const RunArgs& a) {
   const auto impls = split_list(a.impls);
   std::vector<DType> dtypes;
   for (const auto& d : split_list(a.dtypes)) dtypes.push_back(parse_dtype(d, "--dtype"));
+  // --pass replaces every group's passes (a forward-only suite can be run as fwd_bwd).
+  std::vector<Pass> passes;
+  for (const auto& p : split_list(a.passes)) passes.push_back(parse_pass(p, "--pass"));
+  if (!passes.empty())
+    for (auto& g : suite.groups) g.passes = passes;
   const CaseFilter filter(a.filter);
 
   std::vector<SuiteCase> cases;
@@ -153,14 +158,14 @@ int run(const RunArgs& a) {
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const std::string eta = done ? duration(elapsed / double(done) * double(cases.size() - done)) : "?";
     if (tty)
-      std::fprintf(stderr, "\r[%zu/%zu] elapsed %s, ETA %s: %s %s %s ...\033[K", done + 1, cases.size(),
+      std::fprintf(stderr, "\r[%zu/%zu] elapsed %s, ETA %s: %s %s %s %s ...\033[K", done + 1, cases.size(),
                    duration(elapsed).c_str(), eta.c_str(), c.spec.variant->name().c_str(), c.spec.impl.c_str(),
-                   std::string(dtype_name(c.spec.dtype)).c_str());
+                   std::string(dtype_name(c.spec.dtype)).c_str(), std::string(pass_name(c.spec.pass)).c_str());
 
     nlohmann::json rec;
     if (!c.skip_reason.empty()) {
       rec = {{"variant", c.spec.variant->name()}, {"impl", c.spec.impl}, {"dtype", dtype_name(c.spec.dtype)},
-             {"shape", c.spec.params}, {"status", "skipped"}, {"reason", c.skip_reason},
+             {"pass", pass_name(c.spec.pass)}, {"shape", c.spec.params}, {"status", "skipped"}, {"reason", c.skip_reason},
              {"info", c.spec.variant->case_info(c.spec.params)}};
     } else {
       rec = runner.run(c.spec);
@@ -197,7 +202,9 @@ void add_run(CLI::App& app, int& exit_code) {
   c->add_option("suite", args->suite, "Suite file (suites/*.json)")->required();
   c->add_option("--impl", args->impls, "Only these implementations (comma-separated)");
   c->add_option("--dtype", args->dtypes, "Only these dtypes (comma-separated: f64,f32,bf16,f16)");
-  c->add_option("--filter", args->filter, "Conditions, e.g. 'N<=1024,causal=true,impl!=reference'");
+  c->add_option("--pass", args->passes,
+                "Run these passes instead of the suite's (comma-separated: fwd,bwd,fwd_bwd; bwd times the backward alone)");
+  c->add_option("--filter", args->filter, "Conditions, e.g. 'N<=1024,causal=true,impl!=reference,pass=fwd_bwd'");
   c->add_flag("--quick", args->quick, "Use each group's quick axes and shorter timing");
   c->add_flag("--no-bench", args->no_bench, "Checks only");
   c->add_flag("--no-check", args->no_check, "Timing only");
