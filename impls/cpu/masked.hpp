@@ -33,7 +33,12 @@ struct MaskedParams {
   const uint8_t* tiles = nullptr;     // (map_batches, n_qt, n_kt) mask::Tile
   const int32_t* kv_count = nullptr;  // (map_batches, n_qt)
   const int32_t* kv_index = nullptr;  // (map_batches, n_qt, n_kt)
+  float* lse = nullptr;  // (B, H, Nq) f32, as for SDPA
 };
+
+/// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v.
+struct MaskedBackwardParams { MaskedParams fwd; const void* dout = nullptr; // (B, H, Nq, D) in fwd.dtype
+  float* dq = nullptr; float* dk = nullptr; float* dv = nullptr; };   // (B,H,Nq,D), (B,H,Nkv,D) x2, f32
 
 namespace cpu {
 

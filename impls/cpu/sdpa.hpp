@@ -43,6 +43,17 @@ struct SdpaParams {
   const void* v = nullptr;  // (B, Hkv, Nkv, D) in dtype
   SdpaStrides v_strides;
   const int32_t* kv_len = nullptr;  // (B,) keys j ≥ kv_len[b] are masked; null = all Nkv keys
+  float* lse = nullptr;  // (B, H, Nq) f32 dense: natural-log log-sum-exp of each row's scaled, masked scores
+                         // (−inf for a row without keys); written by the forward when set, read by the backward
+};
+
+/// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v.
+struct SdpaBackwardParams {
+  SdpaParams fwd;                                      // shapes, q, k, v, kv_len, o (read), lse (read)
+  const void* dout = nullptr;  SdpaStrides do_strides;  // (B, H, Nq, D) in fwd.dtype
+  float* dq = nullptr;  SdpaStrides dq_strides;         // (B, H, Nq, D) f32
+  float* dk = nullptr;  SdpaStrides dk_strides;         // (B, Hkv, Nkv, D) f32
+  float* dv = nullptr;  SdpaStrides dv_strides;         // (B, Hkv, Nkv, D) f32
 };
 
 namespace cpu {
