@@ -78,12 +78,12 @@ void require_same_shape(const Tensor& a, const Tensor& b) {
 }  // namespace
 
 CheckResult check_equivalence(const Tensor& impl, const Tensor& oracle, const Tensor& naive, DType dtype,
-                              double floor_ulps) {
+                              double floor_ulps, double floor_magnitude) {
   require_same_shape(impl, oracle);
   require_same_shape(naive, oracle);
   const Errors naive_err = measure(naive, oracle);
   const Errors e = measure(impl, oracle);
-  const double floor = floor_ulps * dtype_eps(dtype) * e.max_ref;
+  const double floor = floor_ulps * dtype_eps(dtype) * std::max(e.max_ref, floor_magnitude);
   // A non-finite naive_T would make the bound infinite: nothing could fail.
   const std::string naive_why = vacuous(naive_err, "naive_T baseline");
   const double naive_abs = naive_why.empty() ? naive_err.max_abs : INFINITY;

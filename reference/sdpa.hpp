@@ -18,6 +18,13 @@
 // RoPE, after q·kᵀ·scale, after softmax and after p·v, like an eager PyTorch
 // module in T). It materializes one (Nq, Nkv) score matrix per head: that is
 // the naive cost the fused kernels avoid.
+//
+// Backward (sdpa_backward_reference), the gradients of Σ ⟨dO, O⟩, per head:
+//   dP = dO·Vᵀ   Δ_i = Σ_d dO_id O_id   dS = P ∘ (dP − Δ)   (dS = 0 where p = 0)
+//   dQ' = dS·K'·scale   dK' = dSᵀ·Q'·scale   dV = Pᵀ·dO       (' : after RoPE)
+//   dQ = RoPEᵀ(dQ'), dK = RoPEᵀ(dK')   (the rotation's transpose: by −angle)
+//   GQA: dK, dV of a kv head are summed over the query heads that read it.
+// A row without keys has P = 0, so its dQ is 0 and it adds nothing to dK, dV.
 #pragma once
 
 #include <cmath>
@@ -51,16 +58,17 @@ inline bool sdpa_allowed(const SdpaDims& d, int64_t i, int64_t j, int64_t kv_len
   return !d.causal || j <= i + (d.Nkv - d.Nq);
 }
 
-/// Rotates each row r of x (rows, D) by position pos0 + r (in place).
+/// Rotates each row r of x (rows, D) by position pos0 + r (in place); `inverse`
+/// rotates by the negative angles (the transpose, which carries gradients back).
 template <class Scalar>
-void rope_rotate_rows(Matrix<Scalar>& x, int64_t pos0, RopeMode mode) {
+void rope_rotate_rows(Matrix<Scalar>& x, int64_t pos0, RopeMode mode, bool inverse = false) {
   if (mode == RopeMode::none) return;
   const int64_t D = x.cols(), half = D / 2;
   for (int64_t r = 0; r < x.rows(); ++r) {
     const Scalar pos = Scalar(pos0 + r);
     for (int64_t i = 0; i < half; ++i) {
       const Scalar theta = std::pow(Scalar(10000), -Scalar(2 * i) / Scalar(D));
-      const Scalar c = std::cos(pos * theta), s = std::sin(pos * theta);
+      const Scalar c = std::cos(pos * theta), s = (inverse ? -1 : 1) * std::sin(pos * theta);
       const int64_t ia = mode == RopeMode::half ? i : 2 * i;
       const int64_t ib = mode == RopeMode::half ? i + half : 2 * i + 1;
       const Scalar a = x(r, ia), b = x(r, ib);
@@ -120,6 +128,79 @@ void sdpa_forward_reference(const SdpaDims& d, DType round,
         double* wp = weights + (b * d.H + h) * d.Nq * d.Nkv;
         Eigen::Map<Matrix<double>>(wp, d.Nq, d.Nkv) = S.template cast<double>();
       }
+    }
+  }
+}
+
+/// The backward pass of sdpa_forward_reference: dq, dk, dv (dense, overwritten)
+/// from the inputs and the cotangent dout (B, H, Nq, D), with the same stage
+/// rounding (`round`) as the forward: after RoPE, the scores, the softmax and
+/// O as there, then after dP, dS, each gradient product and the rotation back.
+template <class Scalar>
+void sdpa_backward_reference(const SdpaDims& d, DType round,
+                             double* dq,              // (B, H, Nq, D)
+                             double* dk,              // (B, Hkv, Nkv, D)
+                             double* dv,              // (B, Hkv, Nkv, D)
+                             const double* q,         // (B, H, Nq, D)
+                             const double* k,         // (B, Hkv, Nkv, D)
+                             const double* v,         // (B, Hkv, Nkv, D)
+                             const int32_t* kv_len,   // (B,)
+                             const double* dout)      // (B, H, Nq, D)
+{
+  const int64_t group = d.H / d.Hkv;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(d.D));
+  const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t hk = 0; hk < d.Hkv; ++hk) {
+      const double* kp = k + (b * d.Hkv + hk) * d.Nkv * d.D;
+      const double* vp = v + (b * d.Hkv + hk) * d.Nkv * d.D;
+      Matrix<Scalar> K = Eigen::Map<const Matrix<double>>(kp, d.Nkv, d.D).cast<Scalar>();
+      const Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(vp, d.Nkv, d.D).cast<Scalar>();
+      rope_rotate_rows(K, 0, d.rope);
+      round_inplace(K, round);
+      Matrix<Scalar> dK = Matrix<Scalar>::Zero(d.Nkv, d.D), dV = Matrix<Scalar>::Zero(d.Nkv, d.D);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const double* qp = q + (b * d.H + h) * d.Nq * d.D;
+        const double* gp = dout + (b * d.H + h) * d.Nq * d.D;
+        Matrix<Scalar> Q = Eigen::Map<const Matrix<double>>(qp, d.Nq, d.D).cast<Scalar>();
+        const Matrix<Scalar> dO = Eigen::Map<const Matrix<double>>(gp, d.Nq, d.D).cast<Scalar>();
+        rope_rotate_rows(Q, d.Nkv - d.Nq, d.rope);
+        round_inplace(Q, round);
+
+        // The forward, as sdpa_forward_reference computes it.
+        Matrix<Scalar> P = (Q * K.transpose()) * scale;
+        round_inplace(P, round);
+        for (int64_t i = 0; i < d.Nq; ++i)
+          for (int64_t j = 0; j < d.Nkv; ++j)
+            if (!sdpa_allowed(d, i, j, kv_len[b])) P(i, j) = neg_inf;
+        masked_softmax_rows(P);
+        round_inplace(P, round);
+        Matrix<Scalar> O = P * V;
+        round_inplace(O, round);
+
+        Matrix<Scalar> dP = dO * V.transpose();
+        round_inplace(dP, round);
+        const Vector<Scalar> delta = (dO.array() * O.array()).rowwise().sum();
+        Matrix<Scalar> dS = (P.array() * (dP.array().colwise() - delta.array())).matrix();
+        round_inplace(dS, round);
+        Matrix<Scalar> dQ = (dS * K) * scale;
+        round_inplace(dQ, round);
+        Matrix<Scalar> dKh = (dS.transpose() * Q) * scale;
+        round_inplace(dKh, round);
+        Matrix<Scalar> dVh = P.transpose() * dO;
+        round_inplace(dVh, round);
+        dK += dKh;
+        dV += dVh;
+
+        rope_rotate_rows(dQ, d.Nkv - d.Nq, d.rope, true);
+        round_inplace(dQ, round);
+        Eigen::Map<Matrix<double>>(dq + (b * d.H + h) * d.Nq * d.D, d.Nq, d.D) = dQ.template cast<double>();
+      }
+      rope_rotate_rows(dK, 0, d.rope, true);
+      round_inplace(dK, round);
+      round_inplace(dV, round);
+      Eigen::Map<Matrix<double>>(dk + (b * d.Hkv + hk) * d.Nkv * d.D, d.Nkv, d.D) = dK.template cast<double>();
+      Eigen::Map<Matrix<double>>(dv + (b * d.Hkv + hk) * d.Nkv * d.D, d.Nkv, d.D) = dV.template cast<double>();
     }
   }
 }

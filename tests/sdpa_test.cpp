@@ -16,6 +16,7 @@
 #include "harness/variant.hpp"
 #include "impls/cuda/sdpa_math.hpp"
 #include "reference/sdpa.hpp"
+#include "tests/backward_support.hpp"
 
 using namespace attnbench;
 
@@ -400,4 +401,237 @@ TEST_CASE("sdpa cpu: explicit strides (B, N, H, D) layout give the dense result"
     REQUIRE(std::isfinite(dense[i]));
     REQUIRE(strided[i] == dense[i]);  // same arithmetic, only the addressing differs
   }
+}
+
+// ---- Backward -----------------------------------------------------------------------
+
+namespace {
+
+/// A small problem run directly through the CPU forward (saving lse) and backward.
+struct DirectBackward {
+  ref::SdpaDims d;
+  std::vector<int32_t> kv_len;
+  std::vector<double> q, k, v, dout;
+  std::vector<float> o, lse, dq, dk, dv;
+  std::vector<double> dq_ref, dk_ref, dv_ref;
+
+  DirectBackward(ref::SdpaDims dims, std::vector<int32_t> lens, int threads = 2) : d(dims), kv_len(std::move(lens)) {
+    std::mt19937_64 g(17);
+    std::normal_distribution<double> nd;
+    auto fill = [&](std::vector<double>& x, int64_t n) {
+      x.resize(size_t(n));
+      for (auto& e : x) e = double(float(nd(g)));
+    };
+    const int64_t nq = d.B * d.H * d.Nq * d.D, nkv = d.B * d.Hkv * d.Nkv * d.D;
+    fill(q, nq), fill(k, nkv), fill(v, nkv), fill(dout, nq);
+    dq_ref.resize(size_t(nq)), dk_ref.resize(size_t(nkv)), dv_ref.resize(size_t(nkv));
+    ref::sdpa_backward_reference<double>(d, DType::f64, dq_ref.data(), dk_ref.data(), dv_ref.data(), q.data(),
+                                         k.data(), v.data(), kv_len.data(), dout.data());
+    const std::vector<float> qf(q.begin(), q.end()), kf(k.begin(), k.end()), vf(v.begin(), v.end()),
+        gf(dout.begin(), dout.end());
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    o.assign(size_t(nq), nan), lse.assign(size_t(d.B * d.H * d.Nq), nan);
+    dq.assign(size_t(nq), nan), dk.assign(size_t(nkv), nan), dv.assign(size_t(nkv), nan);
+    SdpaBackwardParams b;
+    SdpaParams& p = b.fwd;
+    p.B = d.B, p.H = d.H, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nkv = d.Nkv, p.D = d.D, p.causal = d.causal;
+    p.rope = d.rope == ref::RopeMode::half          ? SdpaRope::half
+             : d.rope == ref::RopeMode::interleaved ? SdpaRope::interleaved
+                                                    : SdpaRope::none;
+    p.q = qf.data(), p.k = kf.data(), p.v = vf.data(), p.o = o.data(), p.lse = lse.data(), p.kv_len = kv_len.data();
+    p.q_strides = p.o_strides = sdpa_dense_strides(d.H, d.Nq, d.D);
+    p.k_strides = p.v_strides = sdpa_dense_strides(d.Hkv, d.Nkv, d.D);
+    b.dout = gf.data(), b.dq = dq.data(), b.dk = dk.data(), b.dv = dv.data();
+    b.do_strides = b.dq_strides = p.q_strides;
+    b.dk_strides = b.dv_strides = p.k_strides;
+    const size_t bytes =
+        std::max(cpu::sdpa_forward_fused_scratch_bytes(p, threads), cpu::sdpa_backward_fused_scratch_bytes(b, threads));
+    std::vector<float> scratch(bytes / sizeof(float) + 16, nan);
+    void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    cpu::sdpa_forward_fused(p, aligned, threads);
+    cpu::sdpa_backward_fused(b, aligned, threads);
+  }
+};
+
+double max_abs_of(const std::vector<double>& x) {
+  double m = 0;
+  for (double e : x) m = std::max(m, std::abs(e));
+  return m;
+}
+
+}  // namespace
+
+TEST_CASE("sdpa reference backward equals central finite differences of the forward", "[sdpa][backward]") {
+  for (const Params& given : std::vector<Params>{
+           {{"B", 1}, {"H", 2}, {"N", 5}, {"D", 4}},
+           {{"B", 2}, {"H", 4}, {"Hkv", 2}, {"Nq", 6}, {"Nkv", 9}, {"D", 6}, {"causal", true}, {"padding", true}},
+           {{"B", 1}, {"H", 2}, {"Hkv", 1}, {"Nq", 7}, {"Nkv", 4}, {"D", 8}, {"causal", true}, {"rope", "half"}},
+           {{"B", 1}, {"H", 1}, {"N", 6}, {"D", 6}, {"rope", "interleaved"}, {"need_weights", true}},
+       })
+    test::check_reference_gradients_fd(sdpa(), given);
+}
+
+TEST_CASE("sdpa cpu backward matches the f64 reference on odd shapes", "[sdpa][backward]") {
+  // N = 1 is the next test: with one key per row dq and dk are exactly zero and the rule's floor with them.
+  const std::vector<Params> shapes = {
+      {{"B", 1}, {"H", 2}, {"Nq", 1}, {"Nkv", 129}, {"D", 64}, {"causal", true}},
+      {{"B", 1}, {"H", 2}, {"N", 17}, {"D", 40}},
+      {{"B", 1}, {"H", 2}, {"N", 129}, {"D", 59}},
+      {{"B", 1}, {"H", 1}, {"N", 1000}, {"D", 80}, {"causal", true}},
+      {{"B", 1}, {"H", 2}, {"Hkv", 1}, {"N", 300}, {"D", 128}, {"rope", "half"}},
+      {{"B", 2}, {"H", 6}, {"Hkv", 2}, {"N", 77}, {"D", 48}, {"rope", "interleaved"}},
+      {{"B", 1}, {"H", 2}, {"Nq", 37}, {"Nkv", 300}, {"D", 64}, {"causal", true}},
+      {{"B", 1}, {"H", 4}, {"Hkv", 2}, {"Nq", 300}, {"Nkv", 37}, {"D", 40}, {"causal", true}, {"rope", "half"}},
+      {{"B", 4}, {"H", 2}, {"Hkv", 1}, {"N", 65}, {"D", 16}, {"padding", true}, {"need_weights", true}},
+  };
+  for (const Params& s : shapes)
+    for (DType dt : {DType::f32, DType::bf16}) test::require_pass_ok(sdpa(), "cpu", dt, s, Pass::bwd);
+}
+
+TEST_CASE("sdpa cpu backward at N = 1: dv = dO, dq and dk vanish up to rounding", "[sdpa][backward]") {
+  // One key per row: P = 1, so dS = P ∘ (dP − Δ) = 0 exactly in exact arithmetic and the ratio
+  // rule's floor (relative to max |oracle| = 0) admits no rounding at all. Bound the rounding by
+  // the size of the products instead: |dq|, |dk| ≤ 2⁻¹⁸ · max|dO| · max|v| · max|k| · √D.
+  for (DType dt : {DType::f32, DType::bf16})
+    for (const Params& given : std::vector<Params>{{{"B", 2}, {"H", 4}, {"Hkv", 2}, {"N", 1}, {"D", 64}},
+                                                   {{"B", 1}, {"H", 2}, {"N", 1}, {"D", 59}}}) {
+      const Params p = complete(given);
+      const TensorMap in = sdpa().cast_inputs(p, test::inputs_with_cotangents(sdpa(), p, 3), dt);
+      const TensorMap out = test::run_pass(sdpa(), "cpu", p, dt, in, Pass::bwd);
+      const double scale = test::max_abs(in.at("do")) * test::max_abs(in.at("v")) * test::max_abs(in.at("k")) *
+                           std::sqrt(double(p.at("D").get<int64_t>()));
+      INFO(p.dump() << " " << dtype_name(dt));
+      CHECK(test::max_abs(out.at("dq")) <= scale / (1 << 18));
+      CHECK(test::max_abs(out.at("dk")) <= scale / (1 << 18));
+      // dv = Σ p dO with the single p = 1: the cotangent summed over the query heads of each kv head.
+      const Tensor& dv = out.at("dv");
+      const int64_t kv_heads = dv.dim(1), group = in.at("do").dim(1) / kv_heads, D = dv.dim(3);
+      for (int64_t i = 0; i < dv.numel(); ++i) {
+        const int64_t b = i / (kv_heads * D), hk = i / D % kv_heads, d = i % D;
+        double want = 0;
+        for (int64_t g = 0; g < group; ++g) want += in.at("do").get(((b * kv_heads + hk) * group + g) * D + d);
+        REQUIRE(dv.get(i) == Approx(want).margin(1e-6));
+      }
+    }
+}
+
+TEST_CASE("sdpa cpu fwd_bwd checks outputs and gradients; the reference runs every pass", "[sdpa][backward]") {
+  for (DType dt : {DType::f32, DType::bf16}) {
+    test::require_pass_ok(sdpa(), "cpu", dt, {{"B", 2}, {"H", 4}, {"Hkv", 2}, {"N", 129}, {"D", 40}, {"causal", true}},
+                          Pass::fwd_bwd);
+    test::require_pass_ok(sdpa(), "cpu", dt,
+                          {{"B", 3}, {"H", 2}, {"Nq", 129}, {"Nkv", 17}, {"D", 64}, {"causal", true}, {"padding", true},
+                           {"need_weights", true}},
+                          Pass::fwd_bwd);
+  }
+  for (DType dt : {DType::f32, DType::bf16, DType::f16})
+    test::require_pass_ok(sdpa(), "reference", dt, {{"H", 2}, {"Nq", 20}, {"Nkv", 33}, {"D", 24}, {"causal", true}},
+                          Pass::bwd, 1);
+  const auto cpu = sdpa().find_impl("cpu");
+  REQUIRE(cpu);
+  CHECK(cpu->passes == std::vector<Pass>{Pass::fwd, Pass::bwd, Pass::fwd_bwd});
+  CHECK(sdpa().differentiable() == std::vector<std::string>{"q", "k", "v"});
+  CHECK(sdpa().cotangents(complete({{"need_weights", true}})) == std::vector<std::string>{"o"});
+  CHECK(sdpa().pass_flops(complete(Params::object()), Pass::fwd_bwd) == 3.5 * sdpa().flops(complete(Params::object())));
+}
+
+TEST_CASE("sdpa cpu backward: rows without keys get zero gradients, masked keys too", "[sdpa][backward]") {
+  // kv_len 0 empties batch 0; causal with Nq > Nkv empties the first Nq − Nkv rows;
+  // keys ≥ kv_len[b] are seen by no query.
+  ref::SdpaDims d;
+  d.B = 3, d.H = 4, d.Hkv = 2, d.Nq = 150, d.Nkv = 130, d.D = 24, d.causal = true, d.rope = ref::RopeMode::half;
+  const DirectBackward x(d, {0, 37, 130});
+  auto err = [](const std::vector<float>& a, const std::vector<double>& b) { return max_abs_diff(a, b) / max_abs_of(b); };
+  CHECK(err(x.dq, x.dq_ref) < 1e-5);
+  CHECK(err(x.dk, x.dk_ref) < 1e-5);
+  CHECK(err(x.dv, x.dv_ref) < 1e-5);
+  for (int64_t b = 0; b < d.B; ++b) {
+    for (int64_t h = 0; h < d.H; ++h)
+      for (int64_t i = 0; i < d.Nq; ++i) {
+        bool empty = true;
+        for (int64_t j = 0; j < d.Nkv; ++j) empty = empty && !ref::sdpa_allowed(d, i, j, x.kv_len[size_t(b)]);
+        CHECK(std::isfinite(x.lse[size_t((b * d.H + h) * d.Nq + i)]) == !empty);
+        for (int64_t c = 0; c < d.D; ++c) {
+          const float g = x.dq[size_t(((b * d.H + h) * d.Nq + i) * d.D + c)];
+          REQUIRE(std::isfinite(g));
+          if (empty) REQUIRE(g == 0.0f);
+        }
+      }
+    for (int64_t hk = 0; hk < d.Hkv; ++hk)
+      for (int64_t j = x.kv_len[size_t(b)]; j < d.Nkv; ++j)
+        for (int64_t c = 0; c < d.D; ++c) {
+          REQUIRE(x.dk[size_t(((b * d.Hkv + hk) * d.Nkv + j) * d.D + c)] == 0.0f);
+          REQUIRE(x.dv[size_t(((b * d.Hkv + hk) * d.Nkv + j) * d.D + c)] == 0.0f);
+        }
+  }
+  // One thread, and more threads than kv heads (the key tiles of a head split among tasks): the same gradients.
+  d.B = 1, d.H = 2, d.Hkv = 1, d.Nq = 300, d.Nkv = 700;
+  for (int threads : {1, 3}) {
+    const DirectBackward y(d, {650}, threads);
+    CHECK(err(y.dq, y.dq_ref) < 1e-5);
+    CHECK(err(y.dk, y.dk_ref) < 1e-5);
+    CHECK(err(y.dv, y.dv_ref) < 1e-5);
+  }
+}
+
+TEST_CASE("sdpa cpu backward: explicit strides give the dense gradients", "[sdpa][backward]") {
+  // q, k, v, dout, dq, dk, dv stored token-major (B, N, heads, D) against dense (B, heads, N, D).
+  const int64_t B = 2, H = 4, Hkv = 2, Nq = 45, Nkv = 70, D = 32;
+  std::mt19937_64 g(23);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(size_t(B * H * Nq * D)), k(size_t(B * Hkv * Nkv * D)), v(k.size()), dout(q.size());
+  for (auto* x : {&q, &k, &v, &dout})
+    for (auto& e : *x) e = nd(g);
+  std::vector<int32_t> kv_len{70, 33};
+  auto relayout = [&](const std::vector<float>& x, int64_t heads, int64_t n, bool to_token_major) {
+    std::vector<float> y(x.size());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t h = 0; h < heads; ++h)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t d = 0; d < D; ++d) {
+            const size_t dense = size_t(((b * heads + h) * n + i) * D + d), tok = size_t(((b * n + i) * heads + h) * D + d);
+            if (to_token_major)
+              y[tok] = x[dense];
+            else
+              y[dense] = x[tok];
+          }
+    return y;
+  };
+  auto run = [&](bool token_major) {
+    auto lay = [&](const std::vector<float>& x, int64_t heads, int64_t n) {
+      return token_major ? relayout(x, heads, n, true) : x;
+    };
+    const auto qs = lay(q, H, Nq), ks = lay(k, Hkv, Nkv), vs = lay(v, Hkv, Nkv), gs = lay(dout, H, Nq);
+    auto strides = [&](int64_t heads, int64_t n) {
+      return token_major ? SdpaStrides{n * heads * D, D, heads * D} : sdpa_dense_strides(heads, n, D);
+    };
+    std::vector<float> o(q.size()), lse(size_t(B * H * Nq)), dq(q.size()), dk(k.size()), dv(k.size());
+    SdpaBackwardParams b;
+    SdpaParams& p = b.fwd;
+    p.B = B, p.H = H, p.Hkv = Hkv, p.Nq = Nq, p.Nkv = Nkv, p.D = D, p.causal = true, p.rope = SdpaRope::interleaved;
+    p.q = qs.data(), p.k = ks.data(), p.v = vs.data(), p.o = o.data(), p.lse = lse.data(), p.kv_len = kv_len.data();
+    p.q_strides = p.o_strides = strides(H, Nq);
+    p.k_strides = p.v_strides = strides(Hkv, Nkv);
+    b.dout = gs.data(), b.dq = dq.data(), b.dk = dk.data(), b.dv = dv.data();
+    b.do_strides = b.dq_strides = strides(H, Nq);
+    b.dk_strides = b.dv_strides = strides(Hkv, Nkv);
+    const size_t bytes = std::max(cpu::sdpa_forward_fused_scratch_bytes(p, 2), cpu::sdpa_backward_fused_scratch_bytes(b, 2));
+    std::vector<float> scratch(bytes / sizeof(float) + 16);
+    void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t(63));
+    cpu::sdpa_forward_fused(p, aligned, 2);
+    cpu::sdpa_backward_fused(b, aligned, 2);
+    if (token_major) dq = relayout(dq, H, Nq, false), dk = relayout(dk, Hkv, Nkv, false), dv = relayout(dv, Hkv, Nkv, false);
+    return std::vector<std::vector<float>>{dq, dk, dv};
+  };
+  const auto dense = run(false), strided = run(true);
+  for (size_t t = 0; t < 3; ++t)
+    for (size_t i = 0; i < dense[t].size(); ++i) {
+      REQUIRE(std::isfinite(dense[t][i]));
+      REQUIRE(strided[t][i] == dense[t][i]);
+    }
+}
+
+TEST_CASE("sdpa cpu backward: missing saved tensors are an error, not a crash", "[sdpa][backward]") {
+  SdpaBackwardParams b;
+  CHECK_THROWS_WITH(cpu::sdpa_backward_fused(b, nullptr, 1), Catch::Contains("o, lse, dout, dq, dk and dv"));
 }

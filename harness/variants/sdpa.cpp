@@ -105,9 +105,11 @@ SdpaParams kernel_params(const SdpaCase& c, DType dtype) {
   return p;
 }
 
+/// fwd: the forward. bwd: the forward in the constructor (setup) saving o and the
+/// log-sum-exp in the workspace, run() the backward alone. fwd_bwd: both in run().
 class SdpaCpuInstance final : public Instance {
  public:
-  explicit SdpaCpuInstance(const ImplArgs& a) : p_(kernel_params(case_of(a.params), a.dtype)) {
+  explicit SdpaCpuInstance(const ImplArgs& a) : pass_(a.pass), p_(kernel_params(case_of(a.params), a.dtype)) {
     const auto& in = a.inputs;
     p_.q = require(in, "q", "sdpa cpu").raw();
     p_.k = require(in, "k", "sdpa cpu").raw();
@@ -116,12 +118,46 @@ class SdpaCpuInstance final : public Instance {
     p_.o = a.outputs.at("o").data<float>();
     if (a.outputs.count("weights")) p_.weights = a.outputs.at("weights").data<float>();
     threads_ = omp_get_max_threads();
-    scratch_ = a.workspace.allocate(cpu::sdpa_forward_fused_scratch_bytes(p_, threads_));
+    size_t bytes = cpu::sdpa_forward_fused_scratch_bytes(p_, threads_);
+    if (runs_backward(pass_)) {
+      b_ = backward_params(p_, a);
+      b_.fwd = p_;
+      bytes = std::max(bytes, cpu::sdpa_backward_fused_scratch_bytes(b_, threads_));
+      p_.lse = a.workspace.alloc<float>(size_t(p_.B * p_.H * p_.Nq));
+      if (pass_ == Pass::bwd) {
+        // The backward reads o: keep the forward's copy where the harness cannot NaN-fill it.
+        float* o_out = p_.o;
+        p_.o = a.workspace.alloc<float>(size_t(p_.B * p_.H * p_.Nq * p_.D));
+        p_.o_strides = sdpa_dense_strides(p_.H, p_.Nq, p_.D);
+        scratch_ = a.workspace.allocate(bytes);
+        cpu::sdpa_forward_fused(p_, scratch_, threads_);
+        std::copy_n(p_.o, size_t(p_.B * p_.H * p_.Nq * p_.D), o_out);
+      }
+      b_.fwd = p_;
+    }
+    if (!scratch_) scratch_ = a.workspace.allocate(bytes);
   }
-  void run() override { cpu::sdpa_forward_fused(p_, scratch_, threads_); }
+  void run() override {
+    if (runs_forward(pass_)) cpu::sdpa_forward_fused(p_, scratch_, threads_);
+    if (runs_backward(pass_)) cpu::sdpa_backward_fused(b_, scratch_, threads_);
+  }
 
  private:
+  /// The backward's cotangent and gradients over the tensors (o, lse from the forward's parameters).
+  static SdpaBackwardParams backward_params(const SdpaParams& p, const ImplArgs& a) {
+    SdpaBackwardParams b;
+    b.dout = require(a.inputs, grad_name("o"), "sdpa cpu").raw();
+    b.do_strides = b.dq_strides = p.q_strides;
+    b.dk_strides = b.dv_strides = p.k_strides;
+    b.dq = a.outputs.at(grad_name("q")).data<float>();
+    b.dk = a.outputs.at(grad_name("k")).data<float>();
+    b.dv = a.outputs.at(grad_name("v")).data<float>();
+    return b;
+  }
+
+  Pass pass_;
   SdpaParams p_;
+  SdpaBackwardParams b_;
   int threads_ = 1;
   void* scratch_ = nullptr;
 };
@@ -210,6 +246,7 @@ class SdpaVariant final : public Variant {
     v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
                    return std::make_unique<SdpaCpuInstance>(a);
                  }});
+    v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     // Registered in every build so that suites naming it run everywhere: the runner records
     // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
     v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16},
@@ -310,6 +347,35 @@ class SdpaVariant final : public Variant {
     return r;
   }
 
+  std::vector<std::string> differentiable() const override { return {"q", "k", "v"}; }
+  /// Only o gets a cotangent: the attention weights (need_weights) are an output to inspect, not to train.
+  std::vector<std::string> cotangents(const Params&) const override { return {"o"}; }
+
+  /// Inputs q, k, v, kv_len and the cotangent "do"; gradients dq, dk, dv (f32, f64 for the oracle).
+  TensorMap reference_backward(const Params& p, const TensorMap& in, DType dtype) const override {
+    const SdpaCase c = case_of(p);
+    const auto q = require(in, "q", "sdpa reference backward").to_f64_vector();
+    const auto k = require(in, "k", "sdpa reference backward").to_f64_vector();
+    const auto v = require(in, "v", "sdpa reference backward").to_f64_vector();
+    const auto dout = require_shape(in, grad_name("o"), q_shape(c.d), "sdpa reference backward").to_f64_vector();
+    const Tensor& len_t = require(in, "kv_len", "sdpa reference backward");
+    std::vector<int32_t> kv_len(size_t(c.d.B));
+    for (int64_t b = 0; b < c.d.B; ++b) kv_len[size_t(b)] = int32_t(len_t.get(b));
+    std::vector<double> dq(q.size()), dk(k.size()), dv(v.size());
+    if (dtype == DType::f64)
+      ref::sdpa_backward_reference<double>(c.d, DType::f64, dq.data(), dk.data(), dv.data(), q.data(), k.data(),
+                                           v.data(), kv_len.data(), dout.data());
+    else
+      ref::sdpa_backward_reference<float>(c.d, dtype, dq.data(), dk.data(), dv.data(), q.data(), k.data(), v.data(),
+                                          kv_len.data(), dout.data());
+    const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
+    TensorMap r;
+    r.emplace(grad_name("q"), tensor_from(dq, out, q_shape(c.d)));
+    r.emplace(grad_name("k"), tensor_from(dk, out, kv_shape(c.d)));
+    r.emplace(grad_name("v"), tensor_from(dv, out, kv_shape(c.d)));
+    return r;
+  }
+
   /// 4·B·H·D·pairs: QKᵀ and PV, 2 FLOPs per multiply-add each, over the pairs
   /// the causal mask allows (exactly: Nq·Nkv without it, N(N+1)/2 for Nq = Nkv).
   /// Padding (data-dependent) and the need_weights recomputation are not counted.
@@ -347,6 +413,34 @@ class SdpaVariant final : public Variant {
     }
 #endif
     return io;
+  }
+
+  /// Beyond the forward's model: the gradients (shaped like q, k, v; f32, f64
+  /// for the oracle), the cotangent (like o, in the dtype) and, per
+  /// implementation, what the backward keeps: the reference recomputes the
+  /// forward and materializes P, dP and dS per head; the CPU kernel keeps the
+  /// lse and (bwd) its copy of o, and its scratch is the larger of the two passes';
+  /// CUDA counts device memory likewise.
+  double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
+    const SdpaCase c = case_of(p);
+    const ref::SdpaDims& d = c.d;
+    const double os = dtype == DType::f64 ? 8.0 : 4.0;
+    const double nq = double(numel(q_shape(d))), nkv = double(numel(kv_shape(d)));
+    const double grads = (nq + 2.0 * nkv) * os, cot = nq * double(dtype_size(dtype)), lse = 4.0 * double(d.B * d.H * d.Nq);
+    if (impl == "reference") {
+      const double cs = dtype == DType::f64 ? 8.0 : 4.0;
+      return grads + cot + 8.0 * (nq + 2.0 * nkv + nq) + 4.0 * cs * double(d.Nq) * double(d.Nkv) +
+             6.0 * cs * double(d.Nq + d.Nkv) * double(d.D);
+    }
+    if (impl == "cpu") {
+      SdpaBackwardParams bp;
+      bp.fwd = kernel_params(c, dtype);
+      const int threads = omp_get_max_threads();
+      const double fwd = double(cpu::sdpa_forward_fused_scratch_bytes(bp.fwd, threads));
+      const double bwd = double(cpu::sdpa_backward_fused_scratch_bytes(bp, threads));
+      return grads + cot + lse + 4.0 * nq + std::max(0.0, bwd - fwd);
+    }
+    return grads + cot + lse + 4.0 * nq;
   }
 
   std::vector<Params> test_shapes() const override {

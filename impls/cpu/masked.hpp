@@ -1,6 +1,7 @@
 // Masked (block-sparse) attention forward: the parameters shared by the CPU
 // and CUDA entry points (impls/cpu/masked.cpp has the equation, the algorithm
 // and the measured strategies; impls/cuda/masked.hpp declares the CUDA launcher).
+// Raw pointers and caller-owned scratch: no harness types.
 #pragma once
 
 #include <cstddef>
@@ -33,7 +34,9 @@ struct MaskedParams {
   const uint8_t* tiles = nullptr;     // (map_batches, n_qt, n_kt) mask::Tile
   const int32_t* kv_count = nullptr;  // (map_batches, n_qt)
   const int32_t* kv_index = nullptr;  // (map_batches, n_qt, n_kt)
-  float* lse = nullptr;  // (B, H, Nq) f32, as for SDPA
+
+  float* lse = nullptr;  // (B, H, Nq) f32 dense: natural-log log-sum-exp of each row's modded, masked
+                         // scores (−inf for a row without keys); written by the forward when set
 };
 
 /// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v.

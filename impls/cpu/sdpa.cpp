@@ -1,4 +1,4 @@
-// Scaled-dot-product attention, fused CPU forward (DESIGN §5 "SDPA").
+// Scaled-dot-product attention, fused CPU forward and backward (DESIGN §5 "SDPA").
 //
 //   q: (B, H, Nq, D)   k, v: (B, Hkv, Nkv, D)   kv_len: (B,)   head h reads kv head h/(H/Hkv)
 //   o_i = Σ_j softmax_j(RoPE(q_i)·RoPE(k_j)/√D + mask_ij) v_j            o: (B, H, Nq, D) f32
@@ -20,7 +20,32 @@
 // Finally O /= l (0 for a row without keys). need_weights recomputes S in a
 // second pass and writes 2^(S−m)/l. bf16 inputs are widened to f32 while
 // packing (q, k, v are read once), so the inner loops are the f32 ones.
-// Never materializes (Nq, Nkv) beyond one 48×256 tile per thread.
+// Never materializes (Nq, Nkv) beyond one 48×256 tile per thread. With p.lse
+// set each row's log-sum-exp is written too ((m + log2 l)·ln 2, in double).
+// The packing and the tile loop are the shared ones of attention-inl.h
+// (PackKeyTile, ForwardRows, FinishRows: masked attention runs the same code).
+//
+// Backward (FlashAttention-2's algorithm):
+//   Δ_i = Σ_d dO_id O_id;  P = 2^(S − lse₂) recomputed per tile from q, k and the
+//   saved lse;  dP = dO·Vᵀ;  dS = P ∘ (dP − Δ);  dV = Pᵀ·dO;  dK = dSᵀ·Q/√D;  dQ = dS·K/√D
+// then RoPE's transpose on dQ and dK. Three phases, OpenMP each:
+//   1. per (kv head, 64 flattened query rows): the query side, packed once —
+//      rotated q × log2(e)/√D (bitwise the forward's), dO widened, both also
+//      transposed (D, rows), lse₂ as hi + lo floats, Δ, the row's key limit;
+//   2. per (kv head, split): for each of its 128-key tiles, K rotated (rows and
+//      transposed) and Vᵀ packed, dKᵀ and dVᵀ accumulated over the query rows
+//      that see the tile (a suffix: limits are non-decreasing) in 64-row pairs:
+//        S = Qs·Kᵀ, dP = dO·Vᵀ (score kernel) → mask → P, dS (vector pass) →
+//        dVᵀ += dOᵀ·P, dKᵀ += Qsᵀ·dS (accumulate kernel, D rows) →
+//        dQ += dS·K (accumulate kernel, into the split's dq accumulator);
+//      then dK, dV of the tile stored (scaled, rotated back). No atomics: a task
+//      owns its key tiles' dK, dV and its split's dq accumulator;
+//   3. per (kv head, 64 rows): dq = Σ_splits acc / √D, rotated back.
+// A kv head is split over tasks (1–8 splits, interleaved key tiles) only when
+// B·Hkv < 2·threads; otherwise one task per kv head and one accumulator.
+// Accumulate kernels sum each call from zero and add to memory, so a long
+// accumulation (dK over N query rows) is a sum of 64-term partial sums: the
+// f32 error fell 2–4× below the f32 reference's (N 1000: ratio 2.4 → 0.7).
 //
 // Strategies, f32 B=1 H=8 N=4096 D=64 non-causal, 2 Zen 4 cores, quiet machine.
 // GFLOP/s = 4·B·H·N²·D / wall time; "% FMA" is of this machine's measured zmm
@@ -54,6 +79,7 @@
 #include <cstring>
 #include <limits>
 #include <stdexcept>
+#include <string>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "impls/cpu/sdpa.cpp"
@@ -65,16 +91,28 @@
 #ifndef ATTNBENCH_IMPLS_CPU_SDPA_SHARED_
 #define ATTNBENCH_IMPLS_CPU_SDPA_SHARED_
 namespace attnbench::cpu::sdpa_detail {
+using namespace attn;
 
-inline constexpr int64_t kTileQ = 48;     // query rows per task (multiple of every kBlockRows)
-inline constexpr int64_t kTileK = 256;    // keys per tile (multiple of every key block)
-inline constexpr int64_t kMaxLanes = 16;  // f32 lanes of the widest x86 target (AVX-512)
+inline constexpr int64_t kTileQ = 48;   // forward: query rows per task (multiple of every kBlockRows)
+inline constexpr int64_t kTileK = 256;  // forward: keys per tile (multiple of every key block)
+inline constexpr int64_t kBwdTileQ = 64;   // backward: query rows per pair
+inline constexpr int64_t kBwdTileK = 128;  // backward: keys per tile (a task's dK, dV accumulators)
+inline constexpr int64_t kBwdChunk = 64;   // backward: query rows per packing task (a multiple of 16)
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+/// Positions of the RoPE table rows: queries sit at i + Nkv − Nq, keys at j.
+struct RopeSpan {
+  int64_t pos_min, n_pos, half, floats;
+  explicit RopeSpan(const SdpaParams& p) {
+    pos_min = std::min<int64_t>(0, p.Nkv - p.Nq);
+    n_pos = p.Nkv - pos_min;
+    half = p.D / 2;
+    floats = p.rope == SdpaRope::none ? 0 : round_up(2 * n_pos * half, 16);
+  }
+};
 
-/// Sizes of the packed operands and per-thread tiles, in floats.
+/// Sizes of the forward's packed operands and per-thread tiles, in floats.
 struct Layout {
-  int64_t Dp, T, Nkv_p, pos_min, n_pos, half;
+  int64_t Dp, T, Nkv_p;
   int64_t kpack, vpack, rope, per_thread;
   bool direct_v;  // f32 V with D a multiple of 16 is read in place, not packed
   explicit Layout(const SdpaParams& p) {
@@ -82,40 +120,38 @@ struct Layout {
     direct_v = p.dtype == DType::f32 && Dp == p.D;
     T = (p.Nkv + kTileK - 1) / kTileK;
     Nkv_p = T * kTileK;
-    pos_min = std::min<int64_t>(0, p.Nkv - p.Nq);
-    n_pos = p.Nkv - pos_min;
-    half = p.D / 2;
     kpack = p.B * p.Hkv * T * p.D * kTileK;
     vpack = direct_v ? 0 : p.B * p.Hkv * Nkv_p * Dp;
-    rope = p.rope == SdpaRope::none ? 0 : round_up(2 * n_pos * half, 16);
-    // q tile (kTileQ, D), scores (kTileQ, kTileK), o (kTileQ, Dp), m, l, alpha, 16 key rows,
-    // lane-wise row maxima.
-    per_thread = round_up(kTileQ * p.D, 16) + kTileQ * kTileK + kTileQ * Dp + 3 * round_up(kTileQ, 16) +
-                 16 * round_up(p.D, 16) + kTileQ * kMaxLanes;
+    rope = RopeSpan(p).floats;
+    // The forward tile and 16 key rows (packing).
+    per_thread = round_up(forward_tile_floats(kTileQ, p.D, kTileK, Dp), 16) + 16 * round_up(p.D, 16);
   }
 };
 
-inline float load_elem(const float* x, int64_t i) { return x[i]; }
-inline float load_elem(const bf16_t* x, int64_t i) { return to_float(x[i]); }
-
-/// Reads one row of D elements into f32 and applies RoPE at table row (c, s).
-template <class T>
-void load_row_rotated(float* out, const T* in, int64_t D, SdpaRope rope, const float* c, const float* s) {
-  for (int64_t d = 0; d < D; ++d) out[d] = load_elem(in, d);
-  if (rope == SdpaRope::none) return;
-  const int64_t half = D / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const int64_t ia = rope == SdpaRope::half ? i : 2 * i;
-#if defined(ATTNBENCH_MUTANT_sdpa_rope_pair)  // scripts/mutation-test.sh: half pairs i with i + half + 1
-    const int64_t ib = rope == SdpaRope::half ? (i + half + 1) % D : 2 * i + 1;
-#else
-    const int64_t ib = rope == SdpaRope::half ? i + half : 2 * i + 1;
-#endif
-    const float a = out[ia], b = out[ib];
-    out[ia] = a * c[i] - b * s[i];
-    out[ib] = b * c[i] + a * s[i];
+/// Sizes of the backward's packed query side, accumulators and per-thread tiles, in floats.
+struct BackwardLayout {
+  int64_t G, R, ld, Dp, n_kt, groups, splits;
+  int64_t side, dq, rope, per_thread;  // side: one group's query side; dq: one group-split accumulator
+  BackwardLayout(const SdpaParams& p, int threads) {
+    G = p.H / p.Hkv;
+    R = p.Nq * G;
+    ld = round_up(R, 16);
+    Dp = round_up(p.D, 16);
+    n_kt = (p.Nkv + kBwdTileK - 1) / kBwdTileK;
+    groups = p.B * p.Hkv;
+    // Key tiles of a group are split among tasks (each with its own dq accumulator)
+    // only when there are too few groups to keep every thread busy.
+    splits = std::clamp<int64_t>((4 * int64_t(threads) + groups - 1) / groups, 1, std::min<int64_t>(n_kt, 8));
+    if (groups >= 2 * int64_t(threads)) splits = 1;
+    const int64_t rd = round_up(R * p.D, 16);
+    side = 2 * rd + 2 * p.D * ld + 4 * ld;  // qs, dout, qst, dot, lse2 (hi, lo), delta, lim
+    dq = ld * Dp;
+    rope = RopeSpan(p).floats;
+    const int64_t kt = p.D * kBwdTileK;
+    per_thread = 4 * kt + kBwdTileK * Dp + 2 * kBwdTileQ * kBwdTileK + 16 * round_up(p.D, 16);
   }
-}
+  size_t floats() const { return size_t(groups * (side + splits * dq) + rope); }
+};
 
 /// Keys visible to query row i of batch b: [0, lim).
 inline int64_t row_limit(const SdpaParams& p, int64_t b, int64_t i) {
@@ -124,6 +160,8 @@ inline int64_t row_limit(const SdpaParams& p, int64_t b, int64_t i) {
   return lim;
 }
 
+inline RopePairs pairs_of(SdpaRope r) { return RopePairs(uint8_t(r)); }
+
 }  // namespace attnbench::cpu::sdpa_detail
 #endif
 
@@ -131,87 +169,67 @@ HWY_BEFORE_NAMESPACE();
 namespace attnbench::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using namespace sdpa_detail;
-static_assert(hn::MaxLanes(DF()) <= size_t(kMaxLanes), "row-maxima scratch sized for 16 lanes");
 
-/// Scratch of one thread.
-struct ThreadTiles {
-  float* q;      // (kTileQ, D)   rotated, scaled query tile
-  float* s;      // (kTileQ, kTileK) scores, then probabilities
-  float* o;      // (kTileQ, Dp)  output accumulator
-  float* m;      // (kTileQ,) running max (log2 units)
-  float* l;      // (kTileQ,) running sum
-  float* alpha;  // (kTileQ,) rescale factor of the current tile
-  float* rows;   // (16, D) rotated key rows (packing)
-  float* vmax;   // (kTileQ, 16) lane-wise row maxima of the current score tile
+/// RoPE of the queries (at i + Nkv − Nq) and of the keys (at j) over the tables.
+struct SdpaRopes {
+  Rope q, k;
+  SdpaRopes(const SdpaParams& p, const float* cos_t, const float* sin_t) {
+    const RopeSpan span(p);
+    q.pairs = k.pairs = pairs_of(p.rope);
+    q.cos_t = k.cos_t = cos_t, q.sin_t = k.sin_t = sin_t;
+    q.half = k.half = span.half, q.pos_min = k.pos_min = span.pos_min;
+    q.offset = p.Nkv - p.Nq;
+  }
 };
 
-/// S[0:rows, 0:ncols] = Q·Kᵀ for key tile `kt` (D, kTileK) with the lane-wise
-/// row maxima in w.vmax, then −inf where j ≥ lim_r. masked[r]: row r lost entries
-/// to the mask (its w.vmax is stale).
-HWY_INLINE void TileScores(DF df, const ThreadTiles& w, int64_t rows, int64_t D, const float* HWY_RESTRICT kt,
-                           int64_t ncols, int64_t j0, const int64_t* lim, bool* masked) {
-  const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
-  for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
-    for (int64_t c0 = 0; c0 < ncols; c0 += kb)
-      ScoresBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t(D), w.q + r0 * D, size_t(D), kt + c0,
-                      kTileK, w.s + r0 * kTileK + c0, kTileK, w.vmax + r0 * L, c0 == 0);
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+/// −inf in the scores of rows whose key limit falls inside this tile; returns
+/// whether any row was cut. s: (rows, s_ld), keys j0 … j0 + ncols − 1.
+HWY_INLINE bool MaskRowLimits(float* s, int64_t s_ld, int64_t rows, const int64_t* lim, int64_t j0, int64_t ncols,
+                              bool* cut) {
+  bool any = false;
   for (int64_t r = 0; r < rows; ++r) {
-    float* s = w.s + r * kTileK;
     const int64_t start = std::clamp<int64_t>(lim[r] - j0, 0, ncols);
-    masked[r] = start < ncols;
-    for (int64_t j = start; j < ncols; ++j) s[j] = kNegInf;
+    if (start < ncols) {
+      std::fill(s + r * s_ld + start, s + r * s_ld + ncols, kNegInf);
+      any = true;
+      if (cut) cut[r] = true;
+    }
   }
+  return any;
 }
 
 /// Packs key tile t of kv head (b, hk): K rotated and transposed to (D, kTileK),
-/// V widened to (kTileK, Dp); keys ≥ Nkv and dims ≥ D are zero. Keys go through
-/// `rows` (16, D) in blocks of 16 so that the transposed stores fill whole cache lines.
+/// V widened to (kTileK, Dp) unless read in place.
 template <class T>
-void PackKV(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, float* kpack, float* vpack,
-            float* rows, int64_t task) {
-  constexpr int64_t kBlock = 16;
+void PackKV(const SdpaParams& p, const Layout& lay, const SdpaRopes& ropes, float* kpack, float* vpack, float* rows,
+            int64_t task) {
   const int64_t t = task % lay.T, bk = task / lay.T, b = bk / p.Hkv, hk = bk % p.Hkv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
-  float* kt = kpack + (bk * lay.T + t) * p.D * kTileK;         // (D, kTileK)
-  float* vt = vpack + (bk * lay.Nkv_p + t * kTileK) * lay.Dp;  // (kTileK, Dp), unused with direct_v
-  for (int64_t jb = 0; jb < kTileK; jb += kBlock) {
-    for (int64_t jj = 0; jj < kBlock; ++jj) {
-      const int64_t j = t * kTileK + jb + jj;
-      float* krow = rows + jj * p.D;
-      float* vrow = vt + (jb + jj) * lay.Dp;
-      if (j < p.Nkv) {
-        const int64_t ti = (j - lay.pos_min) * lay.half;
-        load_row_rotated(krow, k + j * p.k_strides.n, p.D, p.rope, cos_t + ti, sin_t + ti);
-        if (lay.direct_v) continue;
-        for (int64_t d = 0; d < p.D; ++d) vrow[d] = load_elem(v + j * p.v_strides.n, d);
-        std::fill(vrow + p.D, vrow + lay.Dp, 0.0f);
-      } else {
-        std::fill_n(krow, p.D, 0.0f);
-        if (!lay.direct_v) std::fill_n(vrow, lay.Dp, 0.0f);
-      }
-    }
-    for (int64_t d = 0; d < p.D; ++d)
-      for (int64_t jj = 0; jj < kBlock; ++jj) kt[d * kTileK + jb + jj] = rows[jj * p.D + d];
-  }
+  const int64_t j0 = t * kTileK;
+  KeyPack out;
+  out.kt = kpack + (bk * lay.T + t) * p.D * kTileK, out.ld = kTileK;
+  if (!lay.direct_v) out.vrows = vpack + (bk * lay.Nkv_p + j0) * lay.Dp, out.v_ld = lay.Dp;
+  PackKeyTile<T>(
+      p.D, std::min(kTileK, p.Nkv - j0), kTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
+      [&](int64_t jt) { return v + (j0 + jt) * p.v_strides.n; }, ropes.k, j0, out, rows);
 }
 
 /// Writes the weights rows of the tile (row r to w_rows[r]): 2^(S − m)/l, 0 where masked.
-HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const ThreadTiles& w, const float* kt_head,
+HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const ForwardTile& w, const float* kt_head,
                             float* const* w_rows, int64_t rows, const int64_t* lim, int64_t hi) {
-  const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
+  const int64_t L = int64_t(hn::Lanes(df));
   for (int64_t t = 0; t < lay.T; ++t) {
     const int64_t j0 = t * kTileK, width = std::min(kTileK, p.Nkv - j0);
     if (j0 >= hi) {
       for (int64_t r = 0; r < rows; ++r) std::fill_n(w_rows[r] + j0, width, 0.0f);
       continue;
     }
-    const int64_t ncols = round_up(std::min(kTileK, hi - j0), kb);
-    bool masked[kTileQ];
-    TileScores(df, w, rows, p.D, kt_head + t * p.D * kTileK, ncols, j0, lim, masked);
+    const KeyTileView view{j0, std::min(kTileK, hi - j0), kt_head + t * p.D * kTileK, kTileK, nullptr, 0};
+    const int64_t ncols = ForwardScores(df, w, rows, p.D, view);
+    MaskRowLimits(w.s, w.s_ld, rows, lim, j0, ncols, nullptr);
     for (int64_t r = 0; r < rows; ++r) {
-      float* s = w.s + r * kTileK;
+      float* s = w.s + r * w.s_ld;
       float* out = w_rows[r] + j0;
       if (w.l[r] == 0.0f) {
         std::fill_n(out, width, 0.0f);
@@ -236,10 +254,9 @@ inline int64_t query_tiles(const SdpaParams& p) { return (p.Nq * (p.H / p.Hkv) +
 /// with f = i·G + g for query i of head hk·G + g (G = H/Hkv). Grouping the
 /// query heads that share K and V reads each key tile once per tile of rows.
 template <class T>
-void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t, const float* sin_t, const float* kpack,
-                     const float* vpack, const ThreadTiles& w, int64_t task) {
+void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ropes, const float* kpack,
+                     const float* vpack, const ForwardTile& w, int64_t task) {
   const DF df;
-  const int64_t L = int64_t(hn::Lanes(df)), kb = int64_t(kBlockVecs) * L;
   const int64_t G = p.H / p.Hkv, n_qt = query_tiles(p);
   const int64_t qt = task % n_qt, bk = task / n_qt, b = bk / p.Hkv, hk = bk % p.Hkv;
   const int64_t f0 = qt * kTileQ, rows = std::min(kTileQ, p.Nq * G - f0);
@@ -249,29 +266,25 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
 #endif
 
-  // Query tile: rotate, scale into log2 units; output (and weights) row pointers.
+  // Query tile: rotate, scale into log2 units; output (and weights, lse) row pointers.
   int64_t lim[kTileQ];
   float* o_rows[kTileQ];
   float* w_rows[kTileQ];
+  float* lse_rows[kTileQ];
   int64_t hi = 0;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = (f0 + r) / G, h = hk * G + (f0 + r) % G;
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h + i * p.q_strides.n;
     o_rows[r] = p.o + b * p.o_strides.b + h * p.o_strides.h + i * p.o_strides.n;
     w_rows[r] = p.weights ? p.weights + b * p.w_strides.b + h * p.w_strides.h + i * p.w_strides.n : nullptr;
-    float* qr = w.q + r * p.D;
-    const int64_t ti = (i + p.Nkv - p.Nq - lay.pos_min) * lay.half;
-    load_row_rotated(qr, q, p.D, p.rope, cos_t + ti, sin_t + ti);
-    for (int64_t d = 0; d < p.D; ++d) qr[d] *= qscale;
+    lse_rows[r] = p.lse ? p.lse + (b * p.H + h) * p.Nq + i : nullptr;
+    load_row(w.q + r * p.D, q, p.D, ropes.q, i, qscale);
     lim[r] = row_limit(p, b, i);
 #if defined(ATTNBENCH_MUTANT_sdpa_drop_key)  // scripts/mutation-test.sh: the last visible key is dropped
     lim[r] = std::max<int64_t>(0, lim[r] - 1);
 #endif
     hi = std::max(hi, lim[r]);
-    w.m[r] = -std::numeric_limits<float>::infinity();
-    w.l[r] = 0.0f;
   }
-  std::fill_n(w.o, rows * lay.Dp, 0.0f);
 
   const float* kt_head = kpack + bk * lay.T * p.D * kTileK;
   // V rows: packed (Nkv_p, Dp), or the f32 input itself (rows ≥ lim are never read).
@@ -281,61 +294,42 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const float* cos_t,
     v_head = static_cast<const float*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
     v_stride = p.v_strides.n;
   }
-  for (int64_t j0 = 0; j0 < hi; j0 += kTileK) {
-    const int64_t span = std::min(kTileK, hi - j0), ncols = round_up(span, kb);
-    bool masked[kTileQ];
-    TileScores(df, w, rows, p.D, kt_head + (j0 / kTileK) * p.D * kTileK, ncols, j0, lim, masked);
-    for (int64_t r = 0; r < rows; ++r)
-      w.alpha[r] =
-          OnlineSoftmaxRow(df, w.s + r * kTileK, size_t(ncols), masked[r] ? nullptr : w.vmax + r * L, w.m[r], w.l[r]);
-#if defined(ATTNBENCH_MUTANT_sdpa_p_bf16)  // scripts/mutation-test.sh: probabilities rounded to bf16 before P·V
-    if constexpr (std::is_same_v<T, bf16_t>)
-      for (int64_t x = 0; x < rows * kTileK; ++x) w.s[x] = to_float(to_bf16(w.s[x]));
-#endif
-    for (int64_t r0 = 0; r0 < rows; r0 += kBlockRows)
-      for (int64_t c0 = 0; c0 < lay.Dp; c0 += kb)
-        AccumulateBlockRows(df, size_t(std::min<int64_t>(kBlockRows, rows - r0)), size_t((lay.Dp - c0) / L),
-                            size_t(span), w.s + r0 * kTileK, kTileK, v_head + j0 * v_stride + c0, size_t(v_stride),
-                            w.alpha + r0, w.o + r0 * lay.Dp + c0, size_t(lay.Dp));
-  }
-
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
-    for (int64_t d = 0; d < p.D; ++d) o_rows[r][d] = w.o[r * lay.Dp + d] * inv;
-  }
+  ForwardRows(
+      df, w, rows, p.D,
+      [&](auto&& f) {
+        for (int64_t j0 = 0; j0 < hi; j0 += kTileK)
+          f(KeyTileView{j0, std::min(kTileK, hi - j0), kt_head + (j0 / kTileK) * p.D * kTileK, kTileK,
+                        v_head + j0 * v_stride, v_stride});
+      },
+      [&](const KeyTileView& t, int64_t ncols) { MaskRowLimits(w.s, w.s_ld, rows, lim, t.j0, ncols, w.stale); });
+  FinishRows(w, rows, p.D, [&](int64_t r) { return o_rows[r]; }, [&](int64_t r) { return lse_rows[r]; });
   if (p.weights) WeightsPass(df, p, lay, w, kt_head, w_rows, rows, lim, hi);
 }
 
 template <class T>
 void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
   const Layout lay(p);
+  const RopeSpan rs(p);
   float* kpack = scratch;
   float* vpack = kpack + lay.kpack;
   float* cos_t = lay.rope ? vpack + lay.vpack : nullptr;
-  float* sin_t = lay.rope ? cos_t + lay.n_pos * lay.half : nullptr;
+  float* sin_t = lay.rope ? cos_t + rs.n_pos * rs.half : nullptr;
   float* slabs = vpack + lay.vpack + lay.rope;
 
-  if (lay.rope) RopeTables(lay.pos_min, lay.n_pos, p.D, cos_t, sin_t, threads);
+  if (lay.rope) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
+  const SdpaRopes ropes(p, cos_t, sin_t);
 
   const int64_t n_qt = query_tiles(p);
 #pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + lay.per_thread * omp_get_thread_num();
-    ThreadTiles w;
-    w.q = slab;
-    w.s = w.q + round_up(kTileQ * p.D, 16);
-    w.o = w.s + kTileQ * kTileK;
-    w.m = w.o + kTileQ * lay.Dp;
-    w.l = w.m + round_up(kTileQ, 16);
-    w.alpha = w.l + round_up(kTileQ, 16);
-    w.rows = w.alpha + round_up(kTileQ, 16);
-    w.vmax = w.rows + 16 * round_up(p.D, 16);
+    const ForwardTile w = ForwardTile::carve(slab, kTileQ, p.D, kTileK, lay.Dp);
+    float* rows = slab + round_up(forward_tile_floats(kTileQ, p.D, kTileK, lay.Dp), 16);
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task)
-      PackKV<T>(p, lay, cos_t, sin_t, kpack, vpack, w.rows, task);
+    for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task) PackKV<T>(p, lay, ropes, kpack, vpack, rows, task);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.B * p.Hkv * n_qt; ++task)
-      AttendQueryTile<T>(p, lay, cos_t, sin_t, kpack, vpack, w, task);
+      AttendQueryTile<T>(p, lay, ropes, kpack, vpack, w, task);
   }
 }
 
@@ -346,6 +340,153 @@ void SdpaForward(const SdpaParams& p, float* scratch, int threads) {
     ForwardTyped<float>(p, scratch, threads);
 }
 
+// ---- Backward ---------------------------------------------------------------------
+
+/// The query side of group g (kv head (b, hk)) carved from its slab, and its key limits.
+struct GroupSide {
+  QuerySide qs;
+  int32_t* lim;  // (ld,) keys visible to each flattened row, non-decreasing
+};
+
+HWY_INLINE GroupSide CarveSide(const SdpaParams& p, const BackwardLayout& bl, float* sides, int64_t g) {
+  float* at = sides + g * bl.side;
+  const int64_t rd = round_up(bl.R * p.D, 16);
+  GroupSide gs;
+  gs.qs.qs = at;
+  gs.qs.dout = at + rd;
+  gs.qs.qst = at + 2 * rd;
+  gs.qs.dot = gs.qs.qst + p.D * bl.ld;
+  gs.qs.lse2 = gs.qs.dot + p.D * bl.ld;
+  gs.qs.lse2lo = gs.qs.lse2 + bl.ld;
+  gs.qs.delta = gs.qs.lse2lo + bl.ld;
+  gs.lim = reinterpret_cast<int32_t*>(gs.qs.delta + bl.ld);
+  gs.qs.ld = bl.ld;
+  return gs;
+}
+
+/// Packs rows [c·kBwdChunk, …) of group g's query side and zeroes their dq accumulators.
+template <class T>
+void PackQueryChunk(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, float* sides,
+                    float* dq_acc, int64_t task) {
+  const SdpaParams& p = bp.fwd;
+  const int64_t chunks = (bl.R + kBwdChunk - 1) / kBwdChunk;
+  const int64_t g = task / chunks, r0 = (task % chunks) * kBwdChunk, r1 = std::min(bl.R, r0 + kBwdChunk);
+  const int64_t b = g / p.Hkv, hk = g % p.Hkv;
+  const GroupSide gs = CarveSide(p, bl, sides, g);
+  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r / bl.G, h = hk * bl.G + r % bl.G;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h + i * p.q_strides.n;
+    const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_strides.b + h * bp.do_strides.h + i * bp.do_strides.n;
+    const float* o = p.o + b * p.o_strides.b + h * p.o_strides.h + i * p.o_strides.n;
+    PackQueryRow(gs.qs, r, p.D, q, dout, o, p.lse[(b * p.H + h) * p.Nq + i], ropes.q, i, qscale);
+    gs.lim[r] = int32_t(row_limit(p, b, i));
+    for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_acc + ((g * bl.splits + s) * bl.ld + r) * bl.Dp, bl.Dp, 0.0f);
+  }
+  TransposeQueryRows(gs.qs, p.D, r0, r1, bl.R);
+}
+
+/// One task: key tiles kt ≡ split (mod splits) of group g. For each, the query
+/// rows that see any of its keys (a suffix: row limits are non-decreasing) in
+/// pairs of kBwdTileQ rows; then the tile's dK and dV.
+template <class T>
+void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, float* sides,
+                      float* dq_acc, const KeyTileGrads& kg, const PairTiles& w, float* rows_buf, int64_t task) {
+  const DF df;
+  const SdpaParams& p = bp.fwd;
+  const int64_t g = task / bl.splits, split = task % bl.splits, b = g / p.Hkv, hk = g % p.Hkv;
+  const GroupSide gs = CarveSide(p, bl, sides, g);
+  float* dq = dq_acc + (g * bl.splits + split) * bl.dq;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
+  float* dk = bp.dk + b * bp.dk_strides.b + hk * bp.dk_strides.h;
+  float* dv = bp.dv + b * bp.dv_strides.b + hk * bp.dv_strides.h;
+  auto dk_row = [&](int64_t j) { return dk + j * bp.dk_strides.n; };
+  auto dv_row = [&](int64_t j) { return dv + j * bp.dv_strides.n; };
+  for (int64_t kt = split; kt < bl.n_kt; kt += bl.splits) {
+    const int64_t j0 = kt * kBwdTileK, span = std::min(kBwdTileK, p.Nkv - j0);
+    const int64_t r_first = std::partition_point(gs.lim, gs.lim + bl.R, [&](int32_t l) { return l <= j0; }) - gs.lim;
+    if (r_first == bl.R) {  // no query sees these keys
+      for (int64_t jt = 0; jt < span; ++jt) std::fill_n(dk_row(j0 + jt), p.D, 0.0f), std::fill_n(dv_row(j0 + jt), p.D, 0.0f);
+      continue;
+    }
+    PackKeyTile<T>(
+        p.D, span, kBwdTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
+        [&](int64_t jt) { return v + (j0 + jt) * p.v_strides.n; }, ropes.k, j0, kg.pack(), rows_buf);
+    std::fill_n(kg.dkt, p.D * kg.ld, 0.0f);
+    std::fill_n(kg.dvt, p.D * kg.ld, 0.0f);
+    for (int64_t r0 = r_first; r0 < bl.R; r0 += kBwdTileQ) {
+      const int64_t rows = std::min(kBwdTileQ, bl.R - r0);
+      const int32_t* lim = gs.lim + r0;
+      BackwardPair(df, p.D, gs.qs, dq, r0, rows, span, kg, w, [&](float* s, int64_t ncols, float*) {
+        if (lim[0] >= j0 + span) return;  // every row sees the whole tile
+        for (int64_t r = 0; r < rows && lim[r] < j0 + span; ++r) {
+          const int64_t start = std::clamp<int64_t>(lim[r] - j0, 0, ncols);
+          std::fill(s + r * w.ld + start, s + r * w.ld + ncols, kNegInf);
+        }
+      });
+    }
+    StoreKeyGrads(
+        kg, p.D, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
+        [&](int64_t jt) { return dv_row(j0 + jt); });
+  }
+}
+
+/// dq of rows [c·kBwdChunk, …) of group g: the split accumulators summed, scaled, rotated back.
+void StoreQueryChunk(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes,
+                     const float* dq_acc, int64_t task) {
+  const SdpaParams& p = bp.fwd;
+  const int64_t chunks = (bl.R + kBwdChunk - 1) / kBwdChunk;
+  const int64_t g = task / chunks, r0 = (task % chunks) * kBwdChunk, r1 = std::min(bl.R, r0 + kBwdChunk);
+  const int64_t b = g / p.Hkv, hk = g % p.Hkv;
+  const float scale = float(1.0 / std::sqrt(double(p.D)));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t i = r / bl.G, h = hk * bl.G + r % bl.G;
+    float* out = bp.dq + b * bp.dq_strides.b + h * bp.dq_strides.h + i * bp.dq_strides.n;
+    StoreQueryGrad(out, dq_acc + (g * bl.splits * bl.ld + r) * bl.Dp, bl.splits, bl.dq, p.D, scale, ropes.q, i);
+  }
+}
+
+template <class T>
+void BackwardTyped(const SdpaBackwardParams& bp, float* scratch, int threads) {
+  const SdpaParams& p = bp.fwd;
+  const BackwardLayout bl(p, threads);
+  const RopeSpan rs(p);
+  float* sides = scratch;
+  float* dq_acc = sides + bl.groups * bl.side;
+  float* cos_t = bl.rope ? dq_acc + bl.groups * bl.splits * bl.dq : nullptr;
+  float* sin_t = bl.rope ? cos_t + rs.n_pos * rs.half : nullptr;
+  float* slabs = dq_acc + bl.groups * bl.splits * bl.dq + bl.rope;
+  if (bl.rope) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
+  const SdpaRopes ropes(p, cos_t, sin_t);
+
+  const int64_t chunks = bl.groups * ((bl.R + kBwdChunk - 1) / kBwdChunk);
+#pragma omp parallel num_threads(threads)
+  {
+    float* slab = slabs + bl.per_thread * omp_get_thread_num();
+    const int64_t kt = p.D * kBwdTileK;
+    KeyTileGrads kg{slab, slab + kt, slab + 2 * kt, slab + 2 * kt + kBwdTileK * bl.Dp, slab + 3 * kt + kBwdTileK * bl.Dp,
+                    kBwdTileK, bl.Dp};
+    float* tiles = slab + 4 * kt + kBwdTileK * bl.Dp;
+    const PairTiles w{tiles, tiles + kBwdTileQ * kBwdTileK, nullptr, kBwdTileK};
+    float* rows_buf = tiles + 2 * kBwdTileQ * kBwdTileK;
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < chunks; ++task) PackQueryChunk<T>(bp, bl, ropes, sides, dq_acc, task);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < bl.groups * bl.splits; ++task)
+      BackwardKeyTiles<T>(bp, bl, ropes, sides, dq_acc, kg, w, rows_buf, task);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < chunks; ++task) StoreQueryChunk(bp, bl, ropes, dq_acc, task);
+  }
+}
+
+void SdpaBackward(const SdpaBackwardParams& p, float* scratch, int threads) {
+  if (p.fwd.dtype == DType::bf16)
+    BackwardTyped<bf16_t>(p, scratch, threads);
+  else
+    BackwardTyped<float>(p, scratch, threads);
+}
+
 }  // namespace attnbench::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -353,6 +494,16 @@ HWY_AFTER_NAMESPACE();
 namespace attnbench::cpu {
 
 HWY_EXPORT(SdpaForward);
+HWY_EXPORT(SdpaBackward);
+
+namespace {
+void check_common(const SdpaParams& p, const char* who) {
+  if (p.dtype != DType::f32 && p.dtype != DType::bf16)
+    throw std::invalid_argument(std::string(who) + ": q, k, v must be f32 or bf16");
+  if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument(std::string(who) + ": RoPE needs an even D");
+  if (p.Hkv < 1 || p.H % p.Hkv != 0) throw std::invalid_argument(std::string(who) + ": H must be a multiple of Hkv");
+}
+}  // namespace
 
 size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads) {
   const sdpa_detail::Layout lay(p);
@@ -360,11 +511,21 @@ size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads) {
 }
 
 void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads) {
-  if (p.dtype != DType::f32 && p.dtype != DType::bf16)
-    throw std::invalid_argument("sdpa_forward_fused: q, k, v must be f32 or bf16");
-  if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument("sdpa_forward_fused: RoPE needs an even D");
-  if (p.Hkv < 1 || p.H % p.Hkv != 0) throw std::invalid_argument("sdpa_forward_fused: H must be a multiple of Hkv");
+  check_common(p, "sdpa_forward_fused");
   HWY_DYNAMIC_DISPATCH(SdpaForward)(p, static_cast<float*>(scratch), std::max(1, threads));
+}
+
+size_t sdpa_backward_fused_scratch_bytes(const SdpaBackwardParams& p, int threads) {
+  threads = std::max(1, threads);
+  const sdpa_detail::BackwardLayout bl(p.fwd, threads);
+  return (bl.floats() + size_t(bl.per_thread) * size_t(threads)) * sizeof(float);
+}
+
+void sdpa_backward_fused(const SdpaBackwardParams& p, void* scratch, int threads) {
+  check_common(p.fwd, "sdpa_backward_fused");
+  if (!p.fwd.o || !p.fwd.lse || !p.dout || !p.dq || !p.dk || !p.dv)
+    throw std::invalid_argument("sdpa_backward_fused: o, lse, dout, dq, dk and dv must all be set");
+  HWY_DYNAMIC_DISPATCH(SdpaBackward)(p, static_cast<float*>(scratch), std::max(1, threads));
 }
 
 }  // namespace attnbench::cpu

@@ -1,7 +1,8 @@
-// Scaled-dot-product attention forward: the parameters shared by the CPU and
-// CUDA entry points, and the fused CPU forward (impls/cpu/sdpa.cpp has the
-// equation, the algorithm and the measured strategies; impls/cuda/sdpa.hpp
-// declares the CUDA launcher with the same parameters).
+// Scaled-dot-product attention forward and backward: the parameters shared by
+// the CPU and CUDA entry points, and the fused CPU kernels (impls/cpu/sdpa.cpp
+// has the equations, the algorithms and the measured strategies;
+// impls/cuda/sdpa.hpp declares the CUDA launchers with the same parameters).
+// Raw pointers with strides and caller-owned scratch: no harness types.
 #pragma once
 
 #include <cstddef>
@@ -64,10 +65,26 @@ namespace cpu {
 size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads);
 
 /// o = softmax(RoPE(q)·RoPE(k)ᵀ/√D + mask)·v with f32 accumulation and f32
-/// output, and the probabilities into p.weights when set. q, k, v: f32 or bf16.
-/// Runs on `threads` OpenMP threads; `scratch` (64-byte aligned) holds
-/// sdpa_forward_fused_scratch_bytes(p, threads) bytes, e.g. from a Workspace.
+/// output, the probabilities into p.weights and the rows' log-sum-exp into p.lse
+/// when set. q, k, v: f32 or bf16. Runs on `threads` OpenMP threads; `scratch`
+/// (64-byte aligned) holds sdpa_forward_fused_scratch_bytes(p, threads) bytes,
+/// e.g. from a Workspace.
 void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads);
+
+/// Bytes of scratch sdpa_backward_fused needs with `threads` threads: the
+/// packed query side (rotated q, dO, both transposed, row statistics: 4 × the
+/// size of q in f32), the dq accumulators (1–8 × q, more when B·Hkv is small
+/// against the threads), the RoPE table and one key tile and pair tile per thread.
+size_t sdpa_backward_fused_scratch_bytes(const SdpaBackwardParams& p, int threads);
+
+/// dq, dk, dv (f32, overwritten) = the gradients of Σ ⟨dout, o⟩ with respect to
+/// q, k, v, from the forward's o and lse (p.fwd.o, p.fwd.lse as
+/// sdpa_forward_fused wrote them with p.fwd.lse set): FlashAttention-2's
+/// algorithm, f32 accumulation; rows without keys get zero gradients. Same
+/// semantics as the forward (GQA: dk, dv summed over the query heads of a kv
+/// head; causal; padding; RoPE). Throws std::invalid_argument when o, lse,
+/// dout or a gradient is missing.
+void sdpa_backward_fused(const SdpaBackwardParams& p, void* scratch, int threads);
 
 }  // namespace cpu
 }  // namespace attnbench

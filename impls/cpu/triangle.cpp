@@ -244,7 +244,7 @@ static void TriangleRow(const cpu_triangle::RowArgs& a, int64_t i, float* slab) 
         const int64_t span = std::min(kTileK, N - k0), ncols = round_up(span, kb);
         for (int64_t r0 = 0; r0 < rows; r0 += int64_t(kBlockRows))
           for (int64_t c0 = 0; c0 < ncols; c0 += kb)
-            ScoresBlockRows(df, size_t(std::min<int64_t>(int64_t(kBlockRows), rows - r0)), size_t(c), q + r0 * Op,
+            ScoresBlockRows<true>(df, size_t(std::min<int64_t>(int64_t(kBlockRows), rows - r0)), size_t(c), q + r0 * Op,
                             size_t(Op), kt + k0 + c0, size_t(Np), s + r0 * kTileK + c0, size_t(kTileK), vmax + r0 * L,
                             c0 == 0);
         // + b_jk + mask bias of (i, k); past N the bias is −inf.

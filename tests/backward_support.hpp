@@ -1,0 +1,149 @@
+// Local helpers for the backward tests of the variants with gradients (sdpa,
+// masked) until the runner checks passes itself: cotangents drawn like inputs,
+// the outputs of a pass (forward outputs + gradients, NaN-filled), the ratio
+// rule on every gradient against the f64 reference backward, and the f64
+// reference backward against central finite differences of the f64 forward.
+#pragma once
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "harness/check.hpp"
+#include "harness/pass.hpp"
+#include "harness/rng.hpp"
+#include "harness/variant.hpp"
+#include "tests/support.hpp"
+
+namespace attnbench::test {
+
+/// The f64 inputs of case p with a standard-normal cotangent "d"+y of every output y in cotangents(p).
+inline TensorMap inputs_with_cotangents(const Variant& v, const Params& p, uint64_t seed) {
+  const std::string key = "backward-test/" + p.dump();
+  TensorMap in = v.make_inputs(p, seed, key);
+  for (const std::string& y : v.cotangents(p))
+    for (const OutputSpec& spec : v.outputs(p, DType::f64))
+      if (spec.name == y) {
+        Tensor t(DType::f64, spec.shape);
+        Rng rng(seed, key, grad_name(y));
+        for (int64_t i = 0; i < t.numel(); ++i) t.set(i, rng.normal());
+        in.emplace(grad_name(y), std::move(t));
+      }
+  return in;
+}
+
+/// What a `pass` call writes: the forward outputs and, for a backward, "d"+x of
+/// every differentiable x (shaped like x; f32, f64 for the oracle), NaN-filled.
+inline TensorMap pass_outputs(const Variant& v, const Params& p, DType dtype, const TensorMap& inputs, Pass pass) {
+  TensorMap out;
+  for (const auto& o : v.outputs(p, dtype)) out.emplace(o.name, Tensor(o.dtype, o.shape));
+  if (runs_backward(pass))
+    for (const std::string& x : v.differentiable())
+      out.emplace(grad_name(x), Tensor(dtype == DType::f64 ? DType::f64 : DType::f32, inputs.at(x).shape()));
+  for (auto& [name, t] : out) t.fill_nan();
+  return out;
+}
+
+/// Runs implementation `impl` for `pass` on already cast inputs, as the harness
+/// would (ImplArgs outlive the instance), and requires the inputs unchanged.
+inline TensorMap run_pass(const Variant& v, const std::string& impl, const Params& p, DType dtype,
+                          const TensorMap& inputs, Pass pass) {
+  std::map<std::string, uint64_t> hashes;
+  for (const auto& [name, t] : inputs) hashes[name] = t.hash();
+  TensorMap out = pass_outputs(v, p, dtype, inputs, pass);
+  Workspace ws;
+  const ImplArgs args{p, dtype, inputs, out, ws, pass};
+  auto inst = v.find_impl(impl)->make(args);
+  for (auto& [name, t] : out) t.fill_nan();  // whatever setup wrote, run() must produce it
+  inst->run();
+  inst->finish();
+  for (const auto& [name, t] : inputs) REQUIRE(t.hash() == hashes[name]);
+  return out;
+}
+
+/// The checked results of one pass of `impl` in `dtype` on case p (seed):
+/// every gradient (and, with fwd_bwd, every forward output) against the f64
+/// reference on the dtype-rounded inputs, with the ratio rule against the
+/// reference computed in the implementation's precision (Impl::precision).
+inline std::vector<std::pair<std::string, CheckResult>> check_pass(const Variant& v, const std::string& impl,
+                                                                   DType dtype, const Params& p, Pass pass,
+                                                                   uint64_t seed = 0) {
+  const TensorMap cast = v.cast_inputs(p, inputs_with_cotangents(v, p, seed), dtype);
+  const TensorMap exact = to_f64(cast);
+  const DType rule = v.find_impl(impl)->precision.value_or(dtype);
+  TensorMap oracle = v.reference_backward(p, exact, DType::f64);
+  TensorMap naive = v.reference_backward(p, exact, rule);
+  if (runs_forward(pass)) {
+    oracle.merge(v.reference(p, exact, DType::f64));
+    naive.merge(v.reference(p, exact, rule));
+  }
+  const TensorMap got = run_pass(v, impl, p, dtype, cast, pass);
+  std::vector<std::pair<std::string, CheckResult>> results;
+  for (const auto& [name, t] : got) {
+    if (!runs_forward(pass) && !oracle.count(name)) continue;  // bwd: the forward outputs are the setup's
+    results.emplace_back(name, check_equivalence(t, oracle.at(name), naive.at(name), rule));
+  }
+  return results;
+}
+
+/// Requires every check of check_pass to pass (and to have run).
+inline void require_pass_ok(const Variant& v, const std::string& impl, DType dtype, const Params& given, Pass pass,
+                            int seeds = 2) {
+  const Params p = v.complete(given, "backward test");
+  for (int s = 0; s < seeds; ++s) {
+    const auto results = check_pass(v, impl, dtype, p, pass, uint64_t(s));
+    REQUIRE(results.size() >= v.differentiable().size());
+    for (const auto& [name, r] : results) {
+      INFO(v.name() << " " << impl << " " << dtype_name(dtype) << " " << pass_name(pass) << " seed " << s << " "
+                    << p.dump() << " " << name << ": max_abs " << r.max_abs << " bound " << r.bound << " naive "
+                    << r.naive_max_abs << " " << r.detail);
+      CHECK(r.passed);
+    }
+  }
+}
+
+/// Σ_y ⟨dy, y(x)⟩ of the f64 reference forward.
+inline double cotangent_objective(const Variant& v, const Params& p, const TensorMap& in) {
+  const TensorMap out = v.reference(p, in, DType::f64);
+  double f = 0;
+  for (const std::string& y : v.cotangents(p)) {
+    const Tensor& a = out.at(y);
+    const Tensor& g = in.at(grad_name(y));
+    for (int64_t i = 0; i < a.numel(); ++i) f += a.get(i) * g.get(i);
+  }
+  return f;
+}
+
+/// The f64 reference backward against central differences of the f64 forward:
+/// for each differentiable input x and a random direction u on it,
+/// ⟨dx, u⟩ ≈ (f(x + εu) − f(x − εu)) / 2ε with f = Σ_y ⟨dy, y⟩.
+inline void check_reference_gradients_fd(const Variant& v, const Params& given, uint64_t seed = 7, double eps = 1e-5) {
+  const Params p = v.complete(given, "finite differences");
+  const TensorMap in = inputs_with_cotangents(v, p, seed);
+  const TensorMap grads = v.reference_backward(p, in, DType::f64);
+  for (const std::string& x : v.differentiable()) {
+    const Tensor& g = grads.at(grad_name(x));
+    REQUIRE(g.shape() == in.at(x).shape());
+    Tensor u(DType::f64, g.shape());
+    Rng rng(seed, "fd-direction/" + p.dump(), x);
+    for (int64_t i = 0; i < u.numel(); ++i) u.set(i, rng.normal());
+    double analytic = 0, norm = 0;
+    for (int64_t i = 0; i < u.numel(); ++i) analytic += g.get(i) * u.get(i), norm += std::abs(g.get(i) * u.get(i));
+    auto shifted = [&](double t) {
+      TensorMap m = in;
+      Tensor& xt = m.at(x);
+      for (int64_t i = 0; i < xt.numel(); ++i) xt.set(i, xt.get(i) + t * u.get(i));
+      return cotangent_objective(v, p, m);
+    };
+    const double numeric = (shifted(eps) - shifted(-eps)) / (2 * eps);
+    INFO(v.name() << " " << p.dump() << " d" << x << ": analytic " << analytic << " numeric " << numeric);
+    CHECK(std::isfinite(analytic));
+    CHECK(std::abs(analytic - numeric) <= 1e-6 * std::max(1.0, norm));
+  }
+}
+
+}  // namespace attnbench::test
