@@ -100,7 +100,7 @@ TEST_CASE("workspace records the peak", "[workspace]") {
   ws.release();
   CHECK(ws.current_bytes() == 0);
   CHECK(ws.peak_bytes() == 4032 + 128);
-#if !defined(__SANITIZE_ADDRESS__)
+#if !ATTNBENCH_ASAN
   auto before = AllocCounter::snapshot();
   auto* v = new std::vector<int>(1000);
   CHECK(AllocCounter::snapshot().allocs > before.allocs);
