@@ -12,6 +12,7 @@
 #include "harness/check.hpp"
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
+#include "harness/json_file.hpp"
 #include "harness/version.hpp"
 #include "harness/safetensors.hpp"
 #include "harness/variant.hpp"
@@ -32,9 +33,9 @@ Params parse_shape(const Variant& v, const std::string& text) {
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     nlohmann::json parsed;
     try {
-      parsed = nlohmann::json::parse(value);
-    } catch (const nlohmann::json::parse_error&) {
-      parsed = value;  // bare words are strings
+      parsed = parse_json_text(value, "--shape");
+    } catch (const InputError&) {
+      parsed = value;  // bare words (and anything else that is not JSON) are strings
     }
     p[key] = parsed;
   }
@@ -75,12 +76,7 @@ int verify(const VerifyArgs& a) {
   SafetensorsFile f = read_safetensors(a.file);
   Params p;
   if (f.metadata.count("params")) {
-    nlohmann::json given;
-    try {
-      given = nlohmann::json::parse(f.metadata["params"]);
-    } catch (const nlohmann::json::parse_error&) {
-      throw InputError(a.file + ": __metadata__.params: expected a JSON object of shape parameters");
-    }
+    const nlohmann::json given = parse_json_text(f.metadata["params"], a.file + ": __metadata__.params");
     p = v.complete(given, a.file + ": __metadata__.params");
   } else {
     TensorMap wide;
