@@ -92,7 +92,9 @@ SafetensorsFile read_safetensors(const std::string& path) {
     for (const auto& d : e["shape"]) {
       if (!d.is_number_unsigned()) fail(at + ".shape: expected non-negative integers, got " + d.dump());
       const uint64_t v = d.get<uint64_t>();
-      if (v != 0 && count > std::numeric_limits<uint64_t>::max() / 16 / v) fail(at + ".shape: too large");
+      // Each size on its own too: after a 0 the product stays 0 whatever follows.
+      if (v > (uint64_t(1) << 62) || (v != 0 && count > std::numeric_limits<uint64_t>::max() / 16 / v))
+        fail(at + ".shape: too large");
       count *= v;
       en.shape.push_back(int64_t(v));
     }

@@ -22,6 +22,7 @@
 #include "harness/errors.hpp"
 #include "harness/json_file.hpp"
 #include "harness/results.hpp"
+#include "harness/safetensors.hpp"
 #include "harness/suite.hpp"
 #include "harness/tensor.hpp"
 #include "tests/support.hpp"
@@ -61,7 +62,8 @@ void expect_input_error(const CommandOutput& o, const std::string& needle) {
 }
 
 // A cheap suite: IPA on the CPU, N cases of a few milliseconds each.
-std::string small_suite(const std::string& name, int cases, const std::string& bench = R"({"min_time_s":0.05,"repetitions":2})") {
+std::string small_suite(const std::string& name, int cases,
+                        const std::string& bench = R"({"min_time_s":0.05,"repetitions":2})") {
   std::string ns;
   for (int i = 0; i < cases; ++i) ns += (i ? "," : "") + std::to_string(7 + i);
   return R"({"name":")" + name + R"(","checks":{"enabled":false},"bench":)" + bench +
@@ -137,7 +139,8 @@ TEST_CASE("suite numbers are bounded: seeds, repetitions, min_time_s, sweep size
   const auto dir = temp_dir("bounds");
   const auto s = (dir / "s.json").string();
   auto suite = [&](const std::string& top, const std::string& group) {
-    write(s, R"({"name":"x")" + top + R"(,"groups":[{"variant":"ipa","impls":["cpu"],"dtypes":["f32"])" + group + "}]}");
+    write(s,
+          R"({"name":"x")" + top + R"(,"groups":[{"variant":"ipa","impls":["cpu"],"dtypes":["f32"])" + group + "}]}");
   };
   suite(R"(,"checks":{"seeds":2147483648})", R"(,"sweep":{"N":[8]})");
   expect_input_error(run("run " + s), "checks.seeds: expected an integer in [1, 1000], got 2147483648");
@@ -219,6 +222,17 @@ TEST_CASE("DAG limits: node counts, generators, positions", "[hostile]") {
   write(dir / "chain.json", R"({"mask":"dag","dag":"chain:100000:1","N":100000})");
   expect_input_error(run("mask " + (dir / "chain.json").string() + " --svg " + (dir / "c.svg").string()),
                      "at most 16384 nodes");
+  fs::remove_all(dir);
+}
+
+TEST_CASE("safetensors: a size after a 0 cannot wrap to a negative dimension", "[hostile]") {
+  const auto dir = temp_dir("st");
+  const std::string header = R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})";
+  std::string bytes(8, '\0');
+  for (int i = 0; i < 8; ++i) bytes[size_t(i)] = char((header.size() >> (8 * i)) & 0xff);
+  write(dir / "z.safetensors", bytes + header);
+  CHECK_THAT(error_of([&] { attnbench::read_safetensors((dir / "z.safetensors").string()); }),
+             Catch::Contains("tensor 'a'.shape: too large"));
   fs::remove_all(dir);
 }
 
