@@ -257,7 +257,7 @@ TEST_CASE("shape products past int64 are input errors", "[hostile]") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("--out problems are reported before any case runs, leaving nothing behind", "[hostile]") {
+TEST_CASE("out paths: problems are reported before any case runs, leaving nothing behind", "[hostile]") {
   const auto dir = temp_dir("out");
   write(dir / "s.json", small_suite("x", 1));
   write(dir / "file", "");
@@ -376,7 +376,7 @@ TEST_CASE("SIGTERM and a second SIGINT keep every finished record in the JSON", 
   fs::remove_all(dir);
 }
 
-TEST_CASE("--resume after SIGKILL runs only the missing cases", "[hostile]") {
+TEST_CASE("resume after SIGKILL runs only the missing cases", "[hostile]") {
   const auto dir = temp_dir("resume");
   write(dir / "s.json", small_suite("x", 6, R"({"min_time_s":0.2,"repetitions":2})"));
   const auto s = (dir / "s.json").string(), out = (dir / "r.json").string();
@@ -420,7 +420,7 @@ TEST_CASE("--resume after SIGKILL runs only the missing cases", "[hostile]") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("--max-memory skips cases whose memory model needs more", "[hostile]") {
+TEST_CASE("max-memory: cases whose memory model needs more are skipped", "[hostile]") {
   const auto dir = temp_dir("maxmem");
   write(dir / "s.json", small_suite("x", 1));
   const auto out = (dir / "r.json").string();
@@ -434,7 +434,7 @@ TEST_CASE("--max-memory skips cases whose memory model needs more", "[hostile]")
   fs::remove_all(dir);
 }
 
-TEST_CASE("--timeout-per-case records the slow case as failed and the run goes on", "[hostile]") {
+TEST_CASE("timeout per case: records the slow case as failed and the run goes on", "[hostile]") {
   const auto dir = temp_dir("timeout");
   // Each case benchmarks for 2 x 3 s; the limit is 1 s.
   write(dir / "s.json", small_suite("x", 2, R"({"min_time_s":3,"repetitions":2})"));
