@@ -132,7 +132,10 @@ Params Variant::complete(const Params& given, const std::string& where) const {
   const auto specs = params();
   std::vector<std::string> names;
   for (const auto& s : specs) names.push_back(s.name);
-  for (const auto& [key, value] : given.items()) {
+  for (const auto& item : given.items()) {
+    // Named copies, not a structured binding: clang 14 cannot capture a binding in a lambda.
+    const std::string& key = item.key();
+    const auto& value = item.value();
     auto it = std::find_if(specs.begin(), specs.end(), [&](const ParamSpec& s) { return s.name == key; });
     if (it == specs.end())
       throw InputError(where + "." + key + ": unknown parameter of variant '" + name() + "'" +

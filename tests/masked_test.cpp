@@ -180,7 +180,7 @@ TEST_CASE("DAG files: bad input gives one clear error naming the field", "[maske
   std::filesystem::create_directories(dir);
   const std::string bad = (dir / "bad.json").string();
   std::ofstream(bad) << "{\"nodes\": [";
-  CHECK_THROWS_WITH(load_dag(bad, "dag"), Catch::Contains("bad.json: not valid JSON"));
+  CHECK_THROWS_WITH(load_dag(bad, "dag"), Catch::Contains("bad.json: invalid JSON"));
   CHECK_THROWS_WITH(load_dag((dir / "missing.json").string(), "dag"),
                     Catch::Contains("is neither a readable DAG file nor a generator"));
   CHECK_THROWS_WITH(load_dag("chain:3", "dag"), Catch::Contains("expected \"chain:K:L\""));

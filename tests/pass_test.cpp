@@ -97,7 +97,7 @@ TEST_CASE("suites name passes per group, cases expand over them, filters and ski
   fs::remove_all(dir);
 }
 
-TEST_CASE("--pass with an unknown value is a one-line error with did-you-mean, exit 2", "[pass][cli]") {
+TEST_CASE("pass flag: an unknown value is a one-line error with did-you-mean, exit 2", "[pass][cli]") {
   const auto o = test::run_attnbench("run " + std::string(ATTNBENCH_SOURCE_DIR) + "/suites/ci.json --pass bwdd");
   INFO(o.text);
   CHECK(o.code == 2);

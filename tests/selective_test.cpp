@@ -151,7 +151,7 @@ TEST_CASE(
 }
 
 TEST_CASE(
-    "selective: fused equals materialized on the same f32 inputs; "
+    "selective: fused equals materialized on the same f32 inputs, and the "
     "no-RoPE A block has zero gradient",
     "[selective]") {
   for (bool rope : {true, false}) {

@@ -84,7 +84,7 @@ TEST_CASE("verify: an unknown --impl or --dtype is bad input, nothing run is a f
   fs::remove_all(dir);
 }
 
-TEST_CASE("run: no case selected, or only skipped ones, is not a pass; typos are bad input", "[trust][cli]") {
+TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos are bad input", "[trust][cli]") {
   const auto dir = temp_dir("run");
   const auto suite = (dir / "s.json").string();
   std::ofstream(suite) << R"({"name":"t","checks":{"seeds":1},"bench":{"min_time_s":0.001,"repetitions":1},

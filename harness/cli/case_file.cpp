@@ -15,6 +15,7 @@
 #include "harness/check.hpp"
 #include "harness/cli/commands.hpp"
 #include "harness/errors.hpp"
+#include "harness/json_file.hpp"
 #include "harness/version.hpp"
 #include "harness/safetensors.hpp"
 #include "harness/system.hpp"
@@ -36,9 +37,9 @@ Params parse_shape_items(const std::string& text) {
     const std::string key = item.substr(0, eq), value = item.substr(eq + 1);
     nlohmann::json parsed;
     try {
-      parsed = nlohmann::json::parse(value);
-    } catch (const nlohmann::json::parse_error&) {
-      parsed = value;  // bare words are strings
+      parsed = parse_json_text(value, "--shape");
+    } catch (const InputError&) {
+      parsed = value;  // bare words (and anything else that is not JSON) are strings
     }
     p[key] = parsed;
   }
@@ -90,11 +91,7 @@ TensorMap widen(const TensorMap& m) {
 Params file_params(const Variant& v, const SafetensorsFile& f, const std::string& file, const std::string& shape) {
   Params given = nlohmann::json::object();
   if (auto it = f.metadata.find("params"); it != f.metadata.end()) {
-    try {
-      given = nlohmann::json::parse(it->second);
-    } catch (const nlohmann::json::parse_error&) {
-      throw InputError(file + ": __metadata__.params: expected a JSON object of shape parameters");
-    }
+    given = parse_json_text(it->second, file + ": __metadata__.params");
     if (!given.is_object()) throw InputError(file + ": __metadata__.params: expected a JSON object of shape parameters");
   }
   const Params flags = parse_shape_items(shape);  // items() of a temporary would dangle

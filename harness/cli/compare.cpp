@@ -36,11 +36,15 @@ struct CompareArgs {
 
 int compare(const CompareArgs& a) {
   const json base = load_results(a.base), next = load_results(a.next);
-  for (const char* k : {"cpu_model", "host"}) {
-    if (base["context"][k] != next["context"][k] && !a.force)
-      throw InputError(fmt::format("{} vs {}: context.{} differs ({} vs {}); timings from different machines are "
-                                   "not comparable (use --force to compare anyway)",
-                                   a.base, a.next, k, base["context"][k].dump(), next["context"][k].dump()));
+  // Timings compare only on one machine, at one thread count, for one suite.
+  const std::pair<const char*, const char*> comparable[] = {
+      {"context", "cpu_model"}, {"context", "host"}, {"context", "threads"}, {"suite", "name"}, {"suite", "quick"}};
+  for (const auto& [section, k] : comparable) {
+    const json x = base[section].value(k, json()), y = next[section].value(k, json());
+    if (x != y && !a.force)
+      throw InputError(fmt::format("{} vs {}: {}.{} differs ({} vs {}); the timings are not comparable (use --force "
+                                   "to compare anyway)",
+                                   a.base, a.next, section, k, x.dump(), y.dump()));
   }
   std::map<std::string, const json*> old;
   for (const auto& r : base["records"]) old[record_key(r)] = &r;

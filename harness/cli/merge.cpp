@@ -64,7 +64,7 @@ json merge(const MergeArgs& a) {
   }
   const Shard& first = shards.front();
   for (const Shard& s : shards) {
-    for (const char* k : {"name", "file", "quick", "filter"}) require_same(first, s, "suite", k);
+    for (const char* k : {"name", "file", "quick", "filter", "seed"}) require_same(first, s, "suite", k);
     for (const char* k : {"host", "cpu_model", "git_sha"}) require_same(first, s, "context", k);
     if (s.n != first.n)
       throw InputError(
