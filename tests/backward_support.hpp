@@ -71,7 +71,8 @@ inline TensorMap run_pass(const Variant& v, const std::string& impl, const Param
 /// reference computed in the implementation's precision (Impl::precision).
 inline std::vector<std::pair<std::string, CheckResult>> check_pass(const Variant& v, const std::string& impl,
                                                                    DType dtype, const Params& p, Pass pass,
-                                                                   uint64_t seed = 0) {
+                                                                   uint64_t seed = 0,
+                                                                   double floor_ulps = kDefaultFloorUlps) {
   const TensorMap cast = v.cast_inputs(p, inputs_with_cotangents(v, p, seed), dtype);
   const TensorMap exact = to_f64(cast);
   const DType rule = v.find_impl(impl)->precision.value_or(dtype);
@@ -85,17 +86,17 @@ inline std::vector<std::pair<std::string, CheckResult>> check_pass(const Variant
   std::vector<std::pair<std::string, CheckResult>> results;
   for (const auto& [name, t] : got) {
     if (!runs_forward(pass) && !oracle.count(name)) continue;  // bwd: the forward outputs are the setup's
-    results.emplace_back(name, check_equivalence(t, oracle.at(name), naive.at(name), rule));
+    results.emplace_back(name, check_equivalence(t, oracle.at(name), naive.at(name), rule, floor_ulps));
   }
   return results;
 }
 
 /// Requires every check of check_pass to pass (and to have run).
 inline void require_pass_ok(const Variant& v, const std::string& impl, DType dtype, const Params& given, Pass pass,
-                            int seeds = 2) {
+                            int seeds = 2, double floor_ulps = kDefaultFloorUlps) {
   const Params p = v.complete(given, "backward test");
   for (int s = 0; s < seeds; ++s) {
-    const auto results = check_pass(v, impl, dtype, p, pass, uint64_t(s));
+    const auto results = check_pass(v, impl, dtype, p, pass, uint64_t(s), floor_ulps);
     REQUIRE(results.size() >= v.differentiable().size());
     for (const auto& [name, r] : results) {
       INFO(v.name() << " " << impl << " " << dtype_name(dtype) << " " << pass_name(pass) << " seed " << s << " "
