@@ -1,10 +1,14 @@
 #include "harness/dag.hpp"
 
-#include <fstream>
+#include <algorithm>
+#include <filesystem>
+#include <functional>
 #include <map>
+#include <queue>
 #include <sstream>
 
 #include "harness/errors.hpp"
+#include "harness/json_file.hpp"
 
 namespace attnbench {
 namespace {
@@ -28,6 +32,13 @@ int64_t parse_int(const std::string& s, const std::string& where) {
   return v;
 }
 
+// Limits that keep a hostile DAG from exhausting the machine: the layout holds
+// a nodes x nodes bit matrix (16 384 nodes: 32 MiB) and int32 token indices and
+// position ids. LE-ATTENTION's largest published prompt has ~1 000 nodes.
+constexpr int64_t kMaxNodes = 16384;
+constexpr int64_t kMaxTokens = int64_t(1) << 24;
+constexpr int64_t kMaxPosition = (int64_t(1) << 31) - 1;
+
 std::vector<std::string> split(const std::string& s, char sep) {
   std::vector<std::string> out;
   std::stringstream in(s);
@@ -43,6 +54,10 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where) {
   const auto& arr = j.at("nodes");
   if (!arr.is_array()) throw InputError(where + ": nodes: expected an array");
   if (arr.empty()) throw InputError(where + ": nodes: the graph is empty (expected at least one node)");
+  if (int64_t(arr.size()) > kMaxNodes)
+    throw InputError(where + ": nodes: " + std::to_string(arr.size()) + " nodes, more than the " +
+                     std::to_string(kMaxNodes) + " supported");
+  int64_t tokens = 0;
 
   std::vector<DagNode> given;
   std::map<std::string, size_t> index;
@@ -70,6 +85,9 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where) {
       throw InputError(at + ": length " + std::to_string(node.length) + " disagrees with text of " +
                        std::to_string(utf8_length(o["text"].get<std::string>())) + " characters");
     if (node.length < 1) throw InputError(at + ".text: expected at least one character");
+    tokens += std::min(node.length, kMaxTokens + 1);
+    if (tokens > kMaxTokens)
+      throw InputError(at + ": the DAG has more than " + std::to_string(kMaxTokens) + " tokens, the most supported");
     if (o.contains("parents")) {
       if (!o["parents"].is_array()) throw InputError(at + ".parents: expected an array of node ids");
       for (size_t k = 0; k < o["parents"].size(); ++k) {
@@ -80,18 +98,22 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where) {
     }
     for (const char* key : {"start_pos_id", "end_pos_id"})
       if (o.contains(key)) {
-        if (!o[key].is_number_integer() || o[key].get<int64_t>() < 0)
-          throw InputError(at + "." + key + ": expected an integer >= 0, got " + o[key].dump());
+        if (!o[key].is_number_integer() || o[key].get<int64_t>() < 0 || o[key].get<int64_t>() > kMaxPosition)
+          throw InputError(at + "." + key + ": expected an integer in [0, " + std::to_string(kMaxPosition) +
+                           "], got " + o[key].dump());
         (std::string(key) == "start_pos_id" ? node.start_pos_id : node.end_pos_id) = o[key].get<int64_t>();
       }
-    if (node.start_pos_id && node.end_pos_id && *node.end_pos_id - *node.start_pos_id + 1 != node.length)
-      throw InputError(at + ": start_pos_id " + std::to_string(*node.start_pos_id) + " and end_pos_id " +
-                       std::to_string(*node.end_pos_id) + " conflict: they span " +
-                       std::to_string(*node.end_pos_id - *node.start_pos_id + 1) + " positions, the node has " +
-                       std::to_string(node.length) + " tokens");
-    if (node.end_pos_id && !node.start_pos_id && *node.end_pos_id + 1 < node.length)
-      throw InputError(at + ".end_pos_id: " + std::to_string(*node.end_pos_id) + " would make the first position negative (" +
-                       std::to_string(node.length) + " tokens)");
+    // LE-ATTENTION's convention: end_pos_id is exclusive (positions end − length … end − 1),
+    // and a node gives one of the two, never both.
+    if (node.start_pos_id && node.end_pos_id)
+      throw InputError(at + ": start_pos_id and end_pos_id together: give one (end_pos_id is exclusive)");
+    if (node.end_pos_id && *node.end_pos_id < node.length)
+      throw InputError(at + ".end_pos_id: " + std::to_string(*node.end_pos_id) +
+                       " would make the first position negative (" + std::to_string(node.length) +
+                       " tokens; end_pos_id is exclusive)");
+    if (node.start_pos_id && *node.start_pos_id + node.length - 1 > kMaxPosition)
+      throw InputError(at + ".start_pos_id: " + std::to_string(*node.start_pos_id) +
+                       " makes the last position exceed " + std::to_string(kMaxPosition));
     index[node.id] = n;
     given.push_back(std::move(node));
   }
@@ -113,23 +135,27 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where) {
       ++missing[n];
     }
   }
-  // Kahn's algorithm, taking the earliest-listed ready node first: the file's
-  // order when it already is topological.
+  // Kahn's algorithm, taking the earliest-listed ready node first (a min-heap
+  // of ready indices, O(n log n) for the largest DAGs): the file's order when it
+  // already is topological.
   Dag out;
   std::vector<bool> done(given.size(), false);
-  for (size_t placed = 0; placed < given.size(); ++placed) {
-    size_t pick = given.size();
-    for (size_t n = 0; n < given.size() && pick == given.size(); ++n)
-      if (!done[n] && missing[n] == 0) pick = n;
-    if (pick == given.size()) {
-      std::string cyc;
-      for (size_t n = 0; n < given.size(); ++n)
-        if (!done[n]) cyc += (cyc.empty() ? "\"" : ", \"") + given[n].id + "\"";
-      throw InputError(where + ": nodes: the parents form a cycle among " + cyc);
-    }
+  std::priority_queue<size_t, std::vector<size_t>, std::greater<>> ready;
+  for (size_t n = 0; n < given.size(); ++n)
+    if (missing[n] == 0) ready.push(n);
+  while (!ready.empty()) {
+    const size_t pick = ready.top();
+    ready.pop();
     done[pick] = true;
-    for (size_t c : children[pick]) --missing[c];
+    for (size_t c : children[pick])
+      if (--missing[c] == 0) ready.push(c);
     out.nodes.push_back(given[pick]);
+  }
+  if (out.nodes.size() != given.size()) {
+    std::string cyc;
+    for (size_t n = 0; n < given.size(); ++n)
+      if (!done[n]) cyc += (cyc.empty() ? "\"" : ", \"") + given[n].id + "\"";
+    throw InputError(where + ": nodes: the parents form a cycle among " + cyc);
   }
   return out;
 }
@@ -139,6 +165,7 @@ Dag load_dag(const std::string& spec, const std::string& where) {
   if (!parts.empty() && parts[0] == "chain") {
     if (parts.size() != 3) throw InputError(where + ": expected \"chain:K:L\" (K nodes of L tokens), got \"" + spec + "\"");
     const int64_t K = parse_int(parts[1], where + " (chain K)"), L = parse_int(parts[2], where + " (chain L)");
+    if (K > kMaxNodes) throw InputError(where + " (chain K): at most " + std::to_string(kMaxNodes) + " nodes, got " + parts[1]);
     nlohmann::json j = {{"nodes", nlohmann::json::array()}};
     for (int64_t k = 1; k <= K; ++k) {
       nlohmann::json node = {{"id", "X" + std::to_string(k)}, {"length", L}};
@@ -150,6 +177,8 @@ Dag load_dag(const std::string& spec, const std::string& where) {
   if (!parts.empty() && parts[0] == "le_attention") {
     if (parts.size() != 2) throw InputError(where + ": expected \"le_attention:K\" (K documents), got \"" + spec + "\"");
     const int64_t K = parse_int(parts[1], where + " (le_attention K)");
+    if (K > kMaxNodes - 2)
+      throw InputError(where + " (le_attention K): at most " + std::to_string(kMaxNodes - 2) + " documents, got " + parts[1]);
     nlohmann::json j = {{"nodes", {{{"id", "BOS"}, {"length", 1}}}}};
     nlohmann::json query = {{"id", "query"}, {"length", 83}, {"parents", nlohmann::json::array()}};
     for (int64_t k = 0; k < K; ++k) {
@@ -160,17 +189,13 @@ Dag load_dag(const std::string& spec, const std::string& where) {
     j["nodes"].push_back(query);
     return parse_dag(j, where);
   }
-  std::ifstream in(spec);
-  if (!in)
+  // Inline JSON (what `attnbench export` stores in a case file: no path to resolve).
+  if (!spec.empty() && spec.front() == '{') return parse_dag(parse_json_text(spec, where + ": inline DAG"), where);
+  std::error_code ec;
+  if (!std::filesystem::exists(spec, ec))
     throw InputError(where + ": \"" + spec +
                      "\" is neither a readable DAG file nor a generator (\"chain:K:L\", \"le_attention:K\")");
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(spec + ": not valid JSON (" + e.what() + ")");
-  }
-  return parse_dag(j, spec);
+  return parse_dag(read_json_file(spec), spec);
 }
 
 DagLayout layout_dag(const Dag& dag, bool ancestors) {
@@ -185,7 +210,7 @@ DagLayout layout_dag(const Dag& dag, bool ancestors) {
     index[node.id] = n;
     L.ids.push_back(node.id);
     const int64_t first = node.start_pos_id   ? *node.start_pos_id
-                          : node.end_pos_id ? *node.end_pos_id - node.length + 1
+                          : node.end_pos_id ? *node.end_pos_id - node.length
                                             : 0;
     for (int64_t t = 0; t < node.length; ++t) {
       L.node.push_back(int32_t(n));
@@ -202,6 +227,13 @@ DagLayout layout_dag(const Dag& dag, bool ancestors) {
   }
   L.tokens = int64_t(L.node.size());
   return L;
+}
+
+std::string dag_inline(const std::string& spec, const std::string& where) {
+  const auto parts = split(spec, ':');
+  if (spec.empty() || spec.front() == '{' || (!parts.empty() && (parts[0] == "chain" || parts[0] == "le_attention")))
+    return spec;
+  return read_json_file(spec).dump();
 }
 
 }  // namespace attnbench

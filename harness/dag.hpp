@@ -11,8 +11,8 @@
 // character; both given must agree), parents (ids; default none) and optional
 // position options. Nodes are laid out in a topological order (the file's order
 // where it is one): node tokens are contiguous, parents come first. Position ids
-// restart at 0 in every node, or run from start_pos_id, or end at end_pos_id;
-// both given must span exactly the node's length.
+// restart at 0 in every node, or run from start_pos_id, or end just before
+// end_pos_id (exclusive, LE-ATTENTION's convention); a node gives at most one.
 #pragma once
 
 #include <cstdint>
@@ -44,7 +44,12 @@ Dag parse_dag(const nlohmann::json& j, const std::string& where);
 ///                       documents (5..9 tokens, parent BOS), a query of 83 tokens whose
 ///                       parents are all documents (K = 500: 3 584 tokens)
 ///   "path/to/file.json" the format above
+///   "{\"nodes\": ...}"    the format above, inline
 Dag load_dag(const std::string& spec, const std::string& where);
+
+/// The spec with a file path replaced by the file's JSON inline (generators and
+/// inline DAGs unchanged): what a case file stores, so it verifies anywhere.
+std::string dag_inline(const std::string& spec, const std::string& where);
 
 /// Token layout of a DAG: node of each token, the first token of each node,
 /// position ids, and which nodes each node sees (parents only, or the

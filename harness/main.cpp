@@ -1,6 +1,7 @@
 // attnbench: check, time and compare attention implementations.
 #include <cstdio>
 #include <exception>
+#include <new>
 
 #include <CLI/CLI.hpp>
 
@@ -31,6 +32,10 @@ int main(int argc, char** argv) {
     return app.exit(e);
   } catch (const attnbench::InputError& e) {
     std::fprintf(stderr, "attnbench: error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {
+    // Sizes come from the input (shapes, case files): running out is the input's doing.
+    std::fprintf(stderr, "attnbench: error: out of memory (is a shape too large for this machine?)\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "attnbench: internal error: %s\n", e.what());

@@ -21,6 +21,7 @@ struct CaseSpec {
   std::string impl;
   DType dtype = DType::f32;
   Params params;  // complete (Variant::complete)
+  Pass pass = Pass::fwd;
 };
 
 struct RunOptions {
@@ -47,11 +48,14 @@ class CaseRunner {
 
  private:
   struct Oracle {
-    TensorMap inputs;  // in the case's dtype
-    TensorMap oracle;  // f64
-    TensorMap naive;   // reference in the dtype
+    TensorMap inputs;                 // in the case's dtype (cotangents included for backward passes)
+    TensorMap wide;                   // the same widened to f64: what the references read
+    TensorMap oracle;                 // f64 outputs (and gradients for backward passes)
+    std::map<DType, TensorMap> naive;  // the reference in each precision an implementation computes in
   };
-  const Oracle& oracle(const CaseSpec& c, int seed_index);
+  Oracle& oracle(const CaseSpec& c, int seed_index);
+  /// The naive baseline of the correctness rule for an implementation computing in `precision`.
+  const TensorMap& naive(const CaseSpec& c, Oracle& o, DType precision);
   nlohmann::json check(const CaseSpec& c, const Impl& impl);
   nlohmann::json bench(const CaseSpec& c, const Impl& impl);
 

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "harness/errors.hpp"
+#include "harness/json_file.hpp"
 
 namespace attnbench {
 
@@ -43,6 +44,8 @@ struct Entry {
 
 SafetensorsFile read_safetensors(const std::string& path) {
   auto fail = [&](const std::string& what) -> void { throw InputError(path + ": " + what); };
+  // Only regular files: a FIFO or /dev/zero would block or never end.
+  (void)regular_file_size(path);
   std::ifstream f(path, std::ios::binary);
   if (!f) fail("cannot open file");
   f.seekg(0, std::ios::end);
@@ -60,12 +63,7 @@ SafetensorsFile read_safetensors(const std::string& path) {
   std::string header(header_len, '\0');
   f.read(header.data(), std::streamsize(header_len));
 
-  json h;
-  try {
-    h = json::parse(header);
-  } catch (const json::parse_error&) {
-    fail("header is not valid JSON");
-  }
+  const json h = parse_json_text(header, path + ": header");
   if (!h.is_object()) fail("header: expected a JSON object");
 
   SafetensorsFile out;
@@ -94,7 +92,9 @@ SafetensorsFile read_safetensors(const std::string& path) {
     for (const auto& d : e["shape"]) {
       if (!d.is_number_unsigned()) fail(at + ".shape: expected non-negative integers, got " + d.dump());
       const uint64_t v = d.get<uint64_t>();
-      if (v != 0 && count > std::numeric_limits<uint64_t>::max() / 16 / v) fail(at + ".shape: too large");
+      // Each size on its own too: after a 0 the product stays 0 whatever follows.
+      if (v > (uint64_t(1) << 62) || (v != 0 && count > std::numeric_limits<uint64_t>::max() / 16 / v))
+        fail(at + ".shape: too large");
       count *= v;
       en.shape.push_back(int64_t(v));
     }

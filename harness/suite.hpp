@@ -20,6 +20,7 @@ struct SuiteGroup {
   const Variant* variant = nullptr;
   std::vector<std::string> impls;
   std::vector<DType> dtypes;
+  std::vector<Pass> passes = {Pass::fwd};
   std::vector<Params> shapes;  // completed (defaults filled), in sweep order
   std::vector<SkipRule> skips;
   std::string where;           // "suites/x.json: groups[0]"
@@ -42,15 +43,19 @@ struct SuiteCase {
 /// the lighter quick bench settings.
 Suite load_suite(const std::string& path, bool quick);
 
-/// Cases in run order (group, shape, dtype, impl).
+/// Cases in run order (group, shape, dtype, pass, impl).
 std::vector<SuiteCase> expand(const Suite& s);
 
-/// `--filter`: comma-separated conditions on impl, dtype, variant or a shape
+/// `--filter`: comma-separated conditions on impl, dtype, pass, variant or a shape
 /// parameter, each `key=value`, `key!=value`, `key<N`, `key<=N`, `key>N`, `key>=N`.
 class CaseFilter {
  public:
+  /// Throws InputError for a malformed condition or a comparison with a non-number.
   explicit CaseFilter(const std::string& expr);
   bool matches(const CaseSpec& c) const;
+  /// Throws InputError (did-you-mean) for a key that is none of impl, dtype,
+  /// variant or a parameter of some variant in `s`: a typo would select nothing.
+  void check_keys(const Suite& s) const;
 
  private:
   struct Cond {

@@ -1,11 +1,17 @@
 #include "harness/system.hpp"
 
+#include <omp.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
 #include <fstream>
 #include <sstream>
 
 #include <fmt/format.h>
+
+#include "harness/errors.hpp"
 
 namespace attnbench {
 
@@ -25,7 +31,16 @@ int64_t meminfo_kib(const std::string& key) {
 }
 }  // namespace
 
-int64_t available_memory_bytes() { return meminfo_kib("MemAvailable") * 1024; }
+namespace {
+std::atomic<int64_t> g_memory_limit{0};
+}  // namespace
+
+void set_memory_limit(int64_t bytes) { g_memory_limit = bytes; }
+
+int64_t available_memory_bytes() {
+  const int64_t free = meminfo_kib("MemAvailable") * 1024, limit = g_memory_limit;
+  return limit > 0 ? std::min(free, limit) : free;
+}
 int64_t total_memory_bytes() { return meminfo_kib("MemTotal") * 1024; }
 
 std::string cpu_model() {
@@ -47,5 +62,22 @@ std::string host_name() {
 }
 
 std::string gib(double bytes) { return fmt::format("{:.2f} GiB", bytes / (1024.0 * 1024.0 * 1024.0)); }
+
+int core_count() {
+  const long n = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? int(n) : 1;
+}
+
+int resolve_threads(int requested, const std::string& flag) {
+  if (requested == 0) return omp_get_max_threads();
+  const int cores = core_count(), most = 4 * cores;
+  if (requested < 0 || requested > most)
+    throw InputError(fmt::format("{}: expected 1 to {} threads (4 per core, {} cores here), got {}", flag, most, cores,
+                                 requested));
+  if (requested > cores)
+    std::fprintf(stderr, "attnbench: warning: %s %d is more than the %d cores here; timings will be unreliable\n",
+                 flag.c_str(), requested, cores);
+  return requested;
+}
 
 }  // namespace attnbench

@@ -6,10 +6,19 @@
 
 namespace attnbench {
 
-int64_t available_memory_bytes();  // MemAvailable
+int64_t available_memory_bytes();  // MemAvailable, or less under set_memory_limit
+/// `run --max-memory`: the most memory cases may use; the runner skips a case
+/// whose memory model needs more, before allocating anything (0: no limit).
+void set_memory_limit(int64_t bytes);
 int64_t total_memory_bytes();      // MemTotal
 std::string cpu_model();
 std::string host_name();
 std::string gib(double bytes);     // "1.23 GiB"
+int core_count();                  // online processors
+
+/// Threads for a `--threads` flag: 0 means OpenMP's default (one per core); more than 4 per core
+/// is an InputError (tens of thousands crash the OpenMP runtime); more than one
+/// per core is allowed with a warning on stderr (timings will be unreliable).
+int resolve_threads(int requested, const std::string& flag);
 
 }  // namespace attnbench

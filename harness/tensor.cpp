@@ -12,8 +12,11 @@
 namespace attnbench {
 
 int64_t numel(const Shape& s) {
+  // Shapes come from users (suites, case files): a product past int64 is an
+  // input error, not a wrapped size that later reads out of bounds.
   int64_t n = 1;
-  for (int64_t d : s) n *= d;
+  for (int64_t d : s)
+    if (__builtin_mul_overflow(n, d, &n)) throw InputError("shape " + shape_str(s) + " has more than 2^63 elements");
   return n;
 }
 
@@ -28,9 +31,15 @@ void Tensor::Free::operator()(void* p) const { std::free(p); }
 Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
   for (int64_t d : shape_)
     if (d < 0) throw std::invalid_argument("Tensor: negative dimension in " + shape_str(shape_));
+  const int64_t n = numel();
+  if (n > std::numeric_limits<int64_t>::max() / 64)
+    throw InputError("shape " + shape_str(shape_) + " has too many elements to allocate");
   size_t bytes = (nbytes() + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes ? bytes : 64);
-  if (!p) throw std::bad_alloc();
+  // Huge shapes are user input: say what could not be had instead of bad_alloc.
+  if (!p)
+    throw InputError("cannot allocate a " + std::string(dtype_name(dtype_)) + " tensor of shape " + shape_str(shape_) +
+                     " (" + std::to_string(bytes >> 20) + " MiB)");
   std::memset(p, 0, bytes);
   data_.reset(p);
 }

@@ -121,12 +121,21 @@ Params Variant::params_from_tensors(const TensorMap&) const {
   throw InputError("variant '" + name() + "' does not read case files without shape metadata");
 }
 
+void Variant::validate_inputs(const Params&, const TensorMap&) const {}
+
+TensorMap Variant::file_reference(const Params& p, const TensorMap& inputs) const {
+  return reference(p, inputs, DType::f64);
+}
+
 Params Variant::complete(const Params& given, const std::string& where) const {
   if (!given.is_object()) throw InputError(where + ": expected an object of shape parameters");
   const auto specs = params();
   std::vector<std::string> names;
   for (const auto& s : specs) names.push_back(s.name);
-  for (const auto& [key, value] : given.items()) {
+  for (const auto& item : given.items()) {
+    // Named copies, not a structured binding: clang 14 cannot capture a binding in a lambda.
+    const std::string& key = item.key();
+    const auto& value = item.value();
     auto it = std::find_if(specs.begin(), specs.end(), [&](const ParamSpec& s) { return s.name == key; });
     if (it == specs.end())
       throw InputError(where + "." + key + ": unknown parameter of variant '" + name() + "'" +
@@ -136,8 +145,9 @@ Params Variant::complete(const Params& given, const std::string& where) const {
                        value.dump());
   }
   Params p = nlohmann::json::object();
-  for (const auto& s : specs) p[s.name] = given.contains(s.name) ? given.at(s.name) : s.default_value;
   try {
+    const Params fixed = derived(given);
+    for (const auto& s : specs) p[s.name] = fixed.contains(s.name) ? fixed.at(s.name) : s.default_value;
     validate(p);
   } catch (const InputError& e) {
     throw InputError(where + "." + e.what());

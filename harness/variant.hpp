@@ -205,6 +205,23 @@ class Variant {
   /// Case files: shape parameters recovered from the tensors of a case file
   /// (weights, inputs) when its metadata has none. Default: unsupported.
   virtual Params params_from_tensors(const TensorMap& tensors) const;
+  /// Case files: throws InputError naming the tensor when input values are
+  /// impossible for `p` (sdpa's kv_len outside [0, Nkv]). Shapes and dtypes
+  /// are checked by the caller against make_inputs(); this is for values that
+  /// index memory. Default: nothing to check.
+  virtual void validate_inputs(const Params& p, const TensorMap& inputs) const;
+  /// Case files from another framework: the f64 reference computed the way
+  /// that framework's module computes it (OpenFold's additive masks, whose
+  /// offset does not cancel in floating point), so that its stored outputs can
+  /// be held to a few ulps. Default: reference(p, inputs, f64).
+  virtual TensorMap file_reference(const Params& p, const TensorMap& inputs) const;
+
+  /// Parameters that others fix, filled in before the defaults (masked: N from
+  /// a DAG when neither N, Nq nor Nkv is given). Default: `given` unchanged.
+  virtual Params derived(const Params& given) const { return given; }
+  /// The parameters as a case file stores them: nothing that refers outside the
+  /// file (masked: a DAG file's JSON inline instead of its path). Default: `p`.
+  virtual Params self_contained(const Params& p) const { return p; }
 
   /// Defaults filled in, unknown keys rejected (with did-you-mean), types
   /// checked, validate() called. `where` prefixes errors ("suites/x.json: groups[0].sweep").

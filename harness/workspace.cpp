@@ -36,7 +36,7 @@ std::atomic<int64_t> g_in_use{0};
 std::atomic<int64_t> g_peak{0};
 // AddressSanitizer brings its own operator new; a second replacement would
 // free its blocks with our header arithmetic. Sanitizer builds count nothing.
-#if !defined(__SANITIZE_ADDRESS__)
+#if !ATTNBENCH_ASAN
 constexpr size_t kHeader = 16;  // keeps the default 16-byte alignment
 
 void* counted_alloc(size_t n) {
@@ -68,7 +68,7 @@ void AllocCounter::reset_peak() { g_peak.store(g_in_use.load()); }
 
 }  // namespace attnbench
 
-#if !defined(__SANITIZE_ADDRESS__)
+#if !ATTNBENCH_ASAN
 void* operator new(size_t n) { return attnbench::counted_alloc(n); }
 void* operator new[](size_t n) { return attnbench::counted_alloc(n); }
 void operator delete(void* p) noexcept { attnbench::counted_free(p); }

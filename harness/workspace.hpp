@@ -12,6 +12,19 @@
 #include <mutex>
 #include <vector>
 
+// 1 in AddressSanitizer builds: GCC defines __SANITIZE_ADDRESS__, clang only
+// answers __has_feature(address_sanitizer). The counting operator new is off there.
+#if defined(__SANITIZE_ADDRESS__)
+#define ATTNBENCH_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define ATTNBENCH_ASAN 1
+#endif
+#endif
+#ifndef ATTNBENCH_ASAN
+#define ATTNBENCH_ASAN 0
+#endif
+
 namespace attnbench {
 
 class Workspace {

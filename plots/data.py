@@ -121,6 +121,8 @@ def validate_results(path, doc):
         rec = _Obj(path, f"records[{i}]", raw)
         for key in ("variant", "impl", "dtype"):
             rec.req(key, "str")
+        if "pass" in raw and raw["pass"] not in ("fwd", "bwd", "fwd_bwd"):
+            _fail(path, f"records[{i}].pass", "fwd, bwd or fwd_bwd", raw["pass"])
         shape = rec.sub("shape")
         for k, v in shape.value.items():
             if not isinstance(v, (int, float, str, bool)):
@@ -282,6 +284,11 @@ class Record:
         return self.raw["dtype"]
 
     @property
+    def pass_(self):
+        """fwd, bwd or fwd_bwd; records written before the pass axis are fwd."""
+        return self.raw.get("pass", "fwd")
+
+    @property
     def shape(self):
         return self.raw["shape"]
 
@@ -301,8 +308,11 @@ class Record:
     def info(self):
         return self.raw.get("info") or {}
 
+    def shape_key(self):
+        return json.dumps(self.shape, sort_keys=True)
+
     def case_key(self):
-        return (self.variant, self.impl, self.dtype, json.dumps(self.shape, sort_keys=True))
+        return (self.variant, self.impl, self.dtype, self.pass_, self.shape_key())
 
 
 def flatten(inputs):
@@ -315,7 +325,7 @@ def flatten(inputs):
             r = Record(raw, rf.context, rf.path)
             k = r.case_key()
             if k in by_case:
-                notes.append(f"duplicate case {r.variant}/{r.impl}/{r.dtype} {k[3]} in "
+                notes.append(f"duplicate case {r.variant}/{r.impl}/{r.dtype}/{r.pass_} {r.shape_key()} in "
                              f"{by_case[k].path} and {r.path}; using {r.path}")
             by_case[k] = r
     return list(by_case.values()), notes

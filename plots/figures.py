@@ -315,11 +315,11 @@ def memory_vs_n(ctx, variant, records):
 
 
 def speedup_vs_n(ctx, variant, records):
-    ref = {(r.dtype, r.case_key()[3]): r for r in records if r.impl == "reference" and r.bench}
+    ref = {(r.dtype, r.pass_, r.shape_key()): r for r in records if r.impl == "reference" and r.bench}
     speed = {}
     for r in records:
         if r.impl != "reference" and r.bench:
-            base = ref.get((r.dtype, r.case_key()[3]))
+            base = ref.get((r.dtype, r.pass_, r.shape_key()))
             if base:
                 speed[id(r)] = base.bench["median_s"] / r.bench["median_s"]
     if not speed:
@@ -493,7 +493,7 @@ def _dense_median(r, by_case):
     (implementation "<impl>_dense", e.g. cpu_dense for cpu)."""
     if r.info.get("dense_median_s"):
         return r.info["dense_median_s"]
-    dense = by_case.get((r.variant, r.impl + "_dense", r.dtype, json.dumps(r.shape, sort_keys=True)))
+    dense = by_case.get((r.variant, r.impl + "_dense", r.dtype, r.pass_, r.shape_key()))
     return dense.bench["median_s"] if dense is not None and dense.bench else None
 
 

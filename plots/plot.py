@@ -85,9 +85,11 @@ def main(argv):
         print(f"plot.py: note: {note}", file=sys.stderr)
     impls = style.Palette({r.impl for r in records}, style.FIXED_IMPLS)
     ctx = figures.Context(out, impls, titles=not args.no_title)
+    # One set of figures per variant and pass: a fwd_bwd time never shares axes with a fwd time.
     by_variant = {}
     for r in records:
-        by_variant.setdefault(r.variant, []).append(r)
+        label = r.variant if r.pass_ == "fwd" else f"{r.variant} {r.pass_}"
+        by_variant.setdefault(label, []).append(r)
     for variant in sorted(by_variant):
         for draw in figures.ALL_RECORD_FIGURES:
             draw(ctx, variant, by_variant[variant])

@@ -187,9 +187,11 @@ Matrix<T> ipa_linear(const Matrix<T>& x, const Matrix<T>& w, const Matrix<T>& b)
 
 /// The IPA forward pass in arithmetic type T (double: the oracle; float: the f32
 /// baseline). `z_round` is the dtype z is stored in (bf16 for the bf16 baseline);
-/// every other input is rounded to T. Returns out [N, c_s].
+/// every other input is rounded to T. Returns out [N, c_s]. `openfold_mask`: add
+/// OpenFold's literal inf · (m_i m_j − 1) instead (to reproduce an OpenFold dump's
+/// arithmetic: in a masked row the −1e5 offset costs the logits their low bits).
 template <class T>
-Matrix<T> ipa_forward_reference(const IpaDims& d, const TensorMap& in, DType z_round) {
+Matrix<T> ipa_forward_reference(const IpaDims& d, const TensorMap& in, DType z_round, bool openfold_mask = false) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t N = d.N, H = d.H, c = d.c, P = d.P, Pv = d.Pv, PP = P + Pv, c_z = d.c_z;
   auto mat = [&](const char* name, int64_t rows, int64_t cols) {
@@ -261,8 +263,9 @@ Matrix<T> ipa_forward_reference(const IpaDims& d, const TensorMap& in, DType z_r
       for (int64_t j = 0; j < N; ++j) {
         T pt = 0;
         for (int64_t p = 0; p < P; ++p) pt += d2[size_t(((i * N + j) * H + h) * P + p)];
-        a(i, j) += scale_b * b(i * N + j, h) - T(0.5) * gamma * pt +
-                   T(kIpaInf) * mask(i, 0) * (mask(j, 0) - T(1));
+        const T shift = openfold_mask ? T(kIpaInf) * (mask(i, 0) * mask(j, 0) - T(1))
+                                      : T(kIpaInf) * mask(i, 0) * (mask(j, 0) - T(1));
+        a(i, j) += scale_b * b(i * N + j, h) - T(0.5) * gamma * pt + shift;
       }
     for (int64_t i = 0; i < N; ++i) {
       const T mx = a.row(i).maxCoeff();

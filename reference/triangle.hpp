@@ -99,8 +99,12 @@ Matrix<T> triangle_matrix(const Tensor& t, int64_t rows, int64_t cols, DType rou
 /// The triangle attention forward in arithmetic type T (double: the oracle; float: the f32
 /// baseline). `z_round` is the dtype z is stored in (bf16 for the bf16 baseline); every other
 /// input is rounded to T. Returns out [N·N, c_z] (row i·N + j = pair (i, j)).
+/// `openfold_mask`: add OpenFold's literal inf·(m_ik − 1) instead (to reproduce an
+/// OpenFold dump's arithmetic: in a fully masked row the −1e9 offset costs the
+/// logits their low bits).
 template <class T>
-Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in, DType z_round) {
+Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in, DType z_round,
+                                     bool openfold_mask = false) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t N = d.N, H = d.H, c = d.c, c_z = d.c_z, Hc = d.H * d.c;
   auto mat = [&](const char* name, int64_t rows, int64_t cols) {
@@ -139,7 +143,7 @@ Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in,
   Matrix<T> o(N * N, Hc);
   for (int64_t i = 0; i < N; ++i) {
     // Mask bias of row i: inf·(m_ik − max_k m_ik) (see the file comment).
-    const T mmax = mask.row(i).maxCoeff();
+    const T mmax = openfold_mask ? T(1) : mask.row(i).maxCoeff();
     for (int64_t h = 0; h < H; ++h) {
       // Logits [N (j), N (k)] of row i, head h: q_ij·k_ik + b_jk + mask bias.
       const Matrix<T> qh = q.block(i * N, h * c, N, c), kh = k.block(i * N, h * c, N, c);

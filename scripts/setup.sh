@@ -7,6 +7,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libeigen3-dev nlohmann-json3-dev catch2 libbenchmark-dev libhwy-dev
   libcli11-dev libfmt-dev libomp-dev libpng-dev
+  clang libclang-rt-14-dev  # libFuzzer and clang's sanitizers (scripts/fuzz.sh)
   python3 python3-matplotlib python3-numpy
 )
 

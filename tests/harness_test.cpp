@@ -100,7 +100,7 @@ TEST_CASE("workspace records the peak", "[workspace]") {
   ws.release();
   CHECK(ws.current_bytes() == 0);
   CHECK(ws.peak_bytes() == 4032 + 128);
-#if !defined(__SANITIZE_ADDRESS__)
+#if !ATTNBENCH_ASAN
   auto before = AllocCounter::snapshot();
   auto* v = new std::vector<int>(1000);
   CHECK(AllocCounter::snapshot().allocs > before.allocs);
@@ -128,6 +128,58 @@ TEST_CASE("the correctness rule", "[check]") {
   ok.max_abs = 0.1, ok.bound = 1;
   CHECK_FALSE(worst_of({ok, bad}).passed);
   CHECK(worst_of({ok, bad}).max_abs == 1);
+}
+
+TEST_CASE("the correctness rule never passes vacuously", "[check]") {
+  Tensor oracle(DType::f64, {4}), impl(DType::f64, {4});
+  for (int i = 0; i < 4; ++i) oracle.set(i, i + 1.0), impl.set(i, i + 1.0);
+  REQUIRE(check_equivalence(impl, oracle, oracle, DType::f32).passed);
+  SECTION("a NaN oracle does not compare equal to anything") {
+    Tensor o = oracle, g = impl;
+    o.set(2, NAN);
+    g.set(2, NAN);
+    auto r = check_equivalence(g, o, o, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("non-finite values in the oracle"));
+    g.set(2, 12345.0);
+    CHECK_FALSE(check_equivalence(g, o, o, DType::f32).passed);
+    CHECK_FALSE(check_within(g, o, 1e300).passed);
+  }
+  SECTION("an infinite output equal to an infinite oracle fails") {
+    Tensor o = oracle, g = impl;
+    o.set(0, INFINITY);
+    g.set(0, INFINITY);
+    CHECK_FALSE(check_equivalence(g, o, o, DType::f32).passed);
+    CHECK_FALSE(check_within(g, o, 1.0).passed);
+  }
+  SECTION("all NaN") {
+    Tensor o = oracle, g = impl;
+    o.fill_nan();
+    g.fill_nan();
+    auto r = check_equivalence(g, o, o, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("4 non-finite values in the output"));
+  }
+  SECTION("a non-finite naive_T does not make the bound infinite") {
+    Tensor naive = oracle, g = impl;
+    naive.set(1, NAN);
+    g.set(1, 2.5);
+    CHECK_FALSE(check_equivalence(g, oracle, naive, DType::f32).passed);
+  }
+  SECTION("a check of 0 elements fails") {
+    Tensor e(DType::f64, {0, 3});
+    auto r = check_equivalence(e, e, e, DType::f32);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("nothing compared"));
+    CHECK_FALSE(check_within(e, e, 1.0).passed);
+  }
+  SECTION("failure lines show the digits that differ") {
+    Tensor g = impl;
+    g.set(3, 4.0 + 4e-12);
+    auto r = check_equivalence(g, oracle, oracle, DType::f64, 1);
+    CHECK_FALSE(r.passed);
+    CHECK_THAT(r.detail, Catch::Contains("got 4.000000000004") && Catch::Contains("want 4"));
+  }
 }
 
 TEST_CASE("Mann-Whitney U p-values", "[bench]") {
@@ -173,7 +225,7 @@ TEST_CASE("corrupt safetensors files are rejected with a clear error", "[safeten
   };
   write_file(path, "abc");
   CHECK_THAT(error_of([&] { read_safetensors(path.string()); }), Catch::Contains("shorter than"));
-  CHECK_THAT(with_header("{\"a\":", 0), Catch::Contains("not valid JSON"));
+  CHECK_THAT(with_header("{\"a\":", 0), Catch::Contains("header: invalid JSON"));
   CHECK_THAT(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4),
              Catch::Contains("runs past the data section"));
   CHECK_THAT(with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), Catch::Contains("needs 12 bytes"));

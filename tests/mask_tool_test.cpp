@@ -199,7 +199,7 @@ TEST_CASE("mask tool: bad input", "[mask_tool]") {
             png,
         "cycle");
   fails(put(dir / "n.json", R"({"mask": "dag", "dag": "g.json", "N": 11})") + png, "g.json");
-  fails(put(dir / "j.json", R"({"mask": "window", "N": )") + png, "not valid JSON");
+  fails(put(dir / "j.json", R"({"mask": "window", "N": )") + png, "invalid JSON");
   fails((dir / "missing.json").string() + png, "cannot open");
   fails(put(dir / "big.json", R"({"mask": "window", "N": 9000, "window": 8})") + " --tokens" + png, "tile view");
   fails(dir.string() + "/big.json --ancestors" + png, "--ancestors");

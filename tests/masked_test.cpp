@@ -128,15 +128,16 @@ TEST_CASE("DAG semantics: the chain X1 -> X2 -> X3", "[masked][dag]") {
   }
 }
 
-TEST_CASE("DAG position ids: start_pos_id and end_pos_id", "[masked][dag]") {
+TEST_CASE("DAG position ids: start_pos_id and end_pos_id (exclusive, as LE-ATTENTION)", "[masked][dag]") {
   const nlohmann::json j = {{"nodes",
                              {{{"id", "a"}, {"length", 3}},
                               {{"id", "b"}, {"text", "héllo"}, {"parents", {"a"}}, {"start_pos_id", 10}},
                               {{"id", "c"}, {"length", 2}, {"parents", {"a"}}, {"end_pos_id", 7}},
-                              {{"id", "d"}, {"length", 2}, {"parents", {"b", "c"}}, {"start_pos_id", 4}, {"end_pos_id", 5}}}}};
+                              {{"id", "d"}, {"length", 4}, {"parents", {"b", "c"}}, {"end_pos_id", 20}}}}};
   const DagLayout L = layout_dag(parse_dag(j, "test"), false);
-  CHECK(L.tokens == 12);  // "héllo" is 5 characters
-  CHECK(L.pos == std::vector<int32_t>{0, 1, 2, 10, 11, 12, 13, 14, 6, 7, 4, 5});
+  CHECK(L.tokens == 14);  // "héllo" is 5 characters
+  // end_pos_id 20 on 4 tokens gives 16..19 (LE-ATTENTION's convention).
+  CHECK(L.pos == std::vector<int32_t>{0, 1, 2, 10, 11, 12, 13, 14, 5, 6, 16, 17, 18, 19});
 }
 
 TEST_CASE("DAG files: bad input gives one clear error naming the field", "[masked][dag]") {
@@ -165,8 +166,11 @@ TEST_CASE("DAG files: bad input gives one clear error naming the field", "[maske
              Catch::Contains("cycle among \"a\", \"b\", \"c\""));
   CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 1}, {"parents", {"a"}}}}}}),
              Catch::Contains("lists itself as a parent"));
-  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"start_pos_id", 2}, {"end_pos_id", 9}}}}}),
-             Catch::Contains("nodes[0]: start_pos_id 2 and end_pos_id 9 conflict"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"start_pos_id", 2}, {"end_pos_id", 5}}}}}),
+             Catch::Contains("nodes[0]: start_pos_id and end_pos_id together"));
+  CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"end_pos_id", 2}}}}}),
+             Catch::Contains("nodes[0].end_pos_id: 2 would make the first position negative"));
+  CHECK(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"end_pos_id", 3}}}}}) == "no error");
   CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"length", 3}, {"text", "ab"}}}}}),
              Catch::Contains("length 3 disagrees with text of 2 characters"));
   CHECK_THAT(error_of(json{{"nodes", {{{"id", "a"}, {"lenght", 3}}}}}),
@@ -178,7 +182,7 @@ TEST_CASE("DAG files: bad input gives one clear error naming the field", "[maske
   std::filesystem::create_directories(dir);
   const std::string bad = (dir / "bad.json").string();
   std::ofstream(bad) << "{\"nodes\": [";
-  CHECK_THROWS_WITH(load_dag(bad, "dag"), Catch::Contains("bad.json: not valid JSON"));
+  CHECK_THROWS_WITH(load_dag(bad, "dag"), Catch::Contains("bad.json: invalid JSON"));
   CHECK_THROWS_WITH(load_dag((dir / "missing.json").string(), "dag"),
                     Catch::Contains("is neither a readable DAG file nor a generator"));
   CHECK_THROWS_WITH(load_dag("chain:3", "dag"), Catch::Contains("expected \"chain:K:L\""));

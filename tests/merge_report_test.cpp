@@ -83,7 +83,12 @@ TEST_CASE("merge combines the shards of one run", "[merge]") {
   CHECK(m["suite"]["complete"] == true);
   CHECK(m["suite"]["name"] == a["suite"]["name"]);
   CHECK(m["context"] == a["context"]);
-  CHECK(m["records"][0] == a["records"][0]);  // shard order, whatever the argument order
+  // Shard order, whatever the argument order; the fixtures predate the pass
+  // axis, so their records come out as "pass": "fwd".
+  json first = m["records"][0];
+  CHECK(first["pass"] == "fwd");
+  first.erase("pass");
+  CHECK(first == a["records"][0]);
   auto keys = case_keys(a);
   keys.merge(case_keys(b));
   CHECK(case_keys(m) == keys);

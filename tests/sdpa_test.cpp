@@ -521,7 +521,7 @@ TEST_CASE("sdpa cpu backward at N = 1: dv = dO, dq and dk vanish up to rounding"
     }
 }
 
-TEST_CASE("sdpa cpu fwd_bwd checks outputs and gradients; the reference runs every pass", "[sdpa][backward]") {
+TEST_CASE("sdpa cpu fwd_bwd checks outputs and gradients, and the reference runs every pass", "[sdpa][backward]") {
   for (DType dt : {DType::f32, DType::bf16}) {
     test::require_pass_ok(sdpa(), "cpu", dt, {{"B", 2}, {"H", 4}, {"Hkv", 2}, {"N", 129}, {"D", 40}, {"causal", true}},
                           Pass::fwd_bwd);

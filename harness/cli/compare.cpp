@@ -21,11 +21,6 @@ namespace {
 
 using nlohmann::json;
 
-std::string key_of(const json& r) {
-  return r["variant"].get<std::string>() + " " + r["impl"].get<std::string>() + " " + r["dtype"].get<std::string>() +
-         " " + r["shape"].dump();
-}
-
 bool all_passed(const json& r) {
   if (!r.contains("checks")) return true;
   for (const auto& [n, c] : r["checks"].items())
@@ -41,19 +36,23 @@ struct CompareArgs {
 
 int compare(const CompareArgs& a) {
   const json base = load_results(a.base), next = load_results(a.next);
-  for (const char* k : {"cpu_model", "host"}) {
-    if (base["context"][k] != next["context"][k] && !a.force)
-      throw InputError(fmt::format("{} vs {}: context.{} differs ({} vs {}); timings from different machines are "
-                                   "not comparable (use --force to compare anyway)",
-                                   a.base, a.next, k, base["context"][k].dump(), next["context"][k].dump()));
+  // Timings compare only on one machine, at one thread count, for one suite.
+  const std::pair<const char*, const char*> comparable[] = {
+      {"context", "cpu_model"}, {"context", "host"}, {"context", "threads"}, {"suite", "name"}, {"suite", "quick"}};
+  for (const auto& [section, k] : comparable) {
+    const json x = base[section].value(k, json()), y = next[section].value(k, json());
+    if (x != y && !a.force)
+      throw InputError(fmt::format("{} vs {}: {}.{} differs ({} vs {}); the timings are not comparable (use --force "
+                                   "to compare anyway)",
+                                   a.base, a.next, section, k, x.dump(), y.dump()));
   }
   std::map<std::string, const json*> old;
-  for (const auto& r : base["records"]) old[key_of(r)] = &r;
+  for (const auto& r : base["records"]) old[record_key(r)] = &r;
 
   int slower = 0, faster = 0, same = 0, ambiguous = 0, broken = 0, missing = 0;
   fmt::print("{:<9} {:>8} {:>7}  case\n", "verdict", "ratio", "p");
   for (const auto& r : next["records"]) {
-    auto it = old.find(key_of(r));
+    auto it = old.find(record_key(r));
     if (it == old.end()) {
       ++missing;
       continue;
@@ -78,7 +77,7 @@ int compare(const CompareArgs& a) {
       continue;
     }
     if (verdict != "SAME")
-      fmt::print("{:<9} {:>8.3f} {:>7.3f}  {}\n", verdict, ratio, p, key_of(r));
+      fmt::print("{:<9} {:>8.3f} {:>7.3f}  {}\n", verdict, ratio, p, record_key(r));
   }
   fmt::print("{} same, {} faster, {} slower, {} ambiguous, {} broken checks, {} cases only in {} "
              "(threshold {:.2f}x, Mann-Whitney p < 0.05)\n",

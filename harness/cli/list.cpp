@@ -5,6 +5,7 @@
 
 #include "harness/cli/commands.hpp"
 #include "harness/roofline.hpp"
+#include "harness/system.hpp"
 #include "harness/variant.hpp"
 
 namespace attnbench::cli {
@@ -36,7 +37,7 @@ void add_roofline(CLI::App& app, int& exit_code) {
   auto* c = app.add_subcommand("roofline", "Measure this machine's FP32 FMA peak and memory bandwidth (cached for run)");
   c->add_option("--threads", *threads, "Threads (default: all)")->check(CLI::PositiveNumber);
   c->callback([threads, &exit_code] {
-    const int t = *threads > 0 ? *threads : omp_get_max_threads();
+    const int t = resolve_threads(*threads, "--threads");
     const Roofline r = roofline(t, /*remeasure=*/true);
     fmt::print("threads        {}\nsimd           {}\nFMA peak       {:.1f} GFLOP/s (FP32, all threads)\n"
                "per thread     {:.1f} GFLOP/s\nbandwidth      {:.1f} GB/s (STREAM triad)\nbalance        {:.1f} FLOP/byte\n",

@@ -21,6 +21,7 @@
 #include "harness/cli/commands.hpp"
 #include "harness/dag.hpp"
 #include "harness/errors.hpp"
+#include "harness/json_file.hpp"
 #include "harness/masks.hpp"
 #include "harness/render.hpp"
 #include "harness/runner.hpp"
@@ -51,15 +52,7 @@ constexpr int64_t kMinLabelPx = 12;   // labels only for nodes / documents at le
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 nlohmann::json read_json(const std::string& path) {
-  std::error_code ec;
-  if (fs::is_directory(path, ec)) throw InputError(path + ": is a directory, expected a JSON file");
-  std::ifstream in(path);
-  if (!in) throw InputError(path + ": cannot open file (" + std::strerror(errno) + ")");
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    throw InputError(path + ": not valid JSON (" + e.what() + ")");
-  }
+  return read_json_file(path);
 }
 
 /// "chain:K:L", "le_attention:K" (anything load_dag treats as a generator).

@@ -55,11 +55,6 @@ void require_same(const Shard& first, const Shard& s, const char* section, const
                                  section, key, b.dump(), a.dump(), first.path));
 }
 
-std::string case_key(const json& r) {
-  return fmt::format("{} {} {} {}", r["variant"].get<std::string>(), r["impl"].get<std::string>(),
-                     r["dtype"].get<std::string>(), r["shape"].dump());
-}
-
 json merge(const MergeArgs& a) {
   std::vector<Shard> shards;
   for (const auto& path : a.inputs) {
@@ -69,7 +64,7 @@ json merge(const MergeArgs& a) {
   }
   const Shard& first = shards.front();
   for (const Shard& s : shards) {
-    for (const char* k : {"name", "file", "quick", "filter"}) require_same(first, s, "suite", k);
+    for (const char* k : {"name", "file", "quick", "filter", "seed"}) require_same(first, s, "suite", k);
     for (const char* k : {"host", "cpu_model", "git_sha"}) require_same(first, s, "context", k);
     if (s.n != first.n)
       throw InputError(
@@ -86,7 +81,7 @@ json merge(const MergeArgs& a) {
     complete = complete && s.doc["suite"].value("complete", true);
     const json& recs = s.doc["records"];
     for (size_t i = 0; i < recs.size(); ++i) {
-      const auto key = case_key(recs[i]);
+      const auto key = record_key(recs[i]);
       if (auto [it, fresh] = seen_cases.emplace(key, s.path); !fresh)
         throw InputError(fmt::format("{}: records[{}]: case {} is also in {}", s.path, i, key, it->second));
       records.push_back(recs[i]);

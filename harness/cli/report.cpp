@@ -65,10 +65,6 @@ std::string bytes(double b) {
   return u == 0 ? fmt::format("{:.0f} B", b) : fmt::format("{:.3g} {}", b, units[u]);
 }
 
-std::string case_key(const json& r) {
-  return r["variant"].dump() + r["impl"].dump() + r["dtype"].dump() + r["shape"].dump();
-}
-
 std::string value_text(const json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); }
 
 std::optional<double> number(const json& obj, const char* key) {
@@ -148,14 +144,15 @@ void variant_table(std::ostringstream& md, const std::string& variant, const std
   }
   md << "### " << variant << "\n\n";
   if (!fixed.empty()) md << "Fixed shape: " << cell(fixed) << ".\n\n";
-  md << "| impl | dtype |";
+  md << "| impl | dtype | pass |";
   for (const auto& k : varying) md << " " << k << " |";
-  md << " status | checks | median time | GFLOP/s | % peak | memory |\n|---|---|";
+  md << " status | checks | median time | GFLOP/s | % peak | memory |\n|---|---|---|";
   for (size_t i = 0; i < varying.size(); ++i) md << "---:|";
   md << "---|---|---:|---:|---:|---:|\n";
   for (const json* rp : recs) {
     const json& r = *rp;
-    md << "| " << cell(r["impl"].get<std::string>()) << " | " << cell(r["dtype"].get<std::string>()) << " |";
+    md << "| " << cell(r["impl"].get<std::string>()) << " | " << cell(r["dtype"].get<std::string>()) << " | "
+       << cell(r["pass"].get<std::string>()) << " |";
     for (const auto& k : varying) md << " " << (r["shape"].contains(k) ? cell(value_text(r["shape"][k])) : "–") << " |";
     md << " " << status_cell(r) << " | " << checks_cell(r) << " |";
     if (r.contains("bench") && r["bench"].is_object()) {
@@ -332,12 +329,12 @@ int report(ReportArgs a) {
     SuiteCases& sc = suites[name];
     std::map<std::string, const json*> latest;
     for (const Loaded* f : by_suite[name])
-      for (const auto& r : f->doc["records"]) latest[case_key(r)] = &r, ++sc.records;
+      for (const auto& r : f->doc["records"]) latest[record_key(r)] = &r, ++sc.records;
     std::set<std::string> shown;
     for (const Loaded* f : by_suite[name])
       for (const auto& r : f->doc["records"])
-        if (shown.insert(case_key(r)).second) {
-          sc.cases.push_back(latest[case_key(r)]);
+        if (shown.insert(record_key(r)).second) {
+          sc.cases.push_back(latest[record_key(r)]);
           all.push_back(*sc.cases.back());
         }
   }

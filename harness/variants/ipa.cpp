@@ -366,6 +366,11 @@ class IpaVariant final : public Variant {
       out.emplace("output", ipa_variant::to_tensor(ref::ipa_forward_reference<float>(d, in, dtype), DType::f32));
     return out;
   }
+  /// OpenFold's IPA adds 1e5 · (m_i m_j − 1): reproduce it for its dumps (docs/case-files.md).
+  TensorMap file_reference(const Params& p, const TensorMap& in) const override {
+    return {{"output", ipa_variant::to_tensor(ref::ipa_forward_reference<double>(dims_of(p), in, DType::f64, true),
+                                              DType::f64)}};
+  }
 
   double flops(const Params& p) const override { return ipa_variant::flops(dims_of(p), dims_of(p).c_z); }
 

@@ -23,6 +23,7 @@
 #include <mutex>
 #include <stdexcept>
 
+#include "harness/dag.hpp"
 #include "harness/errors.hpp"
 #include "harness/masks.hpp"
 #include "harness/variant.hpp"
@@ -207,7 +208,7 @@ class MaskedCpuInstance final : public Instance {
 class MaskedCudaInstance final : public CudaInstance {
  public:
   MaskedCudaInstance(const ImplArgs& a, bool dense)
-      : CudaInstance(a), m_(a, dense, cuda::kMaskedTileQ, cuda::kMaskedTileK) {
+      : CudaInstance(a), pass_(a.pass), m_(a, dense, cuda::kMaskedTileQ, cuda::kMaskedTileK) {
     p_ = m_.params(a);
     TensorMap host;
     auto add = [&](const char* name, DType dt, const void* data, int64_t n) {
@@ -239,18 +240,45 @@ class MaskedCudaInstance final : public CudaInstance {
     p_.kv_index = static_cast<const int32_t*>(dev("kv_index"));
     p_.q = in_.get("q"), p_.k = in_.get("k"), p_.v = in_.get("v");
     p_.o = out_.ptr<float>("o");
-    scratch_ = scratch(cuda::masked_forward_block_sparse_scratch_bytes(p_));
+    if (!runs_backward(pass_)) {
+      scratch_ = scratch(cuda::masked_forward_block_sparse_scratch_bytes(p_));
+      return;
+    }
+    // bwd: the forward here (setup) saves o and the lse on the device; run() is the backward.
+    bp_.dout = in_.get(grad_name("o"));
+    bp_.dq = out_.ptr<float>(grad_name("q"));
+    bp_.dk = out_.ptr<float>(grad_name("k"));
+    bp_.dv = out_.ptr<float>(grad_name("v"));
+    // One scratch buffer: the lse (kept from the forward to the backward), then the work
+    // space of whichever of the two runs (one after the other on one stream).
+    const size_t lse_bytes = (sizeof(float) * size_t(p_.B * p_.H * p_.Nq) + 255) / 256 * 256;
+    bp_.fwd = p_;
+    const size_t work = std::max(cuda::masked_forward_block_sparse_scratch_bytes(p_),
+                                 cuda::masked_backward_block_sparse_scratch_bytes(bp_));
+    char* base = static_cast<char*>(scratch(lse_bytes + work));
+    p_.lse = reinterpret_cast<float*>(base);
+    bp_.fwd = p_;
+    scratch_ = base + lse_bytes;
+    if (pass_ == Pass::bwd) {
+      cuda::masked_forward_block_sparse(p_, scratch_, nullptr);
+      ATTNBENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    }
   }
   size_t device_bytes() const override { return CudaInstance::device_bytes() + mask_.bytes(); }
   nlohmann::json info() const override { return m_.info(); }
 
  protected:
-  void launch(cudaStream_t stream) override { cuda::masked_forward_block_sparse(p_, scratch_, stream); }
+  void launch(cudaStream_t stream) override {
+    if (runs_forward(pass_)) cuda::masked_forward_block_sparse(p_, scratch_, stream);
+    if (runs_backward(pass_)) cuda::masked_backward_block_sparse(bp_, scratch_, stream);
+  }
 
  private:
+  Pass pass_;
   PreparedMask m_;
   DeviceTensors mask_;
   MaskedParams p_;
+  MaskedBackwardParams bp_;
   void* scratch_ = nullptr;
 };
 #endif
@@ -309,13 +337,40 @@ class MaskedVariant final : public Variant {
       v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     }
     // Registered in every build; skipped with the reason where CUDA is not usable.
-    for (bool dense : {false, true})
+    for (bool dense : {false, true}) {
       v.push_back({dense ? "cuda_dense" : "cuda", Device::cuda, {DType::f32, DType::bf16, DType::f16},
                    [dense](const ImplArgs& a) { return make_cuda(a, dense); }});
+      v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
+    }
     return v;
   }
 
   void validate(const Params& p) const override { masked_case(p); }
+
+  /// A DAG fixes the token count: N from it unless N, Nq or Nkv is given.
+  Params derived(const Params& given) const override {
+    Params p = given;
+    const std::string mask = given.value("mask", std::string());
+    if ((mask == "dag" || mask == "dag_ancestors") && given.contains("dag") && !given.contains("N") &&
+        !given.contains("Nq") && !given.contains("Nkv")) {
+      const std::string spec = given.at("dag").get<std::string>();
+      if (!spec.empty()) {
+        try {
+          p["N"] = layout_dag(load_dag(spec, "dag"), mask == "dag_ancestors").tokens;
+        } catch (const InputError& e) {  // as masked_case(): name the parameter first
+          const std::string msg = e.what();
+          throw InputError(msg.rfind("dag:", 0) == 0 ? msg : "dag: " + msg);
+        }
+      }
+    }
+    return p;
+  }
+
+  Params self_contained(const Params& p) const override {
+    Params q = p;
+    if (q.contains("dag")) q["dag"] = dag_inline(q.at("dag").get<std::string>(), "dag");
+    return q;
+  }
 
   TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const override {
     return make_inputs_as(p, seed, key, DType::f64);

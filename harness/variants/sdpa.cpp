@@ -14,6 +14,8 @@
 
 #include <omp.h>
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -161,23 +163,56 @@ class SdpaCpuInstance final : public Instance {
 };
 
 #if ATTNBENCH_HAVE_CUDA
+/// fwd: the forward. bwd: the forward in the constructor (setup) saving o and the
+/// log-sum-exp on the device, run() the backward alone. fwd_bwd: both in run().
 class SdpaCudaInstance final : public CudaInstance {
  public:
-  explicit SdpaCudaInstance(const ImplArgs& a) : CudaInstance(a), p_(kernel_params(case_of(a.params), a.dtype)) {
+  explicit SdpaCudaInstance(const ImplArgs& a)
+      : CudaInstance(a), pass_(a.pass), p_(kernel_params(case_of(a.params), a.dtype)) {
     p_.q = in_.get("q");
     p_.k = in_.get("k");
     p_.v = in_.get("v");
     p_.kv_len = in_.ptr<int32_t>("kv_len");
     p_.o = out_.ptr<float>("o");
     if (a.outputs.count("weights")) p_.weights = out_.ptr<float>("weights");
-    scratch_ = scratch(cuda::sdpa_forward_flash_scratch_bytes(p_));
+    if (!runs_backward(pass_)) {
+      scratch_ = scratch(cuda::sdpa_forward_flash_scratch_bytes(p_));
+      return;
+    }
+    if (a.inputs.count(grad_name("weights")))
+      throw std::runtime_error("sdpa cuda: the backward takes no cotangent of the weights");
+    bp_.dout = in_.get(grad_name("o"));
+    bp_.do_strides = bp_.dq_strides = p_.q_strides;
+    bp_.dk_strides = bp_.dv_strides = p_.k_strides;
+    bp_.dq = out_.ptr<float>(grad_name("q"));
+    bp_.dk = out_.ptr<float>(grad_name("k"));
+    bp_.dv = out_.ptr<float>(grad_name("v"));
+    // One scratch buffer: the lse (kept from the forward to the backward), then the work
+    // space of whichever of the two runs (they run one after the other on one stream).
+    const size_t lse_bytes = (sizeof(float) * size_t(p_.B * p_.H * p_.Nq) + 255) / 256 * 256;
+    bp_.fwd = p_;
+    const size_t work =
+        std::max(cuda::sdpa_forward_flash_scratch_bytes(p_), cuda::sdpa_backward_flash_scratch_bytes(bp_));
+    char* base = static_cast<char*>(scratch(lse_bytes + work));
+    p_.lse = reinterpret_cast<float*>(base);
+    bp_.fwd = p_;
+    scratch_ = base + lse_bytes;
+    if (pass_ == Pass::bwd) {
+      cuda::sdpa_forward_flash(p_, scratch_, nullptr);
+      ATTNBENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    }
   }
 
  protected:
-  void launch(cudaStream_t stream) override { cuda::sdpa_forward_flash(p_, scratch_, stream); }
+  void launch(cudaStream_t stream) override {
+    if (runs_forward(pass_)) cuda::sdpa_forward_flash(p_, scratch_, stream);
+    if (runs_backward(pass_)) cuda::sdpa_backward_flash(bp_, scratch_, stream);
+  }
 
  private:
+  Pass pass_;
   SdpaParams p_;
+  SdpaBackwardParams bp_;
   void* scratch_ = nullptr;
 };
 #endif
@@ -222,6 +257,7 @@ class SdpaVariant final : public Variant {
                    throw std::runtime_error("sdpa cuda: " + cuda_unusable_reason());
 #endif
                  }});
+    v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     return v;
   }
 
@@ -267,6 +303,17 @@ class SdpaVariant final : public Variant {
     std::vector<OutputSpec> o{{"o", out, q_shape(c.d)}};
     if (c.need_weights) o.push_back({"weights", out, w_shape(c.d)});
     return o;
+  }
+
+  /// kv_len indexes the keys: every value an integer in [0, Nkv].
+  void validate_inputs(const Params& p, const TensorMap& in) const override {
+    const SdpaCase c = case_of(p);
+    const Tensor& len = require(in, "kv_len", "sdpa case file");
+    for (int64_t b = 0; b < len.numel(); ++b) {
+      const double x = len.get(b);
+      if (!(x >= 0 && x <= double(c.d.Nkv) && x == std::floor(x)))
+        throw InputError(fmt::format("tensor 'kv_len': [{}] = {}: expected an integer in [0, Nkv = {}]", b, x, c.d.Nkv));
+    }
   }
 
   /// Floating inputs to the dtype; kv_len to int32 whatever a case file stored.

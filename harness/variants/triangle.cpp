@@ -230,6 +230,11 @@ class TriangleAttentionVariant final : public Variant {
       out.emplace("output", to_tensor(ref::triangle_forward_reference<float>(d, in, dtype), DType::f32, d.N));
     return out;
   }
+  /// OpenFold's TriangleAttention adds 1e9 · (m_ik − 1): reproduce it for its dumps (docs/case-files.md).
+  TensorMap file_reference(const Params& p, const TensorMap& in) const override {
+    const ref::TriangleDims d = dims_of(p);
+    return {{"output", to_tensor(ref::triangle_forward_reference<double>(d, in, DType::f64, true), DType::f64, d.N)}};
+  }
 
   /// Dense FLOPs of one forward (docs/triangle.md): the attention 4·H·c·N³ (q·k and a·v) plus
   /// 5·H·N³ (bias and mask adds, exp, sum); the projections 2·N²·c_z·(4·H·c + H) (q, k, v, g,
@@ -271,7 +276,7 @@ class TriangleAttentionVariant final : public Variant {
   }
 
   /// c_z and H from linear.weight, c from mha.linear_q.weight, N from z. `starting` cannot be
-  /// told from tensors: true (a case file's __metadata__ "params" can say otherwise).
+  /// told from tensors: true (a case file's __metadata__ "params" or `verify --shape starting=false` say otherwise).
   Params params_from_tensors(const TensorMap& t) const override {
     const ref::TriangleDims d = ref::triangle_dims_from_tensors(t);
     return {{"N", d.N}, {"c_z", d.c_z}, {"c", d.c}, {"H", d.H}, {"starting", true}, {"mask_fraction", 0.0}};

@@ -77,7 +77,11 @@ inline void rotate_pairs(float* x, int64_t D, RopePairs pairs, const float* c, c
   const float sign = inverse ? -1.0f : 1.0f;
   for (int64_t i = 0; i < half; ++i) {
     const int64_t ia = pairs == RopePairs::half ? i : 2 * i;
+#if defined(ATTNBENCH_MUTANT_sdpa_rope_pair)  // scripts/mutation-test.sh: half pairs i with i + half + 1
+    const int64_t ib = pairs == RopePairs::half ? (i + half + 1) % D : 2 * i + 1;
+#else
     const int64_t ib = pairs == RopePairs::half ? i + half : 2 * i + 1;
+#endif
     const float a = x[ia], b = x[ib], sn = sign * s[i];
     x[ia] = a * c[i] - b * sn;
     x[ib] = b * c[i] + a * sn;
@@ -512,6 +516,10 @@ HWY_INLINE void ForwardRows(DF df, const ForwardTile& w, int64_t rows, int64_t D
     for (int64_t r = 0; r < rows; ++r)
       w.alpha[r] = OnlineSoftmaxRow(df, w.s + r * w.s_ld, size_t(ncols), w.stale[r] ? nullptr : w.vmax + r * L,
                                     w.m[r], w.l[r]);
+#if defined(ATTNBENCH_MUTANT_sdpa_p_bf16) || defined(ATTNBENCH_MUTANT_masked_p_bf16)
+    // scripts/mutation-test.sh: probabilities rounded to bf16 before P·V (the script runs the bf16 cases only).
+    for (int64_t x = 0; x < rows * w.s_ld; ++x) w.s[x] = to_float(to_bf16(w.s[x]));
+#endif
     TileAccumulate(df, rows, w.o_ld, t.span, w.s, w.s_ld, t.v, t.v_ld, w.alpha, w.o, w.o_ld);
   });
 }

@@ -601,13 +601,25 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
         }
       }
     }
+#if defined(ATTNBENCH_MUTANT_ipa_ignore_mask)  // scripts/mutation-test.sh: the key mask is ignored
+    mneg[i] = 0.0f;
+#else
     mneg[i] = ipa::kInf * (x.mask[i] - 1.0f);
+#endif
   }
+#if defined(ATTNBENCH_MUTANT_ipa_pair_scale_bf16)  // scripts/mutation-test.sh: pair-bias scale off by 1e-3, bf16 z only
+  const float beta = std::sqrt(1.0f / 3.0f) * (x.z_bf16 ? 1.001f : 1.0f);
+#else
   const float beta = std::sqrt(1.0f / 3.0f);
+#endif
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t k = 0; k < d.c_z; ++k) base[lay.wb + k * lay.Hp + h] = beta * w.linear_b_w[h * d.c_z + k];
     base[lay.bb + h] = beta * w.linear_b_b[h];
+#if defined(ATTNBENCH_MUTANT_ipa_no_point_term)  // scripts/mutation-test.sh: the point-distance term is missing
+    base[lay.gamma + h] = 0.0f * ipa::point_weight(w.head_weights[h], P);
+#else
     base[lay.gamma + h] = -0.5f * ipa::point_weight(w.head_weights[h], P);
+#endif
   }
 
   // Attention: the concatenation (N, F) reuses the raw region (the projections are packed).

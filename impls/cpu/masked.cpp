@@ -285,7 +285,11 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const MaskedRopes
       [&](auto&& f) {
         for (int64_t n = 0; n < p.kv_count[mb * p.n_qt + qt]; ++n) {
           const int64_t kt = p.kv_index[map_row + n], j0 = kt * p.tile_k;
+#if defined(ATTNBENCH_MUTANT_masked_ignore_mask)  // scripts/mutation-test.sh: partial tiles are not masked
+          partial = false;
+#else
           partial = mask::Tile(p.tiles[map_row + kt]) == mask::Tile::partial;
+#endif
           f(KeyTileView{j0, std::min(p.tile_k, p.Nkv - j0), kt_head + kt * p.D * lay.Tkp, lay.Tkp,
                         v_head + j0 * v_stride, v_stride});
         }

@@ -276,7 +276,11 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ro
   const int64_t G = p.H / p.Hkv, n_qt = query_tiles(p);
   const int64_t qt = task % n_qt, bk = task / n_qt, b = bk / p.Hkv, hk = bk % p.Hkv;
   const int64_t f0 = qt * kTileQ, rows = std::min(kTileQ, p.Nq * G - f0);
+#if defined(ATTNBENCH_MUTANT_sdpa_scale_bf16)  // scripts/mutation-test.sh: scale off by 1e-3, bf16 only
+  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)) * (std::is_same_v<T, bf16_t> ? 1.001 : 1.0));
+#else
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
+#endif
 
   // Query tile: rotate, scale into log2 units; output (and weights, lse) row pointers.
   int64_t lim[kTileQ];
@@ -292,6 +296,9 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ro
     lse_rows[r] = p.lse ? p.lse + (b * p.H + h) * p.Nq + i : nullptr;
     load_row(w.q + r * p.D, q, p.D, ropes.q, i, qscale);
     lim[r] = row_limit(p, b, i);
+#if defined(ATTNBENCH_MUTANT_sdpa_drop_key)  // scripts/mutation-test.sh: the last visible key is dropped
+    lim[r] = std::max<int64_t>(0, lim[r] - 1);
+#endif
     hi = std::max(hi, lim[r]);
   }
 

@@ -315,7 +315,9 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
   for (int p = 0; p < 4; ++p)
     for (int64_t o = 0; o < Hc; ++o)
       for (int64_t k = 0; k < c_z; ++k) wproj[k * Op + p * Hc + o] = (p == 0 ? qscale : 1.f) * parts[p][o * c_z + k];
+#if !defined(ATTNBENCH_MUTANT_triangle_no_gate_bias)  // scripts/mutation-test.sh: the gate's bias is missing
   for (int64_t o = 0; o < Hc; ++o) bproj[3 * Hc + o] = w.bg[o];
+#endif
   float* wo = base + lay.wo;
   float* bo = base + lay.bo;
   std::fill(wo, wo + Hc * lay.czp, 0.f);
@@ -346,7 +348,11 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
       std::fill(bias + (h * N + j) * Np + N, bias + (h * N + j) * Np + Np, -std::numeric_limits<float>::infinity());
     float mmax = -std::numeric_limits<float>::infinity();
     for (int64_t k = 0; k < N; ++k) mmax = std::max(mmax, x.mask[d.pair(j, k)]);
+#if defined(ATTNBENCH_MUTANT_triangle_ignore_mask)  // scripts/mutation-test.sh: the mask is ignored
+    for (int64_t k = 0; k < N; ++k) mbias[j * Np + k] = 0.f * mmax;
+#else
     for (int64_t k = 0; k < N; ++k) mbias[j * Np + k] = float(kLog2e) * triangle::mask_bias(x.mask[d.pair(j, k)], mmax);
+#endif
     std::fill(mbias + j * Np + N, mbias + j * Np + Np, 0.f);
   }
 

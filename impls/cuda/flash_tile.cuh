@@ -1,6 +1,8 @@
 // The tile machinery shared by the two SIMT flash-style attention forwards:
 // impls/cuda/sdpa.cu (SDPA: causal row limit, key padding, need_weights pass) and
-// impls/cuda/masked.cu (block-sparse masked: block-map walk, mask functor, score mod).
+// impls/cuda/masked.cu (block-sparse masked: block-map walk, mask functor, score mod),
+// and by the SDPA backward in sdpa.cu (tile loading, chunked scores via zero_scores /
+// add_scores, score-tile × row-tile products via accumulate_product).
 //
 // Both run one CTA of 128 threads per 64-query tile over 64-key tiles, keeping Q, one
 // K-or-V tile and the 64×64 score tile in shared memory (f32) and the 64×D output
@@ -116,14 +118,20 @@ __device__ void load_tile(float* dst, const typename sdpa_math::Elem<kT>::type* 
   }
 }
 
-/// acc[r][c] = q_row(ty·8 + r) · k_row(tx + 16c) over the padded head dim.
+/// acc[r][c] = 0 (the thread's 8×4 scores).
 template <class Tr>
-__device__ __forceinline__ void tile_scores(const float* q_s, const float* k_s, int ty, int tx,
-                                            float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
+__device__ __forceinline__ void zero_scores(float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
 #pragma unroll
   for (int r = 0; r < Tr::kRowsPerThread; ++r)
 #pragma unroll
     for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = 0.0f;
+}
+
+/// acc[r][c] += q_row(ty·8 + r) · k_row(tx + 16c) over the padded head dim (the backward
+/// sums the scores of head-dim chunks this way).
+template <class Tr>
+__device__ __forceinline__ void add_scores(const float* q_s, const float* k_s, int ty, int tx,
+                                           float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
 #pragma unroll 4
   for (int d = 0; d < Tr::kD; ++d) {
     float kv[Tr::kSCols];
@@ -136,6 +144,14 @@ __device__ __forceinline__ void tile_scores(const float* q_s, const float* k_s, 
       for (int c = 0; c < Tr::kSCols; ++c) acc[r][c] = fmaf(qv, kv[c], acc[r][c]);
     }
   }
+}
+
+/// acc[r][c] = q_row(ty·8 + r) · k_row(tx + 16c) over the padded head dim.
+template <class Tr>
+__device__ __forceinline__ void tile_scores(const float* q_s, const float* k_s, int ty, int tx,
+                                            float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
+  zero_scores<Tr>(acc);
+  add_scores<Tr>(q_s, k_s, ty, tx, acc);
 }
 
 /// Writes the thread's 8×4 scores to the shared score tile: element (r, c), at tile
@@ -196,6 +212,26 @@ __device__ __forceinline__ void online_softmax(const Smem<Tr>& sh, int warp, int
   }
 }
 
+/// o[r][c] += Σ_j a[(ty·8 + r)·kSStride + j] · b[j·kRowStride + tx + 16c] over the
+/// kBlockN columns j of the 64×64 tile a (a score-shaped tile: P, or in the backward Pᵀ,
+/// dS, dSᵀ) and the rows of the (64, kD) tile b (V; in the backward dO, Q or K).
+template <class Tr>
+__device__ __forceinline__ void accumulate_product(const float* a_s, const float* b_s, int ty, int tx,
+                                                   float (&o)[Tr::kRowsPerThread][Tr::kOCols]) {
+#pragma unroll 2
+  for (int j = 0; j < Tr::kBlockN; ++j) {
+    float vv[Tr::kOCols];
+#pragma unroll
+    for (int c = 0; c < Tr::kOCols; ++c) vv[c] = b_s[j * Tr::kRowStride + tx + Tr::kColLanes * c];
+#pragma unroll
+    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+      const float pv = a_s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + j];
+#pragma unroll
+      for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = fmaf(pv, vv[c], o[r][c]);
+    }
+  }
+}
+
 /// O = alpha·O + P·V, with P in sh.s and V in sh.kv.
 template <class Tr>
 __device__ __forceinline__ void accumulate_pv(const Smem<Tr>& sh, int ty, int tx,
@@ -206,18 +242,7 @@ __device__ __forceinline__ void accumulate_pv(const Smem<Tr>& sh, int ty, int tx
 #pragma unroll
     for (int c = 0; c < Tr::kOCols; ++c) o[r][c] *= alpha;
   }
-#pragma unroll 2
-  for (int j = 0; j < Tr::kBlockN; ++j) {
-    float vv[Tr::kOCols];
-#pragma unroll
-    for (int c = 0; c < Tr::kOCols; ++c) vv[c] = sh.kv[j * Tr::kRowStride + tx + Tr::kColLanes * c];
-#pragma unroll
-    for (int r = 0; r < Tr::kRowsPerThread; ++r) {
-      const float pv = sh.s[(ty * Tr::kRowsPerThread + r) * Tr::kSStride + j];
-#pragma unroll
-      for (int c = 0; c < Tr::kOCols; ++c) o[r][c] = fmaf(pv, vv[c], o[r][c]);
-    }
-  }
+  accumulate_product<Tr>(sh.s, sh.kv, ty, tx, o);
 }
 
 /// out[i0 + row, d] = O / l (0 for a row without keys, l = 0) for the rows < Nq and
@@ -239,6 +264,88 @@ __device__ __forceinline__ void store_output(float* out, const int64_t& row_stri
       if (d < D) out[(i0 + row) * row_stride + d] = sdpa_math::softmax_finish(o[r][c], l);
     }
   }
+}
+
+// ---- Backward (SDPA, sdpa.cu; masked, masked.cu): FlashAttention-2 recomputation over
+// head-dim chunks. Every shared tile is (64, kC), kC = min(padded D, 64); the scores of a
+// tile are summed over the ⌈D / kC⌉ chunks (chunked_scores), and a CTA accumulates one
+// chunk of its output rows (the kernels' grid y).
+
+/// Tile shapes of the backward: the forward's tile steps over head-dim chunks of kC columns.
+template <int kC>
+struct BwdTraits : TileTraits<kC> {
+  using Base = TileTraits<kC>;
+  static constexpr int kMinBlocks = 1;  // as the forward: registers up to 255, no spills
+  // Shared memory in floats: four (64, kC) row tiles, the 64×64 score tile, two row vectors.
+  static constexpr int kTileFloats = Base::kQFloats;
+  static constexpr size_t kSmemBytes = sizeof(float) * (4 * kTileFloats + Base::kSFloats + 2 * Base::kBlockM);
+  static_assert(kC == 32 || kC == 64, "chunks of 32 (D ≤ 32) or 64 columns");
+};
+
+/// The backward's shared memory (BwdTraits::kSmemBytes), carved from its base.
+template <class Tr>
+struct BwdSmem {
+  float* q;      // (64, kC) Q chunk, RoPE-rotated, scaled (SDPA: × log2(e)/√D, masked: × 1/√D)
+  float* k;      // (64, kC) K chunk, RoPE-rotated
+  float* dout;   // (64, kC) dO chunk
+  float* v;      // (64, kC) V chunk
+  float* s;      // (64, kSStride) P, Pᵀ, dS or dSᵀ
+  float* lse;    // (64,) the query rows' log-sum-exp (natural), −inf for padding rows
+  float* delta;  // (64,) the query rows' Δ_i = dO_i·O_i
+  __device__ __forceinline__ explicit BwdSmem(float* base)
+      : q(base), k(q + Tr::kTileFloats), dout(k + Tr::kTileFloats), v(dout + Tr::kTileFloats),
+        s(v + Tr::kTileFloats), lse(s + Tr::kSFloats), delta(lse + Tr::kBlockM) {}
+};
+
+/// acc += Σ over head-dim chunks of a_chunk · b_chunkᵀ (rows of two slices into the tiles
+/// a_s, b_s), walking the chunks from `chunk` + 1 around to `chunk`, so that the tiles end
+/// holding chunk `chunk` (the CTA's output chunk, which the product that follows reuses).
+/// load_a / load_b false: that tile already holds the only chunk (n_chunks = 1). Rows as for
+/// load_tile, over the columns from Rows::col0 (set here per chunk) on, the row pointers
+/// offset by col0 here too.
+template <DType kT, class Tr, class Src, class Stride, class Rows>
+__device__ __forceinline__ void chunked_scores(float* a_s, const Src* a, Stride a_stride, Rows a_rows, float a_scale,
+                                               int64_t a_row0, bool load_a, float* b_s, const Src* b, Stride b_stride,
+                                               Rows b_rows, int64_t b_row0, bool load_b, int chunk, int n_chunks,
+                                               int ty, int tx, float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
+  for (int t = 1; t <= n_chunks; ++t) {
+    const int cc = (chunk + t) % n_chunks, col0 = cc * Tr::kD;
+    a_rows.col0 = b_rows.col0 = col0;
+    if (load_a) load_tile<kT, Tr>(a_s, a + col0, a_stride, a_rows, a_row0, a_scale);
+    if (load_b) load_tile<kT, Tr>(b_s, b + col0, b_stride, b_rows, b_row0, 1.0f);
+    __syncthreads();
+    add_scores<Tr>(a_s, b_s, ty, tx, acc);
+    __syncthreads();
+  }
+}
+
+/// Writes the thread's rows (row0 + ty·8 + r < n) and columns (col0 + tx + 16c < D) of a
+/// (64, kC) accumulator, times `scale`, to out (row stride `stride`).
+template <class Tr>
+__device__ __forceinline__ void store_rows(float* out, int64_t stride, int64_t row0, int64_t n, int col0, int D,
+                                           float scale, int ty, int tx,
+                                           const float (&acc)[Tr::kRowsPerThread][Tr::kOCols]) {
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r) {
+    const int64_t row = row0 + ty * Tr::kRowsPerThread + r;
+    if (row >= n) continue;
+#pragma unroll
+    for (int c = 0; c < Tr::kOCols; ++c) {
+      const int d = col0 + tx + Tr::kColLanes * c;
+      if (d < D) out[row * stride + d] = scale * acc[r][c];
+    }
+  }
+}
+
+/// The thread's 8×4 elements of a score tile, transposed: s_s[col][row] = acc[r][c].
+template <class Tr>
+__device__ __forceinline__ void store_scores_t(float* s_s, int ty, int tx,
+                                               const float (&acc)[Tr::kRowsPerThread][Tr::kSCols]) {
+#pragma unroll
+  for (int r = 0; r < Tr::kRowsPerThread; ++r)
+#pragma unroll
+    for (int c = 0; c < Tr::kSCols; ++c)
+      s_s[(tx + Tr::kColLanes * c) * Tr::kSStride + ty * Tr::kRowsPerThread + r] = acc[r][c];
 }
 
 /// Host: one compiled instantiation of a forward, input dtype kT and padded head dim kD.

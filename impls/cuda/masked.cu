@@ -1,4 +1,4 @@
-// Masked attention, block-sparse flash-style CUDA forward (DESIGN §5 "Mask family").
+// Masked attention, block-sparse flash-style CUDA forward and backward (DESIGN §5 "Mask family").
 //
 //   q: (B, H, Nq, D)   k, v: (B, H, Nkv, D)   in f32, bf16 or f16           o: (B, H, Nq, D) f32
 //   q_i, k_j ← RoPE(q_i, q_pos[i]), RoPE(k_j, k_pos[j])  (optional; half-split pairs (d, d + D/2),
@@ -26,15 +26,34 @@
 // shared memory, tile loading, S = Q·Kᵀ, online softmax, O update, output) are shared with
 // sdpa.cu in flash_tile.cuh; this file keeps the block-map walk, the per-element mask and
 // score mod (finish_scores) and the per-token RoPE tables.
+// lse (when p.lse is set): the forward also writes log Σ_j exp(s_ij) over the allowed j, (B, H, Nq)
+// f32, −inf for a row without allowed keys.
+//
+// Backward (FlashAttention-2 over the same block map), gradients of Σ ⟨dO, o⟩, dq, dk, dv f32 dense:
+//   P_ij = exp(s_ij − lse_i)   Δ_i = dO_i·o_i   dS_ij = P_ij (dO_i·v_j − Δ_i) · mod′(q_i·k_j/√D)
+//   dv_j = Σ_i P_ij dO_i   dk̃_j = Σ_i dS_ij q̃_i/√D   dq̃_i = Σ_j dS_ij k̃_j/√D   dq, dk = RoPE⁻¹(dq̃, dk̃)
+//   mod′: tanh softcap 1 − tanh²(s/c), the additive mods (relative, cyclic, ALiBi) 1 (masked_math.hpp)
+// Kernels: Δ → dK/dV (one CTA per (key tile, head-dim chunk, b·h), scanning its key tile's column
+// of the block map: every query tile whose tile is not empty) → dQ (one CTA per (query tile,
+// chunk, b·h) over its block-map row, as the forward) → RoPE⁻¹ on dq, dk with the per-token
+// tables. The chunked tile steps are flash_tile.cuh's backward section (as sdpa.cu's backward);
+// per element, finish_probs recomputes P through the mask (partial tiles, the same visit_mask
+// switch) and the mod, and keeps mod′ in a second score-shaped tile (101 KB shared memory).
+// cuda_dense runs the same kernels over the dense block map (every tile partial).
+//
 // Kernels instantiated: 3 dtypes × head dims {32, 64, 128, 256} (padded), 12 per arch; the mask
 // kind and the score mod are runtime switches inside the kernel. ptxas (CUDA 13.0, sm_80/sm_90):
 // 127–128 / 145–164 / 179–228 / 255 registers for D = 32 / 64 / 128 / 256, no spills; dynamic
-// shared memory 34 560 / 50 944 / 83 712 / 149 248 bytes per CTA.
+// shared memory 34 560 / 50 944 / 83 712 / 149 248 bytes per CTA. Backward: 3 dtypes × chunk widths
+// kC ∈ {32, 64} × (dK/dV, dQ), 12 per arch (+ Δ, RoPE⁻¹): dK/dV 186–214 (kC = 32) / 214–248
+// (kC = 64) registers, dQ 155–168, Δ 30, RoPE⁻¹ 26, no spills; 68 096 / 100 864 bytes of shared
+// memory per CTA (kC = 32 / 64).
 //
 // Strategies (no GPU was available while writing this; nothing here has been measured):
 // | strategy                                                               | status                     |
 // |------------------------------------------------------------------------|----------------------------|
 // | SIMT flash forward over the block map, f32 FMA, K/V share one smem buf | this file                  |
+// | SIMT FA-2 backward over the block map, head-dim chunks of 64, dQ apart | this file                  |
 // | mask kind as an in-kernel switch per partial tile, rolled element loop | this file                  |
 // | the same switch with the 32-element loop unrolled                      | tried, dropped: 250+ regs, |
 // |                                                                        | spills, ~10 min ptxas      |
@@ -181,6 +200,257 @@ masked_forward_kernel(const MaskedKernelArgs a) {
 
   // Every row is written, 0 for rows without an allowed key (l = 0), query tiles without key tiles included.
   flash::store_output<Tr>(p.o + bh * p.Nq * p.D, p.D, i0, p.Nq, D, sh.l, ty, tx, o);
+  if (p.lse != nullptr && tid < Tr::kBlockM && i0 + tid < p.Nq)
+    p.lse[bh * p.Nq + i0 + tid] = sm::lse_from_base2(sh.m[tid], sh.l[tid]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2 recomputation over the block map; flash_tile.cuh's backward
+// section: head-dim chunks of kC = min(padded D, 64) columns, one output chunk per CTA).
+// dQ walks the query tile's block-map row like the forward; dK/dV scans the column of its key
+// tile in the block map (every query tile whose tile kind is not empty). The per-element pass
+// (finish_probs) recomputes P from the saved lse through the mask and the score mod and keeps
+// the mod's derivative in a second score-shaped tile.
+
+struct MaskedBwdArgs {
+  MaskedBackwardParams bp;
+  const float* q_cos;  // (Nq, D/2) RoPE tables of the query tokens, or null
+  const float* q_sin;
+  const float* k_cos;  // (Nkv, D/2) RoPE tables of the key tokens, or null
+  const float* k_sin;
+  const float* delta;  // (B, H, Nq) Δ_i = dO_i·O_i
+  float q_scale;       // 1/√D (natural units, as the forward)
+  int n_chunks;        // ⌈D / kC⌉
+};
+
+/// Shared memory of the backward: flash::BwdSmem, then the score mod's derivative tile.
+template <class Tr>
+constexpr size_t masked_bwd_smem_bytes() {
+  return Tr::kSmemBytes + sizeof(float) * Tr::kSFloats;
+}
+
+/// Columns [col0, col0 + kC) of a dense (n tokens, D) slice as flash::load_tile reads it (the
+/// caller offsets the row pointer by col0): RoPE over the full D with the per-token tables when
+/// cos is set (half-split pairs, partners possibly in another chunk).
+struct TokenChunkRows {
+  int64_t n;
+  int D, col0;
+  const float* cos;
+  const float* sin;
+  __device__ __forceinline__ int64_t n_rows() const { return n; }
+  __device__ __forceinline__ int dim() const { return D - col0; }
+  __device__ __forceinline__ bool rotate() const { return cos != nullptr; }
+  __device__ __forceinline__ sm::RopePair pair(int /*dim*/, int d) const {
+    sm::RopePair pr = sm::rope_pair(mm::kRopeHalfSplit, D, col0 + d);
+    pr.partner -= col0;
+    return pr;
+  }
+  __device__ __forceinline__ int64_t index(int /*half*/, int64_t i, int /*r*/, int freq) const {
+    return mm::rope_table_index(i, freq, D);
+  }
+  __device__ __forceinline__ const float* cos_t() const { return cos; }
+  __device__ __forceinline__ const float* sin_t() const { return sin; }
+};
+
+/// The thread's 32 raw scores s (natural units, in s_s) of the tile at (i0, j0) become
+/// P = 2^(log2(e)·mod(s) − log2(e)·lse_i) (0 where masked, masked_math.hpp / sdpa_math.hpp)
+/// in s_s, and the mod's derivative at s in g_s. Rolled, as finish_scores.
+template <class Tr, class M>
+__device__ __forceinline__ void finish_probs(const M& mask, bool full, float* s_s, float* g_s, const float* lse_s,
+                                             int ty, int tx, int64_t b, int64_t h, int64_t i0, int64_t j0,
+                                             const MaskedParams& p) {
+#pragma unroll 1
+  for (int e = 0; e < Tr::kRowsPerThread * Tr::kSCols; ++e) {
+    const int row = ty * Tr::kRowsPerThread + e / Tr::kSCols, col = tx + Tr::kColLanes * (e % Tr::kSCols);
+    const int64_t i = i0 + row, j = j0 + col;
+    const int idx = row * Tr::kSStride + col;
+    const float s = s_s[idx];
+    const bool ok = mm::element_allowed(mask, full, b, i, j, p.Nq, p.Nkv);
+    s_s[idx] = sm::prob_from_lse(mm::score_base2(p.mod, s, h, i, j, ok), lse_s[row]);
+    g_s[idx] = mm::score_mod_grad(p.mod, s);
+  }
+}
+
+/// finish_probs with the tile's mask: mask::Full on full tiles, else the mask kind's functor.
+template <class Tr>
+__device__ __forceinline__ void finish_tile_probs(bool full, float* s_s, float* g_s, const float* lse_s, int ty, int tx,
+                                                  int64_t b, int64_t h, int64_t i0, int64_t j0, const MaskedParams& p) {
+  if (full)
+    finish_probs<Tr>(mask::Full{p.Nkv}, true, s_s, g_s, lse_s, ty, tx, b, h, i0, j0, p);
+  else
+    mask::visit_mask(p.mask,
+                     [&](const auto& m) { finish_probs<Tr>(m, false, s_s, g_s, lse_s, ty, tx, b, h, i0, j0, p); });
+}
+
+/// Δ_i = Σ_d dO_id · O_id for every row (b, h, i) of the dense tensors: one warp per row.
+template <DType kT>
+__global__ void masked_backward_delta_kernel(const MaskedBwdArgs a, float* delta) {
+  using E = sm::Elem<kT>;
+  const MaskedParams& p = a.bp.fwd;
+  const int lane = int(threadIdx.x) % 32;
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= p.B * p.H * p.Nq) return;
+  const auto* dout = static_cast<const typename E::type*>(a.bp.dout) + row * p.D;
+  const float* o = p.o + row * p.D;
+  float sum = 0.0f;
+  for (int64_t d = lane; d < p.D; d += 32) sum = fmaf(E::to_f32(dout[d]), o[d], sum);
+  sum = warp_sum(sum);
+  if (lane == 0) delta[row] = sum;
+}
+
+/// dQ of one (64-query tile, head-dim chunk, b·h) over the key tiles of its block-map row:
+/// P and dP = dO·Vᵀ recomputed, dS = P∘(dP − Δ)·mod′, dQ += dS·K. In the rotated frame.
+template <DType kT, int kC>
+__global__ void __launch_bounds__(flash::BwdTraits<kC>::kThreads, flash::BwdTraits<kC>::kMinBlocks)
+    masked_backward_dq_kernel(const MaskedBwdArgs a) {
+  using Tr = flash::BwdTraits<kC>;
+  using Store = typename sm::Elem<kT>::type;
+  const MaskedParams& p = a.bp.fwd;
+  extern __shared__ float smem[];
+  const flash::BwdSmem<Tr> sh(smem);
+  float* g_s = smem + Tr::kSmemBytes / sizeof(float);
+
+  const int tid = int(threadIdx.x), ty = tid / Tr::kColLanes, tx = tid % Tr::kColLanes;
+  const int D = int(p.D), chunk = int(blockIdx.y);
+  const int64_t qt = mm::query_tile_of_block(blockIdx.x, gridDim.x);
+  const int64_t bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+  const int64_t i0 = qt * Tr::kBlockM;
+  const int64_t mrow = mm::map_row(p.map_batches, b, p.n_qt, qt);
+  const int32_t n_tiles = p.kv_count[mrow];
+  const int32_t* kv_list = p.kv_index + mrow * p.n_kt;
+  const uint8_t* tile_kind = p.tiles + mrow * p.n_kt;
+
+  const Store* q = static_cast<const Store*>(p.q) + bh * p.Nq * p.D;
+  const Store* dout = static_cast<const Store*>(a.bp.dout) + bh * p.Nq * p.D;
+  const Store* k = static_cast<const Store*>(p.k) + bh * p.Nkv * p.D;
+  const Store* v = static_cast<const Store*>(p.v) + bh * p.Nkv * p.D;
+  const TokenChunkRows q_rows{p.Nq, D, 0, a.q_cos, a.q_sin}, do_rows{p.Nq, D, 0, nullptr, nullptr};
+  const TokenChunkRows k_rows{p.Nkv, D, 0, a.k_cos, a.k_sin}, v_rows{p.Nkv, D, 0, nullptr, nullptr};
+  if (tid < Tr::kBlockM) {  // published by the first barrier of chunked_scores
+    const int64_t i = i0 + tid;
+    sh.lse[tid] = i < p.Nq ? p.lse[bh * p.Nq + i] : sm::kNegInf;
+    sh.delta[tid] = i < p.Nq ? a.delta[bh * p.Nq + i] : 0.0f;
+  }
+  float dq[Tr::kRowsPerThread][Tr::kOCols];
+  flash::zero_output<Tr>(dq);
+
+  for (int32_t t = 0; t < n_tiles; ++t) {
+    const int64_t kt = kv_list[t];
+    const bool full = tile_kind[kt] == uint8_t(mask::Tile::full);
+    const int64_t j0 = kt * Tr::kBlockN;
+    const bool load_q = t == 0 || a.n_chunks > 1;  // Q, dO resident with a single chunk
+    float acc[Tr::kRowsPerThread][Tr::kSCols];
+    flash::zero_scores<Tr>(acc);
+    flash::chunked_scores<kT, Tr>(sh.q, q, D, q_rows, a.q_scale, i0, load_q, sh.k, k, D, k_rows, j0, true, chunk,
+                                  a.n_chunks, ty, tx, acc);
+    flash::store_scores<Tr>(sh.s, ty, tx, acc, [](int, int, float x) { return x; });
+    finish_tile_probs<Tr>(full, sh.s, g_s, sh.lse, ty, tx, b, h, i0, j0, p);
+    flash::zero_scores<Tr>(acc);
+    flash::chunked_scores<kT, Tr>(sh.dout, dout, D, do_rows, 1.0f, i0, load_q, sh.v, v, D, v_rows, j0, true, chunk,
+                                  a.n_chunks, ty, tx, acc);
+    flash::store_scores<Tr>(sh.s, ty, tx, acc, [&](int r, int col, float dp) {
+      const int row = ty * Tr::kRowsPerThread + r, idx = row * Tr::kSStride + col;
+      return sm::score_grad(sh.s[idx], dp, sh.delta[row]) * g_s[idx];
+    });
+    __syncthreads();
+    flash::accumulate_product<Tr>(sh.s, sh.k, ty, tx, dq);  // sh.k holds the output chunk of K
+    __syncthreads();
+  }
+  // sh.q held Q/√D, K was unscaled: dQ = Σ dS·K/√D.
+  flash::store_rows<Tr>(a.bp.dq + bh * p.Nq * p.D, p.D, i0, p.Nq, chunk * kC, D, a.q_scale, ty, tx, dq);
+}
+
+/// dK, dV of one (64-key tile, head-dim chunk, b·h) over the query tiles whose block-map
+/// tile at this key tile is not empty: dV += Pᵀ·dO, dK += dSᵀ·Q. In the rotated frame.
+template <DType kT, int kC>
+__global__ void __launch_bounds__(flash::BwdTraits<kC>::kThreads, flash::BwdTraits<kC>::kMinBlocks)
+    masked_backward_dkdv_kernel(const MaskedBwdArgs a) {
+  using Tr = flash::BwdTraits<kC>;
+  using Store = typename sm::Elem<kT>::type;
+  const MaskedParams& p = a.bp.fwd;
+  extern __shared__ float smem[];
+  const flash::BwdSmem<Tr> sh(smem);
+  float* g_s = smem + Tr::kSmemBytes / sizeof(float);
+
+  const int tid = int(threadIdx.x), ty = tid / Tr::kColLanes, tx = tid % Tr::kColLanes;
+  const int D = int(p.D), chunk = int(blockIdx.y);
+  const int64_t kt = blockIdx.x, j0 = kt * Tr::kBlockN;
+  const int64_t bh = blockIdx.z, b = bh / p.H, h = bh % p.H;
+
+  const Store* q = static_cast<const Store*>(p.q) + bh * p.Nq * p.D;
+  const Store* dout = static_cast<const Store*>(a.bp.dout) + bh * p.Nq * p.D;
+  const Store* k = static_cast<const Store*>(p.k) + bh * p.Nkv * p.D;
+  const Store* v = static_cast<const Store*>(p.v) + bh * p.Nkv * p.D;
+  const TokenChunkRows q_rows{p.Nq, D, 0, a.q_cos, a.q_sin}, do_rows{p.Nq, D, 0, nullptr, nullptr};
+  const TokenChunkRows k_rows{p.Nkv, D, 0, a.k_cos, a.k_sin}, v_rows{p.Nkv, D, 0, nullptr, nullptr};
+  float dk[Tr::kRowsPerThread][Tr::kOCols], dv[Tr::kRowsPerThread][Tr::kOCols];
+  flash::zero_output<Tr>(dk);
+  flash::zero_output<Tr>(dv);
+
+  bool first = true;
+  for (int64_t qt = 0; qt < p.n_qt; ++qt) {
+    const uint8_t kind = p.tiles[mm::map_row(p.map_batches, b, p.n_qt, qt) * p.n_kt + kt];
+    if (kind == uint8_t(mask::Tile::empty)) continue;  // uniform over the CTA
+    const bool full = kind == uint8_t(mask::Tile::full);
+    const int64_t i0 = qt * Tr::kBlockM;
+    if (tid < Tr::kBlockM) {  // published by the first barrier of chunked_scores
+      const int64_t i = i0 + tid;
+      sh.lse[tid] = i < p.Nq ? p.lse[bh * p.Nq + i] : sm::kNegInf;
+      sh.delta[tid] = i < p.Nq ? a.delta[bh * p.Nq + i] : 0.0f;
+    }
+    const bool load_kv = first || a.n_chunks > 1;  // K, V resident with a single chunk
+    first = false;
+    float acc[Tr::kRowsPerThread][Tr::kSCols];
+    flash::zero_scores<Tr>(acc);
+    flash::chunked_scores<kT, Tr>(sh.q, q, D, q_rows, a.q_scale, i0, true, sh.k, k, D, k_rows, j0, load_kv, chunk,
+                                  a.n_chunks, ty, tx, acc);
+    flash::store_scores<Tr>(sh.s, ty, tx, acc, [](int, int, float x) { return x; });
+    finish_tile_probs<Tr>(full, sh.s, g_s, sh.lse, ty, tx, b, h, i0, j0, p);
+    flash::zero_scores<Tr>(acc);
+    flash::chunked_scores<kT, Tr>(sh.dout, dout, D, do_rows, 1.0f, i0, true, sh.v, v, D, v_rows, j0, load_kv, chunk,
+                                  a.n_chunks, ty, tx, acc);
+    // dS in registers (the thread's own P and mod′), then Pᵀ into the derivative tile.
+#pragma unroll
+    for (int r = 0; r < Tr::kRowsPerThread; ++r)
+#pragma unroll
+      for (int c = 0; c < Tr::kSCols; ++c) {
+        const int row = ty * Tr::kRowsPerThread + r, idx = row * Tr::kSStride + tx + Tr::kColLanes * c;
+        acc[r][c] = sm::score_grad(sh.s[idx], acc[r][c], sh.delta[row]) * g_s[idx];
+      }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < Tr::kRowsPerThread; ++r)
+#pragma unroll
+      for (int c = 0; c < Tr::kSCols; ++c) {
+        const int row = ty * Tr::kRowsPerThread + r, col = tx + Tr::kColLanes * c;
+        g_s[col * Tr::kSStride + row] = sh.s[row * Tr::kSStride + col];
+      }
+    __syncthreads();
+    flash::accumulate_product<Tr>(g_s, sh.dout, ty, tx, dv);  // sh.dout holds the output chunk
+    __syncthreads();
+    flash::store_scores_t<Tr>(g_s, ty, tx, acc);
+    __syncthreads();
+    flash::accumulate_product<Tr>(g_s, sh.q, ty, tx, dk);  // Q chunk / √D: dK = Σ dS·Q/√D
+    __syncthreads();
+  }
+  flash::store_rows<Tr>(a.bp.dk + bh * p.Nkv * p.D, p.D, j0, p.Nkv, chunk * kC, D, 1.0f, ty, tx, dk);
+  flash::store_rows<Tr>(a.bp.dv + bh * p.Nkv * p.D, p.D, j0, p.Nkv, chunk * kC, D, 1.0f, ty, tx, dv);
+}
+
+/// RoPE's backward in place on a dense (B·H, n tokens, D) gradient: each half-split pair
+/// (f, f + D/2) of token t rotated by −θ with the token's table row (sm::rope_rotate_grad).
+__global__ void masked_rope_grad_kernel(float* g, int64_t n, int64_t total, int D, const float* cos_t,
+                                        const float* sin_t) {
+  const int half = D / 2;
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= total) return;
+  const int f = int(idx % half);
+  const int64_t t = (idx / half) % n, bh = idx / (int64_t(half) * n);
+  float* row = g + (bh * n + t) * D;
+  const int64_t ti = mm::rope_table_index(t, f, D);
+  const float c = cos_t[ti], s = sin_t[ti], x = row[f], y = row[f + half];
+  row[f] = sm::rope_rotate_grad(x, y, c, s, false);
+  row[f + half] = sm::rope_rotate_grad(y, x, c, s, true);
 }
 
 /// cos/sin of θ_f · pos[t] for the n tokens, f < D/2, in double: table (n, D/2).
@@ -279,6 +549,45 @@ void validate(const MaskedParams& p, const void* scratch) {
   if (scratch == nullptr && ScratchLayout(p).bytes() != 0) invalid("scratch must be set (RoPE tables)");
 }
 
+template <DType kT, int kC>
+void launch_backward_typed(const MaskedBwdArgs& a, float* delta, cudaStream_t stream) {
+  using Tr = flash::BwdTraits<kC>;
+  const MaskedParams& p = a.bp.fwd;
+  constexpr size_t smem = masked_bwd_smem_bytes<Tr>();
+  const int64_t rows = p.B * p.H * p.Nq;
+  masked_backward_delta_kernel<kT><<<unsigned((rows + 3) / 4), 128, 0, stream>>>(a, delta);
+  check(cudaGetLastError(), "backward delta kernel");
+  const auto dkdv = masked_backward_dkdv_kernel<kT, kC>;
+  check(cudaFuncSetAttribute(dkdv, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "shared memory attribute (backward dK/dV)");
+  dkdv<<<dim3(unsigned(p.n_kt), unsigned(a.n_chunks), unsigned(p.B * p.H)), Tr::kThreads, smem, stream>>>(a);
+  check(cudaGetLastError(), "backward dK/dV kernel");
+  const auto dq = masked_backward_dq_kernel<kT, kC>;
+  check(cudaFuncSetAttribute(dq, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+        "shared memory attribute (backward dQ)");
+  dq<<<dim3(unsigned(p.n_qt), unsigned(a.n_chunks), unsigned(p.B * p.H)), Tr::kThreads, smem, stream>>>(a);
+  check(cudaGetLastError(), "backward dQ kernel");
+}
+
+/// Fills the per-token RoPE tables (with q_pos / k_pos) into the scratch; returns whether it did.
+bool rope_tables(const MaskedParams& p, const ScratchLayout& lay, float* base, cudaStream_t stream,
+                 const float** q_cos, const float** q_sin, const float** k_cos, const float** k_sin) {
+  if (lay.q_floats == 0) return false;
+  float* qc = base;
+  float* qs = base + lay.q_sin();
+  float* kc = base + lay.k_cos();
+  float* ks = base + lay.k_sin();
+  const int threads = 256;
+  masked_rope_table_kernel<<<unsigned((lay.q_floats + threads - 1) / threads), threads, 0, stream>>>(
+      qc, qs, p.q_pos, p.Nq, int(p.D));
+  check(cudaGetLastError(), "rope table kernel (queries)");
+  masked_rope_table_kernel<<<unsigned((lay.k_floats + threads - 1) / threads), threads, 0, stream>>>(
+      kc, ks, p.k_pos, p.Nkv, int(p.D));
+  check(cudaGetLastError(), "rope table kernel (keys)");
+  *q_cos = qc, *q_sin = qs, *k_cos = kc, *k_sin = ks;
+  return true;
+}
+
 }  // namespace
 
 size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p) { return ScratchLayout(p).bytes(); }
@@ -291,25 +600,51 @@ void masked_forward_block_sparse(const MaskedParams& p, void* scratch, void* str
   MaskedKernelArgs a{};
   a.p = p;
   a.q_scale = float(1.0 / std::sqrt(double(p.D)));
-  if (lay.q_floats != 0) {
-    float* base = static_cast<float*>(scratch);
-    float* q_cos = base;
-    float* q_sin = base + lay.q_sin();
-    float* k_cos = base + lay.k_cos();
-    float* k_sin = base + lay.k_sin();
-    const int threads = 256;
-    masked_rope_table_kernel<<<unsigned((lay.q_floats + threads - 1) / threads), threads, 0, stream>>>(
-        q_cos, q_sin, p.q_pos, p.Nq, int(p.D));
-    check(cudaGetLastError(), "rope table kernel (queries)");
-    masked_rope_table_kernel<<<unsigned((lay.k_floats + threads - 1) / threads), threads, 0, stream>>>(
-        k_cos, k_sin, p.k_pos, p.Nkv, int(p.D));
-    check(cudaGetLastError(), "rope table kernel (keys)");
-    a.q_cos = q_cos, a.q_sin = q_sin, a.k_cos = k_cos, a.k_sin = k_sin;
-  }
+  rope_tables(p, lay, static_cast<float*>(scratch), stream, &a.q_cos, &a.q_sin, &a.k_cos, &a.k_sin);
   const bool launched = flash::dispatch(p.dtype, p.D, [&]<DType kT, int kD>(flash::Instance<kT, kD>) {
     launch_typed<kT, kD>(a, stream);
   });
   if (!launched) invalid("q, k, v must be f32, bf16 or f16");
+}
+
+size_t masked_backward_block_sparse_scratch_bytes(const MaskedBackwardParams& bp) {
+  const MaskedParams& p = bp.fwd;
+  return ScratchLayout(p).bytes() + sizeof(float) * ScratchLayout::padded(size_t(p.B * p.H * p.Nq));
+}
+
+void masked_backward_block_sparse(const MaskedBackwardParams& bp, void* scratch, void* stream_ptr) {
+  const MaskedParams& p = bp.fwd;
+  validate(p, scratch);
+  if (p.lse == nullptr || bp.dout == nullptr || bp.dq == nullptr || bp.dk == nullptr || bp.dv == nullptr)
+    invalid("backward: fwd.o, fwd.lse, dout, dq, dk and dv must be set");
+  if (scratch == nullptr) invalid("backward: scratch must be set");
+  const auto stream = static_cast<cudaStream_t>(stream_ptr);
+  const ScratchLayout lay(p);
+  float* base = static_cast<float*>(scratch);
+
+  MaskedBwdArgs a{};
+  a.bp = bp;
+  a.q_scale = float(1.0 / std::sqrt(double(p.D)));
+  const bool rope = rope_tables(p, lay, base, stream, &a.q_cos, &a.q_sin, &a.k_cos, &a.k_sin);
+  float* delta = base + lay.bytes() / sizeof(float);
+  a.delta = delta;
+  const bool launched = flash::dispatch(p.dtype, p.D, [&]<DType kT, int kD>(flash::Instance<kT, kD>) {
+    constexpr int kC = kD < 64 ? kD : 64;
+    a.n_chunks = int((p.D + kC - 1) / kC);
+    launch_backward_typed<kT, kC>(a, delta, stream);
+  });
+  if (!launched) invalid("q, k, v must be f32, bf16 or f16");
+  if (rope) {
+    // Gradients of the rotated q, k → of the inputs (after the dQ and dK/dV kernels, same stream).
+    const int threads = 256;
+    const int64_t nq = p.B * p.H * p.Nq * (p.D / 2), nk = p.B * p.H * p.Nkv * (p.D / 2);
+    masked_rope_grad_kernel<<<unsigned((nq + threads - 1) / threads), threads, 0, stream>>>(bp.dq, p.Nq, nq, int(p.D),
+                                                                                           a.q_cos, a.q_sin);
+    check(cudaGetLastError(), "rope gradient kernel (dq)");
+    masked_rope_grad_kernel<<<unsigned((nk + threads - 1) / threads), threads, 0, stream>>>(bp.dk, p.Nkv, nk, int(p.D),
+                                                                                           a.k_cos, a.k_sin);
+    check(cudaGetLastError(), "rope gradient kernel (dk)");
+  }
 }
 
 }  // namespace attnbench::cuda

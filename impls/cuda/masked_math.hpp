@@ -3,8 +3,8 @@
 // what the kernel computes: which block-map row a CTA walks, which elements of a
 // visited tile are allowed (padding rows/keys of the last tiles never, full tiles
 // without evaluating the mask, partial tiles through the mask functor), the
-// score mod in natural units followed by the change to base 2, and the RoPE
-// table index of a token. The online softmax, RoPE rotation and 16-bit widening
+// score mod in natural units followed by the change to base 2, the score mod's
+// derivative (backward), and the RoPE table index of a token. The online softmax, RoPE rotation and 16-bit widening
 // are sdpa_math.hpp's.
 #pragma once
 
@@ -48,6 +48,15 @@ ATTNBENCH_HD bool element_allowed(const M& mask, bool full, int64_t b, int64_t i
 /// element is −inf whatever the mod would give.
 ATTNBENCH_HD float score_base2(const mask::ScoreMod& mod, float s, int64_t h, int64_t i, int64_t j, bool allowed) {
   return allowed ? sdpa_math::kLog2e * mask::apply_score_mod(mod, s, h, i, j) : sdpa_math::kNegInf;
+}
+
+/// Backward: the derivative of the score mod with respect to the raw score s (natural
+/// units, before the mod): tanh softcap c·tanh(s/c) → 1 − tanh²(s/c); the additive mods
+/// (relative, cyclic, ALiBi) and none → 1. dS of the raw score = this × dS of the modded one.
+ATTNBENCH_HD float score_mod_grad(const mask::ScoreMod& mod, float s) {
+  if (mod.kind != mask::ScoreModKind::softcap) return 1.0f;
+  const float t = tanhf(s / mod.softcap);
+  return 1.0f - t * t;
 }
 
 /// Index of (token t, frequency f) in a per-token RoPE cos/sin table (tokens, D/2).

@@ -1,0 +1,125 @@
+// The registry-driven gradient test: every variant with a backward has its f64
+// reference backward checked against central finite differences of its f64
+// forward, and every implementation's bwd and fwd_bwd passes checked against
+// that reference through the runner (the correctness rule, NaN-filled
+// gradients, input hashes) — a new variant's backward is covered without new
+// test code. DESIGN §3 "Gradients".
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+
+#include "harness/runner.hpp"
+#include "harness/variant.hpp"
+
+using namespace attnbench;
+
+namespace {
+
+/// Test shapes small enough for finite differences (two forwards per direction).
+bool small_enough(const Variant& v, const Params& p) {
+  int64_t n = 0;
+  for (const auto& [name, t] : v.make_inputs(p, 0, "size")) n += t.numel();
+  return n <= 40000;
+}
+
+/// L(x) = Σ_y ⟨cotangent_y, y(x)⟩ over the outputs that receive a cotangent.
+double objective(const Variant& v, const Params& p, const TensorMap& in) {
+  const TensorMap out = v.reference(p, in, DType::f64);
+  double l = 0;
+  for (const auto& y : v.cotangents(p)) {
+    const Tensor& t = out.at(y);
+    const Tensor& dy = in.at(grad_name(y));
+    for (int64_t i = 0; i < t.numel(); ++i) l += dy.get(i) * t.get(i);
+  }
+  return l;
+}
+
+}  // namespace
+
+TEST_CASE("every reference backward equals finite differences of its forward", "[gradient]") {
+  int checked = 0;
+  for (const Variant* v : variants()) {
+    if (!v->has_backward()) continue;
+    for (const Params& given : v->test_shapes()) {
+      const Params p = v->complete(given, v->name() + " test shape");
+      if (!small_enough(*v, p)) continue;
+      TensorMap in = v->make_inputs(p, 7, "fd");
+      for (const auto& spec : v->outputs(p, DType::f64))
+        for (const auto& y : v->cotangents(p))
+          if (spec.name == y) {
+            Tensor dy(DType::f64, spec.shape);
+            Rng rng(7, "fd", grad_name(y));
+            for (int64_t i = 0; i < dy.numel(); ++i) dy.data<double>()[i] = rng.normal();
+            in.emplace(grad_name(y), std::move(dy));
+          }
+      const TensorMap grads = v->reference_backward(p, in, DType::f64);
+      for (const auto& x : v->differentiable()) {
+        const Tensor& g = grads.at(grad_name(x));
+        REQUIRE(g.shape() == in.at(x).shape());
+        for (int dir = 0; dir < 2; ++dir) {
+          // A random direction u: the directional derivative ⟨dx, u⟩ against
+          // (L(x + εu) − L(x − εu)) / 2ε, exact to O(ε²) for a smooth L.
+          Tensor u(DType::f64, g.shape());
+          Rng rng(11, x, std::to_string(dir));
+          for (int64_t i = 0; i < u.numel(); ++i) u.data<double>()[i] = rng.normal();
+          double analytic = 0, scale = 0;
+          for (int64_t i = 0; i < u.numel(); ++i) {
+            analytic += g.get(i) * u.get(i);
+            scale += std::abs(g.get(i) * u.get(i));
+          }
+          const double eps = 1e-6;
+          TensorMap plus = in, minus = in;
+          for (int64_t i = 0; i < u.numel(); ++i) {
+            plus.at(x).data<double>()[i] += eps * u.get(i);
+            minus.at(x).data<double>()[i] -= eps * u.get(i);
+          }
+          const double numeric = (objective(*v, p, plus) - objective(*v, p, minus)) / (2 * eps);
+          INFO(v->name() << " " << p.dump() << " d" << x << " direction " << dir << ": analytic " << analytic
+                         << " numeric " << numeric << " scale " << scale);
+          REQUIRE(std::isfinite(analytic));
+          CHECK(std::abs(analytic - numeric) <= 1e-6 * scale + 1e-9);
+          ++checked;
+        }
+      }
+    }
+  }
+  INFO("variants with a backward must have at least one small test shape");
+  CHECK(checked > 0);
+}
+
+TEST_CASE("every backward implementation matches the reference backward on odd shapes", "[gradient][equivalence]") {
+  RunOptions o;
+  o.bench = false;
+  o.check_seeds = 2;
+  int checked = 0;
+  for (const Variant* v : variants()) {
+    if (!v->has_backward()) continue;
+    for (const Params& given : v->test_shapes()) {
+      const Params p = v->complete(given, v->name() + " test shape");
+      for (Pass pass : {Pass::bwd, Pass::fwd_bwd}) {
+        CaseRunner runner(o);
+        for (DType d : {DType::f64, DType::f32, DType::bf16, DType::f16}) {
+          for (const Impl& impl : v->impls()) {
+            if (std::find(impl.dtypes.begin(), impl.dtypes.end(), d) == impl.dtypes.end()) continue;
+            if (std::find(impl.passes.begin(), impl.passes.end(), pass) == impl.passes.end()) continue;
+            const auto rec = runner.run(CaseSpec{v, impl.name, d, p, pass});
+            INFO(v->name() << " " << impl.name << " " << dtype_name(d) << " " << pass_name(pass) << " " << p.dump()
+                           << ": " << rec.dump());
+            if (rec["status"] == "skipped") {
+              CHECK(impl.device == Device::cuda);
+              CHECK_FALSE(cuda_usable());
+              continue;
+            }
+            CHECK(rec["status"] == "ok");
+            int grads = 0;
+            for (const auto& [name, c] : rec["checks"].items()) grads += name.rfind("gradient/", 0) == 0;
+            CHECK(grads == int(v->differentiable().size()));
+            ++checked;
+          }
+        }
+      }
+    }
+  }
+  CHECK(checked > 0);
+}
