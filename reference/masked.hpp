@@ -10,6 +10,11 @@
 // functors the kernels use (impls/mask.hpp): a dense boolean (Nq, Nkv) mask per
 // batch entry, built once, then applied to a materialized score matrix per head.
 // That is the naive cost the block-sparse kernels avoid.
+//
+// Backward (masked_backward_reference), the gradients of Σ ⟨dO, O⟩, per head:
+//   dP = dO·Vᵀ   Δ_i = Σ_d dO_id O_id   dS' = P ∘ (dP − Δ)   (gradient of the modded logits)
+//   dS = dS' ∘ mod'(s)   (relative, cyclic, ALiBi: 1; softcap: 1 − tanh²(s/c)); 0 where not allowed
+//   dQ' = dS·K'/√D   dK' = dSᵀ·Q'/√D   dV = Pᵀ·dO   dQ, dK = RoPEᵀ(dQ', dK') at the same positions
 #pragma once
 
 #include <cmath>
@@ -122,14 +127,25 @@ Scalar score_mod(const ScoreModDefinition& mod, Scalar s, int64_t h, int64_t i, 
   return s;
 }
 
-/// Rotates each row r of x (rows, D) by position pos[r], half-split pairs (i, i + D/2).
+/// d mod(s) / ds of the score mod at the scaled logit s.
 template <class Scalar>
-void rope_rotate_positions(Matrix<Scalar>& x, const std::vector<int32_t>& pos) {
+Scalar score_mod_derivative(const ScoreModDefinition& mod, Scalar s) {
+  if (mod.kind == "softcap") {
+    const Scalar t = std::tanh(s / Scalar(mod.softcap));
+    return Scalar(1) - t * t;
+  }
+  return Scalar(1);  // none, and the additive mods (relative, cyclic, ALiBi)
+}
+
+/// Rotates each row r of x (rows, D) by position pos[r], half-split pairs (i, i + D/2);
+/// `inverse` rotates by the negative angles (the transpose, for gradients).
+template <class Scalar>
+void rope_rotate_positions(Matrix<Scalar>& x, const std::vector<int32_t>& pos, bool inverse = false) {
   const int64_t D = x.cols(), half = D / 2;
   for (int64_t r = 0; r < x.rows(); ++r)
     for (int64_t i = 0; i < half; ++i) {
       const Scalar angle = Scalar(pos[size_t(r)]) * std::pow(Scalar(10000), -Scalar(2 * i) / Scalar(D));
-      const Scalar c = std::cos(angle), s = std::sin(angle), a = x(r, i), b = x(r, i + half);
+      const Scalar c = std::cos(angle), s = (inverse ? -1 : 1) * std::sin(angle), a = x(r, i), b = x(r, i + half);
       x(r, i) = a * c - b * s;
       x(r, i + half) = b * c + a * s;
     }
@@ -172,6 +188,80 @@ void masked_forward_reference(int64_t B, int64_t H, int64_t D, const MaskDefinit
       Matrix<Scalar> O = S * V;
       round_inplace(O, round);
       Eigen::Map<Matrix<double>>(o + (b * H + h) * Nq * D, Nq, D) = O.template cast<double>();
+    }
+  }
+}
+
+/// The backward pass of masked_forward_reference: dq, dk, dv (dense,
+/// overwritten) from the inputs and the cotangent dout (B, H, Nq, D), with the
+/// forward's stage rounding (`round`) and after dP, dS, each gradient product
+/// and the rotation back.
+template <class Scalar>
+void masked_backward_reference(int64_t B, int64_t H, int64_t D, const MaskDefinition& mask,
+                               const ScoreModDefinition& mod, const std::vector<int32_t>& pos_q,
+                               const std::vector<int32_t>& pos_k, DType round,
+                               double* dq,          // (B, H, Nq, D)
+                               double* dk,          // (B, H, Nkv, D)
+                               double* dv,          // (B, H, Nkv, D)
+                               const double* q,     // (B, H, Nq, D)
+                               const double* k,     // (B, H, Nkv, D)
+                               const double* v,     // (B, H, Nkv, D)
+                               const double* dout)  // (B, H, Nq, D)
+{
+  const int64_t Nq = mask.Nq, Nkv = mask.Nkv;
+  const Scalar scale = Scalar(1) / std::sqrt(Scalar(D));
+  const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
+  for (int64_t b = 0; b < B; ++b) {
+    const std::vector<bool> allowed = dense_mask(mask, b);
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t qo = (b * H + h) * Nq * D, ko = (b * H + h) * Nkv * D;
+      Matrix<Scalar> Q = Eigen::Map<const Matrix<double>>(q + qo, Nq, D).cast<Scalar>();
+      Matrix<Scalar> K = Eigen::Map<const Matrix<double>>(k + ko, Nkv, D).cast<Scalar>();
+      const Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(v + ko, Nkv, D).cast<Scalar>();
+      const Matrix<Scalar> dO = Eigen::Map<const Matrix<double>>(dout + qo, Nq, D).cast<Scalar>();
+      if (!pos_q.empty()) {
+        rope_rotate_positions(Q, pos_q);
+        rope_rotate_positions(K, pos_k);
+      }
+      round_inplace(Q, round);
+      round_inplace(K, round);
+      Matrix<Scalar> S = (Q * K.transpose()) * scale;
+      round_inplace(S, round);
+      Matrix<Scalar> P(Nq, Nkv);
+      for (int64_t i = 0; i < Nq; ++i)
+        for (int64_t j = 0; j < Nkv; ++j)
+          P(i, j) = allowed[size_t(i * Nkv + j)] ? score_mod(mod, S(i, j), h, i, j, Nkv) : neg_inf;
+      masked_softmax_rows(P);
+      round_inplace(P, round);
+      Matrix<Scalar> O = P * V;
+      round_inplace(O, round);
+
+      Matrix<Scalar> dP = dO * V.transpose();
+      round_inplace(dP, round);
+      const Vector<Scalar> delta = (dO.array() * O.array()).rowwise().sum();
+      Matrix<Scalar> dS = (P.array() * (dP.array().colwise() - delta.array())).matrix();
+      round_inplace(dS, round);
+      if (mod.kind != "none") {
+        for (int64_t i = 0; i < Nq; ++i)
+          for (int64_t j = 0; j < Nkv; ++j)
+            dS(i, j) = allowed[size_t(i * Nkv + j)] ? dS(i, j) * score_mod_derivative(mod, S(i, j)) : Scalar(0);
+        round_inplace(dS, round);
+      }
+      Matrix<Scalar> dQ = (dS * K) * scale;
+      Matrix<Scalar> dK = (dS.transpose() * Q) * scale;
+      Matrix<Scalar> dV = P.transpose() * dO;
+      round_inplace(dQ, round);
+      round_inplace(dK, round);
+      round_inplace(dV, round);
+      if (!pos_q.empty()) {
+        rope_rotate_positions(dQ, pos_q, true);
+        rope_rotate_positions(dK, pos_k, true);
+        round_inplace(dQ, round);
+        round_inplace(dK, round);
+      }
+      Eigen::Map<Matrix<double>>(dq + qo, Nq, D) = dQ.template cast<double>();
+      Eigen::Map<Matrix<double>>(dk + ko, Nkv, D) = dK.template cast<double>();
+      Eigen::Map<Matrix<double>>(dv + ko, Nkv, D) = dV.template cast<double>();
     }
   }
 }

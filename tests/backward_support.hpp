@@ -1,8 +1,9 @@
-// Local helpers for the backward tests of the variants with gradients (sdpa,
-// masked) until the runner checks passes itself: cotangents drawn like inputs,
-// the outputs of a pass (forward outputs + gradients, NaN-filled), the ratio
-// rule on every gradient against the f64 reference backward, and the f64
-// reference backward against central finite differences of the f64 forward.
+// Helpers for the backward tests of sdpa and masked: cotangents drawn like
+// inputs, a pass run directly with its outputs NaN-filled between setup and
+// run (stricter than the runner, which fills them before setup), the runner's
+// correctness rule on a pass, and the f64 reference backward against central
+// finite differences of the f64 forward on shapes beyond the variants' test
+// shapes (tests/gradient_test.cpp covers those).
 #pragma once
 
 #include <catch2/catch.hpp>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "harness/check.hpp"
+#include "harness/runner.hpp"
 #include "harness/pass.hpp"
 #include "harness/rng.hpp"
 #include "harness/variant.hpp"
@@ -65,45 +67,30 @@ inline TensorMap run_pass(const Variant& v, const std::string& impl, const Param
   return out;
 }
 
-/// The checked results of one pass of `impl` in `dtype` on case p (seed):
-/// every gradient (and, with fwd_bwd, every forward output) against the f64
-/// reference on the dtype-rounded inputs, with the ratio rule against the
-/// reference computed in the implementation's precision (Impl::precision).
-inline std::vector<std::pair<std::string, CheckResult>> check_pass(const Variant& v, const std::string& impl,
-                                                                   DType dtype, const Params& p, Pass pass,
-                                                                   uint64_t seed = 0) {
-  const TensorMap cast = v.cast_inputs(p, inputs_with_cotangents(v, p, seed), dtype);
-  const TensorMap exact = to_f64(cast);
-  const DType rule = v.find_impl(impl)->precision.value_or(dtype);
-  TensorMap oracle = v.reference_backward(p, exact, DType::f64);
-  TensorMap naive = v.reference_backward(p, exact, rule);
-  if (runs_forward(pass)) {
-    oracle.merge(v.reference(p, exact, DType::f64));
-    naive.merge(v.reference(p, exact, rule));
-  }
-  const TensorMap got = run_pass(v, impl, p, dtype, cast, pass);
-  std::vector<std::pair<std::string, CheckResult>> results;
-  for (const auto& [name, t] : got) {
-    if (!runs_forward(pass) && !oracle.count(name)) continue;  // bwd: the forward outputs are the setup's
-    results.emplace_back(name, check_equivalence(t, oracle.at(name), naive.at(name), rule));
-  }
-  return results;
-}
-
-/// Requires every check of check_pass to pass (and to have run).
+/// Checks `pass` of `impl` in `dtype` through the runner (the correctness rule
+/// on every gradient and, with fwd_bwd, every output, against the f64 reference
+/// in the implementation's precision; `seeds` input seeds), and once more with
+/// the outputs NaN-filled between setup and run (run_pass): every tensor finite.
 inline void require_pass_ok(const Variant& v, const std::string& impl, DType dtype, const Params& given, Pass pass,
-                            int seeds = 2) {
+                            int seeds = 2, double floor_ulps = kDefaultFloorUlps) {
   const Params p = v.complete(given, "backward test");
-  for (int s = 0; s < seeds; ++s) {
-    const auto results = check_pass(v, impl, dtype, p, pass, uint64_t(s));
-    REQUIRE(results.size() >= v.differentiable().size());
-    for (const auto& [name, r] : results) {
-      INFO(v.name() << " " << impl << " " << dtype_name(dtype) << " " << pass_name(pass) << " seed " << s << " "
-                    << p.dump() << " " << name << ": max_abs " << r.max_abs << " bound " << r.bound << " naive "
-                    << r.naive_max_abs << " " << r.detail);
-      CHECK(r.passed);
-    }
+  RunOptions o;
+  o.bench = false;
+  o.check_seeds = seeds;
+  o.floor_ulps = floor_ulps;
+  const auto rec = run_case(CaseSpec{&v, impl, dtype, p, pass}, o);
+  INFO(v.name() << " " << impl << " " << dtype_name(dtype) << " " << pass_name(pass) << " " << p.dump() << ": "
+                << rec.dump());
+  REQUIRE(rec["status"] == "ok");
+  int grads = 0;
+  for (const auto& [name, r] : rec["checks"].items()) {
+    grads += name.rfind("gradient/", 0) == 0;
+    CHECK(r["passed"].get<bool>());
   }
+  CHECK(grads == int(v.differentiable().size()));
+  const TensorMap in = v.cast_inputs(p, inputs_with_cotangents(v, p, 9), dtype);
+  for (const auto& [name, t] : run_pass(v, impl, p, dtype, in, pass))
+    if (runs_forward(pass) || name[0] == 'd') CHECK(all_finite(t));
 }
 
 /// Σ_y ⟨dy, y(x)⟩ of the f64 reference forward.

@@ -5,6 +5,7 @@
 // of every implementation with the reference on odd shapes and all dtypes is
 // the registry-driven tests/equivalence_test.cpp (the variant's test_shapes).
 #include <catch2/catch.hpp>
+#include <omp.h>
 
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include "impls/block_map.hpp"
 #include "impls/cuda/masked_math.hpp"
 #include "reference/masked.hpp"
+#include "tests/backward_support.hpp"
 #include "tests/support.hpp"
 
 using namespace attnbench;
@@ -283,4 +285,87 @@ TEST_CASE("masked timing records the block-map build and the tiles computed", "[
   CHECK(rec["bench"]["tiles_computed"] == rec["info"]["tiles_computed"]);
   CHECK(rec["bench"]["tiles_total"] == 16);
   CHECK(rec["info"]["density"].get<double>() == Approx((256.0 * 33 - 2 * (16 * 17 / 2)) / (256.0 * 256)));
+}
+
+// ---- Backward -----------------------------------------------------------------------
+
+TEST_CASE("masked reference backward equals central finite differences of the forward", "[masked][backward]") {
+  for (const Params& given : std::vector<Params>{
+           {{"B", 1}, {"H", 2}, {"N", 9}, {"D", 4}, {"mask", "window"}, {"window", 4}, {"score_mod", "relative"}},
+           {{"B", 2}, {"H", 1}, {"N", 12}, {"D", 6}, {"mask", "document"}, {"doc_len", 3}, {"causal", true},
+            {"score_mod", "softcap"}, {"softcap", 1.5}},
+           {{"B", 1}, {"H", 3}, {"Nq", 11}, {"Nkv", 5}, {"D", 4}, {"mask", "strided_t"}, {"window", 2},
+            {"score_mod", "alibi"}},
+           {{"B", 1}, {"H", 1}, {"N", 10}, {"D", 6}, {"mask", "registers"}, {"registers", 2}, {"window", 2},
+            {"score_mod", "cyclic"}},
+           {{"B", 1}, {"H", 2}, {"N", 15}, {"D", 8}, {"mask", "dag_ancestors"}, {"dag", "chain:3:5"}, {"rope", "half"}},
+           {{"B", 2}, {"H", 1}, {"Nq", 7}, {"Nkv", 20}, {"D", 4}, {"mask", "maskattn"}, {"density", 0.1}},
+       })
+    test::check_reference_gradients_fd(masked_variant(), given);
+}
+
+TEST_CASE("masked cpu and cpu_dense backward match the f64 reference on every test shape", "[masked][backward]") {
+  // Every mask family and score mod, odd tiles, DAG position ids (the variant's odd test shapes).
+  for (const Params& shape : masked_variant().test_shapes())
+    for (const char* impl : {"cpu", "cpu_dense"})
+      for (DType dt : {DType::f32, DType::bf16}) test::require_pass_ok(masked_variant(), impl, dt, shape, Pass::bwd, 1);
+  for (const char* impl : {"cpu", "cpu_dense"})
+    for (const Params& shape : std::vector<Params>{
+             {{"B", 2}, {"H", 2}, {"N", 150}, {"D", 40}, {"mask", "document"}, {"doc_len", 20}, {"causal", true},
+              {"score_mod", "softcap"}, {"softcap", 5.0}, {"tile_q", 32}, {"tile_k", 64}},
+             {{"B", 1}, {"H", 2}, {"N", 224}, {"D", 32}, {"mask", "dag"}, {"dag", "le_attention:20"},
+              {"rope", "half"}, {"tile_q", 32}, {"tile_k", 32}},
+         })
+      test::require_pass_ok(masked_variant(), impl, DType::f32, shape, Pass::fwd_bwd);
+  const auto cpu = masked_variant().find_impl("cpu_dense");
+  REQUIRE(cpu);
+  CHECK(cpu->passes == std::vector<Pass>{Pass::fwd, Pass::bwd, Pass::fwd_bwd});
+  CHECK(masked_variant().differentiable() == std::vector<std::string>{"q", "k", "v"});
+}
+
+TEST_CASE("masked backward: rows without keys and keys without queries get zero gradients", "[masked][backward]") {
+  // Mask attention without attend_all leaves ~10 % of the queries without keys (and some
+  // keys without queries); several threads split a head's key tiles (B·H = 1).
+  const Params p = params({{"B", 1}, {"H", 1}, {"Nq", 40}, {"Nkv", 300}, {"D", 16}, {"mask", "maskattn"},
+                           {"density", 0.03}, {"tile_q", 16}, {"tile_k", 32}});
+  const TensorMap in = masked_variant().cast_inputs(p, test::inputs_with_cotangents(masked_variant(), p, 4), DType::f32);
+  const auto empty_rows = mask::maskattn_empty_rows(require(in, "mask_logits", "t").data<float>(), 1, 40, 300, 0.0f);
+  REQUIRE(std::count(empty_rows.begin(), empty_rows.end(), 1) > 0);
+  const ref::MaskDefinition def = mask_definition(masked_case(p), in);
+  const std::vector<bool> allowed = ref::dense_mask(def, 0);
+  const TensorMap out = test::run_pass(masked_variant(), "cpu", p, DType::f32, in, Pass::bwd);
+  int64_t lonely_keys = 0;
+  for (int64_t j = 0; j < 300; ++j) {
+    bool seen = false;
+    for (int64_t i = 0; i < 40; ++i) seen = seen || allowed[size_t(i * 300 + j)];
+    lonely_keys += !seen;
+    for (int64_t d = 0; d < 16; ++d) {
+      REQUIRE(std::isfinite(out.at("dk").get(j * 16 + d)));
+      if (!seen) {
+        REQUIRE(out.at("dk").get(j * 16 + d) == 0.0);
+        REQUIRE(out.at("dv").get(j * 16 + d) == 0.0);
+      }
+    }
+  }
+  CHECK(lonely_keys > 0);
+  for (int64_t i = 0; i < 40; ++i)
+    for (int64_t d = 0; d < 16; ++d) {
+      REQUIRE(std::isfinite(out.at("dq").get(i * 16 + d)));
+      if (empty_rows[size_t(i)]) REQUIRE(out.at("dq").get(i * 16 + d) == 0.0);
+    }
+  for (int threads : {1, 3}) {  // the same gradients whatever the split of the key tiles
+    omp_set_num_threads(threads);
+    const TensorMap again = test::run_pass(masked_variant(), "cpu", p, DType::f32, in, Pass::bwd);
+    for (const char* g : {"dq", "dk", "dv"}) CHECK(max_abs_diff(again.at(g), out.at(g)) < 1e-6 * max_abs(out.at(g)));
+  }
+  omp_set_num_threads(omp_get_num_procs());
+}
+
+TEST_CASE("block-sparse and dense backward agree", "[masked][backward]") {
+  const Params p = params({{"B", 2}, {"H", 2}, {"N", 300}, {"D", 32}, {"mask", "wrapped_window"}, {"window", 40},
+                           {"score_mod", "alibi"}, {"rope", "half"}, {"tile_q", 32}, {"tile_k", 48}});
+  const TensorMap in = masked_variant().cast_inputs(p, test::inputs_with_cotangents(masked_variant(), p, 5), DType::f32);
+  const TensorMap sparse = test::run_pass(masked_variant(), "cpu", p, DType::f32, in, Pass::fwd_bwd);
+  const TensorMap dense = test::run_pass(masked_variant(), "cpu_dense", p, DType::f32, in, Pass::fwd_bwd);
+  for (const char* g : {"o", "dq", "dk", "dv"}) CHECK(max_abs_diff(sparse.at(g), dense.at(g)) < 1e-5 * max_abs(dense.at(g)));
 }

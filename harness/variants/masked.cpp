@@ -158,19 +158,46 @@ struct PreparedMask {
   }
 };
 
+/// fwd: the forward. bwd: the forward in the constructor (setup) saving o and the
+/// log-sum-exp in the workspace, run() the backward alone. fwd_bwd: both in run().
 class MaskedCpuInstance final : public Instance {
  public:
-  MaskedCpuInstance(const ImplArgs& a, bool dense) : m_(a, dense, 0, 0) {
+  MaskedCpuInstance(const ImplArgs& a, bool dense) : pass_(a.pass), m_(a, dense, 0, 0) {
     p_ = m_.params(a);
     threads_ = omp_get_max_threads();
-    scratch_ = a.workspace.allocate(cpu::masked_forward_block_sparse_scratch_bytes(p_, threads_));
+    size_t bytes = cpu::masked_forward_block_sparse_scratch_bytes(p_, threads_);
+    if (runs_backward(pass_)) {
+      b_.dout = require(a.inputs, grad_name("o"), "masked cpu").raw();
+      b_.dq = a.outputs.at(grad_name("q")).data<float>();
+      b_.dk = a.outputs.at(grad_name("k")).data<float>();
+      b_.dv = a.outputs.at(grad_name("v")).data<float>();
+      b_.fwd = p_;
+      bytes = std::max(bytes, cpu::masked_backward_block_sparse_scratch_bytes(b_, threads_));
+      const size_t n_o = size_t(p_.B * p_.H * p_.Nq);
+      p_.lse = a.workspace.alloc<float>(n_o);
+      if (pass_ == Pass::bwd) {
+        // The backward reads o: keep the forward's copy where the harness cannot NaN-fill it.
+        float* o_out = p_.o;
+        p_.o = a.workspace.alloc<float>(n_o * size_t(p_.D));
+        scratch_ = a.workspace.allocate(bytes);
+        cpu::masked_forward_block_sparse(p_, scratch_, threads_);
+        std::copy_n(p_.o, n_o * size_t(p_.D), o_out);
+      }
+      b_.fwd = p_;
+    }
+    if (!scratch_) scratch_ = a.workspace.allocate(bytes);
   }
-  void run() override { cpu::masked_forward_block_sparse(p_, scratch_, threads_); }
+  void run() override {
+    if (runs_forward(pass_)) cpu::masked_forward_block_sparse(p_, scratch_, threads_);
+    if (runs_backward(pass_)) cpu::masked_backward_block_sparse(b_, scratch_, threads_);
+  }
   nlohmann::json info() const override { return m_.info(); }
 
  private:
+  Pass pass_;
   PreparedMask m_;
   MaskedParams p_;
+  MaskedBackwardParams b_;
   int threads_ = 1;
   void* scratch_ = nullptr;
 };
@@ -307,6 +334,7 @@ class MaskedVariant final : public Variant {
     for (bool dense : {false, true}) {
       v.push_back({dense ? "cpu_dense" : "cpu", Device::cpu, {DType::f32, DType::bf16},
                    [dense](const ImplArgs& a) { return std::make_unique<MaskedCpuInstance>(a, dense); }});
+      v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     }
     // Registered in every build; skipped with the reason where CUDA is not usable.
     for (bool dense : {false, true}) {
@@ -404,6 +432,37 @@ class MaskedVariant final : public Variant {
     return r;
   }
 
+  std::vector<std::string> differentiable() const override { return {"q", "k", "v"}; }
+  /// o gets the cotangent; mask_logits decide the mask and get no gradient.
+  std::vector<std::string> cotangents(const Params&) const override { return {"o"}; }
+
+  /// Inputs q, k, v (mask_logits) and the cotangent "do"; gradients dq, dk, dv (f32, f64 for the oracle).
+  TensorMap reference_backward(const Params& p, const TensorMap& in, DType dtype) const override {
+    const MaskedCase c = masked_case(p);
+    const MaskStorage s = make_mask(c, nullptr);
+    const ref::MaskDefinition def = mask_definition(c, in);
+    ref::ScoreModDefinition mod{c.score_mod, c.softcap, c.H};
+    std::vector<int32_t> pos_q, pos_k;
+    if (c.rope) pos_q = s.pos_q, pos_k = s.pos_k;
+    const auto q = require(in, "q", "masked reference backward").to_f64_vector();
+    const auto k = require(in, "k", "masked reference backward").to_f64_vector();
+    const auto v = require(in, "v", "masked reference backward").to_f64_vector();
+    const auto dout = require_shape(in, grad_name("o"), q_shape(c), "masked reference backward").to_f64_vector();
+    std::vector<double> dq(q.size()), dk(k.size()), dv(v.size());
+    if (dtype == DType::f64)
+      ref::masked_backward_reference<double>(c.B, c.H, c.D, def, mod, pos_q, pos_k, dtype, dq.data(), dk.data(),
+                                             dv.data(), q.data(), k.data(), v.data(), dout.data());
+    else
+      ref::masked_backward_reference<float>(c.B, c.H, c.D, def, mod, pos_q, pos_k, dtype, dq.data(), dk.data(),
+                                            dv.data(), q.data(), k.data(), v.data(), dout.data());
+    const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
+    TensorMap r;
+    r.emplace(grad_name("q"), tensor_from(dq, out, q_shape(c)));
+    r.emplace(grad_name("k"), tensor_from(dk, out, kv_shape(c)));
+    r.emplace(grad_name("v"), tensor_from(dv, out, kv_shape(c)));
+    return r;
+  }
+
   /// Useful FLOPs: 4·H·D per allowed (b, i, j) pair (QKᵀ and PV, 2 per
   /// multiply-add), so GFLOP/s compares sparse and dense execution on the work
   /// the mask keeps. case_info() also records the dense-equivalent count.
@@ -444,6 +503,38 @@ class MaskedVariant final : public Variant {
       return io + map + double(cpu::masked_forward_block_sparse_scratch_bytes(kp, omp_get_max_threads()));
     }
     return io + map;
+  }
+
+  /// Beyond the forward's model: the gradients (f32, f64 for the oracle), the
+  /// cotangent and what each implementation's backward keeps: the reference
+  /// recomputes the forward and materializes P, dP and dS per head; the CPU
+  /// kernels keep the lse and (bwd) their copy of o, their scratch is the
+  /// larger of the two passes' (the query side, the dq accumulators, the
+  /// transposed block map); CUDA counts device memory likewise.
+  double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
+    const MaskedCase c = masked_case(p);
+    const double os = dtype == DType::f64 ? 8.0 : 4.0;
+    const double nq = double(numel(q_shape(c))), nkv = double(numel(kv_shape(c)));
+    const double grads = (nq + 2.0 * nkv) * os, cot = nq * double(dtype_size(dtype));
+    const double lse = 4.0 * double(c.B * c.H * c.Nq);
+    if (impl == "reference") {
+      const double cs = dtype == DType::f64 ? 8.0 : 4.0;
+      return grads + cot + 8.0 * (2.0 * nq + 2.0 * nkv) + 4.0 * cs * double(c.Nq) * double(c.Nkv) +
+             6.0 * cs * double(c.Nq + c.Nkv) * double(c.D);
+    }
+    if (impl == "cpu" || impl == "cpu_dense") {
+      MaskedBackwardParams bp;
+      MaskedParams& kp = bp.fwd;
+      kp.B = c.B, kp.H = c.H, kp.Nq = c.Nq, kp.Nkv = c.Nkv, kp.D = c.D, kp.dtype = dtype;
+      kp.tile_q = c.tile_q, kp.tile_k = c.tile_k;
+      kp.n_qt = (c.Nq + c.tile_q - 1) / c.tile_q, kp.n_kt = (c.Nkv + c.tile_k - 1) / c.tile_k;
+      kp.map_batches = c.mask == "maskattn" ? c.B : 1;
+      const int threads = omp_get_max_threads();
+      const double fwd = double(cpu::masked_forward_block_sparse_scratch_bytes(kp, threads));
+      const double bwd = double(cpu::masked_backward_block_sparse_scratch_bytes(bp, threads));
+      return grads + cot + lse + 4.0 * nq + std::max(0.0, bwd - fwd);
+    }
+    return grads + cot + lse + 4.0 * nq;
   }
 
   std::vector<Params> test_shapes() const override {

@@ -21,6 +21,23 @@
 // packed key tile is padded to a multiple of 64 keys and the pad masked).
 // With p.lse set the forward also writes each row's log-sum-exp.
 //
+// Backward: SDPA's (impls/cpu/sdpa.cpp; BackwardPair of attention-inl.h) over
+// the same block map, transposed once per call into each key tile's list of
+// non-empty query tiles. A task owns a head's key tiles (their dK, dV) — or
+// every split-th one when B·H < 2·threads — and its dq accumulator; per key
+// tile it packs K (rotated at the key positions, rows and transposed) and Vᵀ
+// and visits only the non-empty query tiles: S → score mod (every visited
+// tile; softcap also writes its derivative 1 − tanh², which scales dS; the
+// additive mods have derivative 1) → mask (partial tiles: the rows' intervals
+// found by bisection, mask attention's select) → P = 2^(S − lse), dS → dVᵀ,
+// dKᵀ, dQ. Rows without keys get zero dq, keys no row sees zero dk, dv.
+//
+// Backward strategies, the same LE-ATTENTION case, 2 Sapphire-Rapids-class cores
+// (docs/masked.md): cpu_dense 556–587 ms;
+// | block-sparse, every head's query side packed to memory first (3 passes)  | 74.6 ms |
+// | block-sparse, a task packs its head's query side in its slab (L2)        | 60.7 ms |
+// | Δ = Σ dO·O as a lane-wise dot product (was a scalar dependent chain)      | 60.1 ms |
+//
 // Strategies, LE-ATTENTION 500 documents (3 584 tokens, B 4, H 8, D 32, f32,
 // 64 × 64 tiles, 8.4 % of the tiles non-empty), 2 Zen 4 cores; commands and
 // the other suites' numbers in docs/masked.md:
@@ -57,6 +74,7 @@ using namespace attn;
 
 inline constexpr int64_t kMaxTileQ = 1024;  // query rows per tile, at most
 inline constexpr int64_t kKeyAlign = 64;    // packed key tiles: a multiple of every target's key block
+inline constexpr int64_t kBwdChunk = 64;    // backward: query rows per packing task (a multiple of 16)
 
 /// RoPE positions (the mask's position ids): the range of the tables.
 struct RopeSpan {
@@ -90,10 +108,39 @@ struct Layout {
   }
 };
 
+/// Sizes of the backward's query sides, accumulators, transposed block map and per-thread tiles, in floats.
+struct BackwardLayout {
+  int64_t Dp, Tkp, ld, heads, splits;
+  int64_t side, dq, qmap_count, qmap_index, rope, per_thread;
+  bool owned;  // one task per head: its query side and dq accumulator live in the thread's slab
+  BackwardLayout(const MaskedParams& p, int threads) {
+    Dp = round_up(p.D, 16);
+    Tkp = round_up(p.tile_k, kKeyAlign);
+    ld = round_up(p.Nq, 16);
+    heads = p.B * p.H;
+    // Key tiles of a head are split among tasks (each with its own dq accumulator)
+    // only when there are too few heads to keep every thread busy.
+    splits = std::clamp<int64_t>((4 * int64_t(threads) + heads - 1) / heads, 1, std::min<int64_t>(p.n_kt, 8));
+    if (heads >= 2 * int64_t(threads)) splits = 1;
+    owned = splits == 1;
+    side = 2 * round_up(p.Nq * p.D, 16) + 2 * p.D * ld + 3 * ld;  // qs, dout, qst, dot, lse2 (hi, lo), delta
+    dq = ld * Dp;
+    qmap_count = round_up(p.map_batches * p.n_kt, 16);
+    qmap_index = round_up(p.map_batches * p.n_kt * p.n_qt, 16);
+    rope = RopeSpan(p).floats;
+    const int64_t kt = p.D * Tkp;
+    per_thread = 4 * kt + Tkp * Dp + 3 * p.tile_q * Tkp + 16 * round_up(p.D, 16);
+    if (owned) per_thread += side + dq;
+  }
+  /// Floats shared by all threads: query sides and accumulators (split heads), the transposed map, RoPE tables.
+  size_t shared() const { return size_t((owned ? 0 : heads * (side + splits * dq)) + qmap_count + qmap_index + rope); }
+};
+
 /// The allowed keys of every query row as merged intervals (CSR), collected
 /// once per call: a DAG query row walks all its parents, which per (head, tile)
-/// cost more than the tile's arithmetic. Key tiles are visited in ascending
-/// order, so a task keeps one cursor per row to its first interval not yet behind.
+/// cost more than the tile's arithmetic. The forward visits a row's key tiles
+/// in ascending order and keeps a cursor per row to its first interval not yet
+/// behind; the backward visits them in any order and seeks it by bisection.
 struct RowIntervals {
   std::vector<int64_t> lo, hi;  // intervals [lo, hi) of all rows, concatenated
   std::vector<size_t> first;    // (Nq + 1,) row i's intervals: [first[i], first[i + 1])
@@ -114,8 +161,14 @@ struct RowIntervals {
     }
   }
 
+  /// Row i's first interval that ends after key j0.
+  size_t seek(int64_t i, int64_t j0) const {
+    const auto b = hi.begin() + ptrdiff_t(first[size_t(i)]), e = hi.begin() + ptrdiff_t(first[size_t(i) + 1]);
+    return size_t(std::partition_point(b, e, [&](int64_t h) { return h <= j0; }) - hi.begin());
+  }
+
   /// −inf in row i's scores s (keys j0 .. j0 + span) outside its intervals;
-  /// `c` is the row's cursor (start it at first[i]).
+  /// `c` is the row's cursor (start it at first[i], or at seek(i, j0)).
   void mask_row(int64_t i, int64_t j0, int64_t span, float* s, size_t& c) const {
     const int64_t end = j0 + span;
     const size_t last = first[size_t(i) + 1];
@@ -300,6 +353,187 @@ void MaskedForward(const MaskedParams& p, float* scratch, int threads) {
     ForwardTyped<float>(p, scratch, threads);
 }
 
+// ---- Backward ---------------------------------------------------------------------
+
+HWY_INLINE QuerySide CarveSide(const MaskedParams& p, const BackwardLayout& bl, float* at) {
+  const int64_t rd = round_up(p.Nq * p.D, 16);
+  QuerySide qs;
+  qs.qs = at;
+  qs.dout = at + rd;
+  qs.qst = at + 2 * rd;
+  qs.dot = qs.qst + p.D * bl.ld;
+  qs.lse2 = qs.dot + p.D * bl.ld;
+  qs.lse2lo = qs.lse2 + bl.ld;
+  qs.delta = qs.lse2lo + bl.ld;
+  qs.ld = bl.ld;
+  return qs;
+}
+
+/// The block map transposed: for every key tile, the non-empty query tiles.
+struct QueryMap {
+  int32_t* count;  // (map_batches, n_kt)
+  int32_t* index;  // (map_batches, n_kt, n_qt)
+};
+
+inline void TransposeMap(const MaskedParams& p, const QueryMap& m) {
+  for (int64_t mb = 0; mb < p.map_batches; ++mb)
+    for (int64_t kt = 0; kt < p.n_kt; ++kt) {
+      int32_t n = 0;
+      for (int64_t qt = 0; qt < p.n_qt; ++qt)
+        if (mask::Tile(p.tiles[(mb * p.n_qt + qt) * p.n_kt + kt]) != mask::Tile::empty)
+          m.index[(mb * p.n_kt + kt) * p.n_qt + n++] = int32_t(qt);
+      m.count[mb * p.n_kt + kt] = n;
+    }
+}
+
+/// Packs query rows i0 … i1 − 1 of head bh's query side and zeroes their dq
+/// accumulators (the head's `splits`, bl.dq apart from dq_h).
+template <class T>
+void PackQueryRows(const MaskedBackwardParams& bp, const BackwardLayout& bl, const MaskedRopes& ropes, int64_t bh,
+                   int64_t i0, int64_t i1, const QuerySide& qs, float* dq_h) {
+  const MaskedParams& p = bp.fwd;
+  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
+  const T* q = static_cast<const T*>(p.q) + bh * p.Nq * p.D;
+  const T* dout = static_cast<const T*>(bp.dout) + bh * p.Nq * p.D;
+  for (int64_t i = i0; i < i1; ++i) {
+    PackQueryRow(qs, i, p.D, q + i * p.D, dout + i * p.D, p.o + (bh * p.Nq + i) * p.D, p.lse[bh * p.Nq + i], ropes.q,
+                 i, qscale);
+    for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_h + s * bl.dq + i * bl.Dp, bl.Dp, 0.0f);
+  }
+  TransposeQueryRows(qs, p.D, i0, i1, p.Nq);
+}
+
+/// Key tiles kt ≡ split (mod splits) of head bh into the split's accumulator dq,
+/// each against the non-empty query tiles of its block-map column (score mod on
+/// every visited tile, the mask on partial ones); then the tile's dK and dV.
+template <class T>
+void BackwardKeyTiles(const MaskedBackwardParams& bp, const BackwardLayout& bl, const MaskedRopes& ropes, int64_t bh,
+                      int64_t split, const QuerySide& qs, float* dq, const QueryMap& qmap,
+                      const RowIntervals* intervals, const KeyTileGrads& kg, const PairTiles& tiles, float* rows_buf) {
+  const DF df;
+  const MaskedParams& p = bp.fwd;
+  const int64_t b = bh / p.H, h = bh % p.H;
+  const int64_t mb = p.map_batches > 1 ? b : 0;
+  const bool mod = p.mod.kind != mask::ScoreModKind::none;
+  PairTiles w = tiles;
+  if (p.mod.kind != mask::ScoreModKind::softcap) w.dmod = nullptr;
+  auto dk_row = [&](int64_t j) { return bp.dk + (bh * p.Nkv + j) * p.D; };
+  auto dv_row = [&](int64_t j) { return bp.dv + (bh * p.Nkv + j) * p.D; };
+  for (int64_t kt = split; kt < p.n_kt; kt += bl.splits) {
+    const int64_t j0 = kt * p.tile_k, span = std::min(p.tile_k, p.Nkv - j0);
+    const int64_t count = qmap.count[mb * p.n_kt + kt];
+    if (count == 0) {  // no query sees these keys
+      for (int64_t jt = 0; jt < span; ++jt) std::fill_n(dk_row(j0 + jt), p.D, 0.0f), std::fill_n(dv_row(j0 + jt), p.D, 0.0f);
+      continue;
+    }
+    PackTile<T>(p, ropes.k, bh, kt, bl.Tkp, kg.pack(), rows_buf);
+    std::fill_n(kg.dkt, p.D * kg.ld, 0.0f);
+    std::fill_n(kg.dvt, p.D * kg.ld, 0.0f);
+    for (int64_t n = 0; n < count; ++n) {
+      const int64_t qt = qmap.index[(mb * p.n_kt + kt) * p.n_qt + n];
+      const bool partial = mask::Tile(p.tiles[(mb * p.n_qt + qt) * p.n_kt + kt]) == mask::Tile::partial;
+      const int64_t i0 = qt * p.tile_q, rows = std::min(p.tile_q, p.Nq - i0);
+      BackwardPair(df, p.D, qs, dq, i0, rows, span, kg, w, [&](float* s, int64_t ncols, float* dmod) {
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = s + r * w.ld;
+          const int64_t i = i0 + r;
+          if (mod) ApplyScoreMod(p.mod, h, i, j0, span, sr, dmod ? dmod + r * w.ld : nullptr);
+          if (partial && intervals) {
+            size_t c = intervals->seek(i, j0);
+            intervals->mask_row(i, j0, span, sr, c);
+          } else if (partial) {
+            visit_mask(p.mask, [&](const auto& m) { MaskRow(m, b, i, j0, span, sr); });
+          }
+          std::fill(sr + span, sr + ncols, kNegInf);
+        }
+      });
+    }
+    StoreKeyGrads(
+        kg, p.D, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
+        [&](int64_t jt) { return dv_row(j0 + jt); });
+  }
+}
+
+/// dq of query rows i0 … i1 − 1 of head bh: its split accumulators summed, scaled, rotated back.
+void StoreQueryRows(const MaskedBackwardParams& bp, const BackwardLayout& bl, const MaskedRopes& ropes, int64_t bh,
+                    int64_t i0, int64_t i1, const float* dq_h) {
+  const MaskedParams& p = bp.fwd;
+  const float scale = float(1.0 / std::sqrt(double(p.D)));
+  for (int64_t i = i0; i < i1; ++i)
+    StoreQueryGrad(bp.dq + (bh * p.Nq + i) * p.D, dq_h + i * bl.Dp, bl.splits, bl.dq, p.D, scale, ropes.q, i);
+}
+
+/// One task per head (bl.owned): its query side packed into the thread's slab in
+/// 64-row chunks, all its key tiles, then its dq. Otherwise three passes: every
+/// head's side, (head, split) tasks, the splits summed.
+template <class T>
+void BackwardTyped(const MaskedBackwardParams& bp, float* scratch, int threads) {
+  const MaskedParams& p = bp.fwd;
+  const BackwardLayout bl(p, threads);
+  const RopeSpan rs(p);
+  float* sides = scratch;  // split heads only
+  float* dq_acc = sides + (bl.owned ? 0 : bl.heads * bl.side);
+  float* after_dq = dq_acc + (bl.owned ? 0 : bl.heads * bl.splits * bl.dq);
+  const QueryMap qmap{reinterpret_cast<int32_t*>(after_dq), reinterpret_cast<int32_t*>(after_dq + bl.qmap_count)};
+  float* cos_t = after_dq + bl.qmap_count + bl.qmap_index;
+  float* sin_t = cos_t + rs.n_pos * rs.half;
+  float* slabs = cos_t + bl.rope;
+  if (p.q_pos) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
+  const MaskedRopes ropes(p, cos_t, sin_t);
+  const std::optional<RowIntervals> intervals = collect_intervals(p);
+  const RowIntervals* iv = intervals ? &*intervals : nullptr;
+  TransposeMap(p, qmap);
+
+  const int64_t per_head = (p.Nq + kBwdChunk - 1) / kBwdChunk;
+#pragma omp parallel num_threads(threads)
+  {
+    float* slab = slabs + bl.per_thread * omp_get_thread_num();
+    const int64_t kt = p.D * bl.Tkp, tile = p.tile_q * bl.Tkp;
+    const KeyTileGrads kg{slab, slab + kt, slab + 2 * kt, slab + 2 * kt + bl.Tkp * bl.Dp,
+                          slab + 3 * kt + bl.Tkp * bl.Dp, bl.Tkp, bl.Dp};
+    float* t0 = slab + 4 * kt + bl.Tkp * bl.Dp;
+    const PairTiles w{t0, t0 + tile, t0 + 2 * tile, bl.Tkp};
+    float* rows_buf = t0 + 3 * tile;
+    float* own = rows_buf + 16 * round_up(p.D, 16);  // owned: the head's side, then its dq accumulator
+    if (bl.owned) {
+      const QuerySide qs = CarveSide(p, bl, own);
+      float* dq = own + bl.side;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t bh = 0; bh < bl.heads; ++bh) {
+        for (int64_t i0 = 0; i0 < p.Nq; i0 += kBwdChunk)
+          PackQueryRows<T>(bp, bl, ropes, bh, i0, std::min(p.Nq, i0 + kBwdChunk), qs, dq);
+        BackwardKeyTiles<T>(bp, bl, ropes, bh, 0, qs, dq, qmap, iv, kg, w, rows_buf);
+        StoreQueryRows(bp, bl, ropes, bh, 0, p.Nq, dq);
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < bl.heads * per_head; ++task) {
+        const int64_t bh = task / per_head, i0 = (task % per_head) * kBwdChunk;
+        PackQueryRows<T>(bp, bl, ropes, bh, i0, std::min(p.Nq, i0 + kBwdChunk), CarveSide(p, bl, sides + bh * bl.side),
+                         dq_acc + bh * bl.splits * bl.dq);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < bl.heads * bl.splits; ++task) {
+        const int64_t bh = task / bl.splits, split = task % bl.splits;
+        BackwardKeyTiles<T>(bp, bl, ropes, bh, split, CarveSide(p, bl, sides + bh * bl.side), dq_acc + task * bl.dq,
+                            qmap, iv, kg, w, rows_buf);
+      }
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < bl.heads * per_head; ++task) {
+        const int64_t bh = task / per_head, i0 = (task % per_head) * kBwdChunk;
+        StoreQueryRows(bp, bl, ropes, bh, i0, std::min(p.Nq, i0 + kBwdChunk), dq_acc + bh * bl.splits * bl.dq);
+      }
+    }
+  }
+}
+
+void MaskedBackward(const MaskedBackwardParams& p, float* scratch, int threads) {
+  if (p.fwd.dtype == DType::bf16)
+    BackwardTyped<bf16_t>(p, scratch, threads);
+  else
+    BackwardTyped<float>(p, scratch, threads);
+}
+
 }  // namespace attnbench::cpu::HWY_NAMESPACE
 HWY_AFTER_NAMESPACE();
 
@@ -307,6 +541,7 @@ HWY_AFTER_NAMESPACE();
 namespace attnbench::cpu {
 
 HWY_EXPORT(MaskedForward);
+HWY_EXPORT(MaskedBackward);
 
 namespace {
 void check_common(const MaskedParams& p, const char* who) {
@@ -328,6 +563,19 @@ size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int thre
 void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads) {
   check_common(p, "masked_forward_block_sparse");
   HWY_DYNAMIC_DISPATCH(MaskedForward)(p, static_cast<float*>(scratch), std::max(1, threads));
+}
+
+size_t masked_backward_block_sparse_scratch_bytes(const MaskedBackwardParams& p, int threads) {
+  threads = std::max(1, threads);
+  const masked_detail::BackwardLayout bl(p.fwd, threads);
+  return (bl.shared() + size_t(bl.per_thread) * size_t(threads)) * sizeof(float);
+}
+
+void masked_backward_block_sparse(const MaskedBackwardParams& p, void* scratch, int threads) {
+  check_common(p.fwd, "masked_backward_block_sparse");
+  if (!p.fwd.o || !p.fwd.lse || !p.dout || !p.dq || !p.dk || !p.dv)
+    throw std::invalid_argument("masked_backward_block_sparse: o, lse, dout, dq, dk and dv must all be set");
+  HWY_DYNAMIC_DISPATCH(MaskedBackward)(p, static_cast<float*>(scratch), std::max(1, threads));
 }
 
 }  // namespace attnbench::cpu

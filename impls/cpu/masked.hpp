@@ -1,7 +1,7 @@
-// Masked (block-sparse) attention forward: the parameters shared by the CPU
-// and CUDA entry points (impls/cpu/masked.cpp has the equation, the algorithm
-// and the measured strategies; impls/cuda/masked.hpp declares the CUDA launcher).
-// Raw pointers and caller-owned scratch: no harness types.
+// Masked (block-sparse) attention forward and backward: the parameters shared
+// by the CPU and CUDA entry points (impls/cpu/masked.cpp has the equations, the
+// algorithms and the measured strategies; impls/cuda/masked.hpp declares the
+// CUDA launcher). Raw pointers and caller-owned scratch: no harness types.
 #pragma once
 
 #include <cstddef>
@@ -39,9 +39,15 @@ struct MaskedParams {
                          // scores (−inf for a row without keys); written by the forward when set
 };
 
-/// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v.
-struct MaskedBackwardParams { MaskedParams fwd; const void* dout = nullptr; // (B, H, Nq, D) in fwd.dtype
-  float* dq = nullptr; float* dk = nullptr; float* dv = nullptr; };   // (B,H,Nq,D), (B,H,Nkv,D) x2, f32
+/// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v,
+/// dense (B, H, N, D) layouts like the forward's.
+struct MaskedBackwardParams {
+  MaskedParams fwd;              // shapes, mask, score mod, block map, q, k, v, o (read), lse (read)
+  const void* dout = nullptr;    // (B, H, Nq, D) in fwd.dtype
+  float* dq = nullptr;           // (B, H, Nq, D) f32
+  float* dk = nullptr;           // (B, H, Nkv, D) f32
+  float* dv = nullptr;           // (B, H, Nkv, D) f32
+};
 
 namespace cpu {
 
@@ -54,6 +60,17 @@ size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int thre
 /// and output; q, k, v f32 or bf16. `scratch` (64-byte aligned) holds
 /// masked_forward_block_sparse_scratch_bytes(p, threads) bytes.
 void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads);
+
+/// Bytes of scratch masked_backward_block_sparse needs with `threads` threads.
+size_t masked_backward_block_sparse_scratch_bytes(const MaskedBackwardParams& p, int threads);
+
+/// dq, dk, dv (f32, overwritten) = the gradients of Σ ⟨dout, o⟩ with respect to
+/// q, k, v from the forward's o and lse, over the same block map: empty tiles
+/// are skipped, the mask is evaluated on partial tiles only. A score mod's
+/// gradient flows to q and k (relative, cyclic and ALiBi add constants; softcap
+/// scales dS by its derivative). Rows without allowed keys get zero gradients.
+/// Throws std::invalid_argument when o, lse, dout or a gradient is missing.
+void masked_backward_block_sparse(const MaskedBackwardParams& p, void* scratch, int threads);
 
 }  // namespace cpu
 }  // namespace attnbench

@@ -25,28 +25,6 @@
 // The packing and the tile loop are the shared ones of attention-inl.h
 // (PackKeyTile, ForwardRows, FinishRows: masked attention runs the same code).
 //
-// Backward (FlashAttention-2's algorithm):
-//   Δ_i = Σ_d dO_id O_id;  P = 2^(S − lse₂) recomputed per tile from q, k and the
-//   saved lse;  dP = dO·Vᵀ;  dS = P ∘ (dP − Δ);  dV = Pᵀ·dO;  dK = dSᵀ·Q/√D;  dQ = dS·K/√D
-// then RoPE's transpose on dQ and dK. Three phases, OpenMP each:
-//   1. per (kv head, 64 flattened query rows): the query side, packed once —
-//      rotated q × log2(e)/√D (bitwise the forward's), dO widened, both also
-//      transposed (D, rows), lse₂ as hi + lo floats, Δ, the row's key limit;
-//   2. per (kv head, split): for each of its 128-key tiles, K rotated (rows and
-//      transposed) and Vᵀ packed, dKᵀ and dVᵀ accumulated over the query rows
-//      that see the tile (a suffix: limits are non-decreasing) in 64-row pairs:
-//        S = Qs·Kᵀ, dP = dO·Vᵀ (score kernel) → mask → P, dS (vector pass) →
-//        dVᵀ += dOᵀ·P, dKᵀ += Qsᵀ·dS (accumulate kernel, D rows) →
-//        dQ += dS·K (accumulate kernel, into the split's dq accumulator);
-//      then dK, dV of the tile stored (scaled, rotated back). No atomics: a task
-//      owns its key tiles' dK, dV and its split's dq accumulator;
-//   3. per (kv head, 64 rows): dq = Σ_splits acc / √D, rotated back.
-// A kv head is split over tasks (1–8 splits, interleaved key tiles) only when
-// B·Hkv < 2·threads; otherwise one task per kv head and one accumulator.
-// Accumulate kernels sum each call from zero and add to memory, so a long
-// accumulation (dK over N query rows) is a sum of 64-term partial sums: the
-// f32 error fell 2–4× below the f32 reference's (N 1000: ratio 2.4 → 0.7).
-//
 // Strategies, f32 B=1 H=8 N=4096 D=64 non-causal, 2 Zen 4 cores, quiet machine.
 // GFLOP/s = 4·B·H·N²·D / wall time; "% FMA" is of this machine's measured zmm
 // FMA throughput (`attnbench roofline`: 234 GFLOP/s for both cores; one 512-bit
@@ -69,6 +47,40 @@
 // query heads of its kv head (that decode: 10.6 → 7.9 ms). Not done: decode is
 // now bound by packing K (transposed, 8 MB); reading K in place with dot
 // products along D for small Nq·H/Hkv would remove that.
+//
+// Backward (FlashAttention-2's algorithm):
+//   Δ_i = Σ_d dO_id O_id;  P = 2^(S − lse₂) recomputed per tile from q, k and the
+//   saved lse;  dP = dO·Vᵀ;  dS = P ∘ (dP − Δ);  dV = Pᵀ·dO;  dK = dSᵀ·Q/√D;  dQ = dS·K/√D
+// then RoPE's transpose on dQ and dK. Per kv head:
+//   * the query side, packed once — rotated q × log2(e)/√D (bitwise the
+//     forward's, so the scores are too), dO widened, both also transposed
+//     (D, rows), lse₂ as a hi + lo pair of floats, Δ, the row's key limit;
+//   * for each of its 128-key tiles, K rotated (rows and transposed) and Vᵀ
+//     packed, dKᵀ and dVᵀ accumulated over the query rows that see the tile (a
+//     suffix: limits are non-decreasing) in 64-row pairs:
+//       S = Qs·Kᵀ, dP = dO·Vᵀ (score kernel) → mask → P, dS (vector pass) →
+//       dVᵀ += dOᵀ·P, dKᵀ += Qsᵀ·dS (accumulate kernel, D rows) →
+//       dQ += dS·K (accumulate kernel, into the task's dq accumulator);
+//     then dK, dV of the tile stored (scaled, rotated back);
+//   * dq = Σ accumulators / √D, rotated back.
+// No atomics: a task owns its key tiles' dK, dV and its dq accumulator. With
+// B·Hkv ≥ 2·threads a task is a whole kv head and its query side and dq live
+// in the thread's slab (packed right before use, L2-resident); otherwise a kv
+// head's key tiles are split over 1–8 tasks (interleaved) and three passes run:
+// every side packed, the (kv head, split) tasks, the splits summed.
+// Accumulate kernels sum each call from zero and add to memory, so a long
+// accumulation (dK over N query rows) is a sum of 64-term partial sums: the
+// f32 error fell 2–4× below the f32 reference's (N 1000: ratio 2.4 → 0.7).
+//
+// Backward strategies, f32 B=1 H=8 N=4096 D=64 non-causal, 2 Sapphire-Rapids-
+// class cores, quiet machine (`attnbench roofline` 408 GFLOP/s; FLOPs 2.5 × fwd):
+// | three shared passes (every kv head's query side written to memory first) | 273–283 GFLOP/s |
+// | a task's query side packed in its thread's slab                           | 289–292 (70 %)  |
+// | pairs 64×128 vs 64×64, 32×128, 48×128, 128×64, 64×256                     | all within ±3 % |
+// Profile: the five products ~16.5 % each, the P/dS pass ~6 %; the
+// micro-kernels run at ~63 % of peak inside the backward (L2 working set)
+// against 75–80 % L1-resident in isolation. fwd_bwd 263 GFLOP/s, causal bwd 256,
+// D 128 bwd 286 (docs/sdpa.md).
 
 #include "impls/cpu/sdpa.hpp"
 
@@ -132,6 +144,7 @@ struct Layout {
 struct BackwardLayout {
   int64_t G, R, ld, Dp, n_kt, groups, splits;
   int64_t side, dq, rope, per_thread;  // side: one group's query side; dq: one group-split accumulator
+  bool owned;  // one task per group: its query side and dq accumulator live in the thread's slab
   BackwardLayout(const SdpaParams& p, int threads) {
     G = p.H / p.Hkv;
     R = p.Nq * G;
@@ -143,14 +156,17 @@ struct BackwardLayout {
     // only when there are too few groups to keep every thread busy.
     splits = std::clamp<int64_t>((4 * int64_t(threads) + groups - 1) / groups, 1, std::min<int64_t>(n_kt, 8));
     if (groups >= 2 * int64_t(threads)) splits = 1;
+    owned = splits == 1;
     const int64_t rd = round_up(R * p.D, 16);
     side = 2 * rd + 2 * p.D * ld + 4 * ld;  // qs, dout, qst, dot, lse2 (hi, lo), delta, lim
     dq = ld * Dp;
     rope = RopeSpan(p).floats;
     const int64_t kt = p.D * kBwdTileK;
     per_thread = 4 * kt + kBwdTileK * Dp + 2 * kBwdTileQ * kBwdTileK + 16 * round_up(p.D, 16);
+    if (owned) per_thread += side + dq;
   }
-  size_t floats() const { return size_t(groups * (side + splits * dq) + rope); }
+  /// Floats shared by all threads: the query sides and accumulators (split groups), the RoPE table.
+  size_t shared() const { return size_t((owned ? 0 : groups * (side + splits * dq)) + rope); }
 };
 
 /// Keys visible to query row i of batch b: [0, lim).
@@ -342,14 +358,13 @@ void SdpaForward(const SdpaParams& p, float* scratch, int threads) {
 
 // ---- Backward ---------------------------------------------------------------------
 
-/// The query side of group g (kv head (b, hk)) carved from its slab, and its key limits.
+/// The query side of a group (kv head (b, hk)) carved from `at` (bl.side floats), and its key limits.
 struct GroupSide {
   QuerySide qs;
   int32_t* lim;  // (ld,) keys visible to each flattened row, non-decreasing
 };
 
-HWY_INLINE GroupSide CarveSide(const SdpaParams& p, const BackwardLayout& bl, float* sides, int64_t g) {
-  float* at = sides + g * bl.side;
+HWY_INLINE GroupSide CarveSide(const SdpaParams& p, const BackwardLayout& bl, float* at) {
   const int64_t rd = round_up(bl.R * p.D, 16);
   GroupSide gs;
   gs.qs.qs = at;
@@ -364,15 +379,13 @@ HWY_INLINE GroupSide CarveSide(const SdpaParams& p, const BackwardLayout& bl, fl
   return gs;
 }
 
-/// Packs rows [c·kBwdChunk, …) of group g's query side and zeroes their dq accumulators.
+/// Packs flattened rows r0 … r1 − 1 of group g's query side and zeroes their
+/// dq accumulators (the group's `splits`, bl.dq apart from dq_g).
 template <class T>
-void PackQueryChunk(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, float* sides,
-                    float* dq_acc, int64_t task) {
+void PackQueryRows(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, int64_t g,
+                   int64_t r0, int64_t r1, const GroupSide& gs, float* dq_g) {
   const SdpaParams& p = bp.fwd;
-  const int64_t chunks = (bl.R + kBwdChunk - 1) / kBwdChunk;
-  const int64_t g = task / chunks, r0 = (task % chunks) * kBwdChunk, r1 = std::min(bl.R, r0 + kBwdChunk);
   const int64_t b = g / p.Hkv, hk = g % p.Hkv;
-  const GroupSide gs = CarveSide(p, bl, sides, g);
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r / bl.G, h = hk * bl.G + r % bl.G;
@@ -381,22 +394,21 @@ void PackQueryChunk(const SdpaBackwardParams& bp, const BackwardLayout& bl, cons
     const float* o = p.o + b * p.o_strides.b + h * p.o_strides.h + i * p.o_strides.n;
     PackQueryRow(gs.qs, r, p.D, q, dout, o, p.lse[(b * p.H + h) * p.Nq + i], ropes.q, i, qscale);
     gs.lim[r] = int32_t(row_limit(p, b, i));
-    for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_acc + ((g * bl.splits + s) * bl.ld + r) * bl.Dp, bl.Dp, 0.0f);
+    for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_g + s * bl.dq + r * bl.Dp, bl.Dp, 0.0f);
   }
   TransposeQueryRows(gs.qs, p.D, r0, r1, bl.R);
 }
 
-/// One task: key tiles kt ≡ split (mod splits) of group g. For each, the query
-/// rows that see any of its keys (a suffix: row limits are non-decreasing) in
-/// pairs of kBwdTileQ rows; then the tile's dK and dV.
+/// Key tiles kt ≡ split (mod splits) of group g, into the split's accumulator dq.
+/// For each, the query rows that see any of its keys (a suffix: row limits are
+/// non-decreasing) in pairs of kBwdTileQ rows; then the tile's dK and dV.
 template <class T>
-void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, float* sides,
-                      float* dq_acc, const KeyTileGrads& kg, const PairTiles& w, float* rows_buf, int64_t task) {
+void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, int64_t g,
+                      int64_t split, const GroupSide& gs, float* dq, const KeyTileGrads& kg, const PairTiles& w,
+                      float* rows_buf) {
   const DF df;
   const SdpaParams& p = bp.fwd;
-  const int64_t g = task / bl.splits, split = task % bl.splits, b = g / p.Hkv, hk = g % p.Hkv;
-  const GroupSide gs = CarveSide(p, bl, sides, g);
-  float* dq = dq_acc + (g * bl.splits + split) * bl.dq;
+  const int64_t b = g / p.Hkv, hk = g % p.Hkv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
   float* dk = bp.dk + b * bp.dk_strides.b + hk * bp.dk_strides.h;
@@ -432,35 +444,37 @@ void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, co
   }
 }
 
-/// dq of rows [c·kBwdChunk, …) of group g: the split accumulators summed, scaled, rotated back.
-void StoreQueryChunk(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes,
-                     const float* dq_acc, int64_t task) {
+/// dq of flattened rows r0 … r1 − 1 of group g: its split accumulators summed, scaled, rotated back.
+void StoreQueryRows(const SdpaBackwardParams& bp, const BackwardLayout& bl, const SdpaRopes& ropes, int64_t g,
+                    int64_t r0, int64_t r1, const float* dq_g) {
   const SdpaParams& p = bp.fwd;
-  const int64_t chunks = (bl.R + kBwdChunk - 1) / kBwdChunk;
-  const int64_t g = task / chunks, r0 = (task % chunks) * kBwdChunk, r1 = std::min(bl.R, r0 + kBwdChunk);
   const int64_t b = g / p.Hkv, hk = g % p.Hkv;
   const float scale = float(1.0 / std::sqrt(double(p.D)));
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t i = r / bl.G, h = hk * bl.G + r % bl.G;
     float* out = bp.dq + b * bp.dq_strides.b + h * bp.dq_strides.h + i * bp.dq_strides.n;
-    StoreQueryGrad(out, dq_acc + (g * bl.splits * bl.ld + r) * bl.Dp, bl.splits, bl.dq, p.D, scale, ropes.q, i);
+    StoreQueryGrad(out, dq_g + r * bl.Dp, bl.splits, bl.dq, p.D, scale, ropes.q, i);
   }
 }
 
+/// One task per group (bl.owned): pack its query side into the thread's slab in
+/// 64-row chunks (transposes stay in L1), all its key tiles, then its dq — the
+/// query side stays in cache instead of a shared pass writing it to memory.
+/// Otherwise three passes: pack every group's side, (group, split) tasks, sum the splits.
 template <class T>
 void BackwardTyped(const SdpaBackwardParams& bp, float* scratch, int threads) {
   const SdpaParams& p = bp.fwd;
   const BackwardLayout bl(p, threads);
   const RopeSpan rs(p);
-  float* sides = scratch;
-  float* dq_acc = sides + bl.groups * bl.side;
-  float* cos_t = bl.rope ? dq_acc + bl.groups * bl.splits * bl.dq : nullptr;
-  float* sin_t = bl.rope ? cos_t + rs.n_pos * rs.half : nullptr;
-  float* slabs = dq_acc + bl.groups * bl.splits * bl.dq + bl.rope;
+  float* sides = scratch;  // split groups only
+  float* dq_acc = sides + (bl.owned ? 0 : bl.groups * bl.side);
+  float* cos_t = dq_acc + (bl.owned ? 0 : bl.groups * bl.splits * bl.dq);
+  float* sin_t = cos_t + rs.n_pos * rs.half;
+  float* slabs = cos_t + bl.rope;
   if (bl.rope) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
-  const SdpaRopes ropes(p, cos_t, sin_t);
+  const SdpaRopes ropes(p, bl.rope ? cos_t : nullptr, bl.rope ? sin_t : nullptr);
 
-  const int64_t chunks = bl.groups * ((bl.R + kBwdChunk - 1) / kBwdChunk);
+  const int64_t per_group = (bl.R + kBwdChunk - 1) / kBwdChunk;
 #pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + bl.per_thread * omp_get_thread_num();
@@ -470,13 +484,41 @@ void BackwardTyped(const SdpaBackwardParams& bp, float* scratch, int threads) {
     float* tiles = slab + 4 * kt + kBwdTileK * bl.Dp;
     const PairTiles w{tiles, tiles + kBwdTileQ * kBwdTileK, nullptr, kBwdTileK};
     float* rows_buf = tiles + 2 * kBwdTileQ * kBwdTileK;
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < chunks; ++task) PackQueryChunk<T>(bp, bl, ropes, sides, dq_acc, task);
+    float* own = rows_buf + 16 * round_up(p.D, 16);  // owned: the group's side, then its dq accumulator
+    if (bl.owned) {
+      const GroupSide gs = CarveSide(p, bl, own);
+      float* dq = own + bl.side;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < bl.groups * bl.splits; ++task)
-      BackwardKeyTiles<T>(bp, bl, ropes, sides, dq_acc, kg, w, rows_buf, task);
+      for (int64_t g = 0; g < bl.groups; ++g) {
+        for (int64_t r0 = 0; r0 < bl.R; r0 += kBwdChunk)
+          PackQueryRows<T>(bp, bl, ropes, g, r0, std::min(bl.R, r0 + kBwdChunk), gs, dq);
+        BackwardKeyTiles<T>(bp, bl, ropes, g, 0, gs, dq, kg, w, rows_buf);
+        StoreQueryRows(bp, bl, ropes, g, 0, bl.R, dq);
+      }
+    } else {
+      auto chunk = [&](int64_t task, int64_t& g, int64_t& r0, int64_t& r1) {
+        g = task / per_group, r0 = (task % per_group) * kBwdChunk, r1 = std::min(bl.R, r0 + kBwdChunk);
+      };
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < chunks; ++task) StoreQueryChunk(bp, bl, ropes, dq_acc, task);
+      for (int64_t task = 0; task < bl.groups * per_group; ++task) {
+        int64_t g, r0, r1;
+        chunk(task, g, r0, r1);
+        PackQueryRows<T>(bp, bl, ropes, g, r0, r1, CarveSide(p, bl, sides + g * bl.side),
+                         dq_acc + g * bl.splits * bl.dq);
+      }
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < bl.groups * bl.splits; ++task) {
+        const int64_t g = task / bl.splits, split = task % bl.splits;
+        BackwardKeyTiles<T>(bp, bl, ropes, g, split, CarveSide(p, bl, sides + g * bl.side), dq_acc + task * bl.dq, kg,
+                            w, rows_buf);
+      }
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < bl.groups * per_group; ++task) {
+        int64_t g, r0, r1;
+        chunk(task, g, r0, r1);
+        StoreQueryRows(bp, bl, ropes, g, r0, r1, dq_acc + g * bl.splits * bl.dq);
+      }
+    }
   }
 }
 
@@ -518,7 +560,7 @@ void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads) {
 size_t sdpa_backward_fused_scratch_bytes(const SdpaBackwardParams& p, int threads) {
   threads = std::max(1, threads);
   const sdpa_detail::BackwardLayout bl(p.fwd, threads);
-  return (bl.floats() + size_t(bl.per_thread) * size_t(threads)) * sizeof(float);
+  return (bl.shared() + size_t(bl.per_thread) * size_t(threads)) * sizeof(float);
 }
 
 void sdpa_backward_fused(const SdpaBackwardParams& p, void* scratch, int threads) {
