@@ -330,13 +330,13 @@ CaseFilter::CaseFilter(const std::string& expr) {
 }
 
 void CaseFilter::check_keys(const Suite& s) const {
-  std::vector<std::string> known = {"impl", "dtype", "variant"};
+  std::vector<std::string> known = {"impl", "dtype", "pass", "variant"};
   for (const auto& g : s.groups)
     for (const auto& spec : g.variant->params())
       if (std::find(known.begin(), known.end(), spec.name) == known.end()) known.push_back(spec.name);
   for (const auto& cond : conds_)
     if (std::find(known.begin(), known.end(), cond.key) == known.end())
-      throw InputError("--filter: '" + cond.key + "' is not impl, dtype, variant or a parameter of this suite's variants" +
+      throw InputError("--filter: '" + cond.key + "' is not impl, dtype, pass, variant or a parameter of this suite's variants" +
                        did_you_mean(cond.key, known));
 }
 

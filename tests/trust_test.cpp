@@ -103,6 +103,11 @@ TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos
   o = run_attnbench(base + " --filter 'NN<=5'");
   CHECK(o.code == 2);
   CHECK_THAT(o.text, Catch::Contains("did you mean 'N'"));
+  o = run_attnbench(base + " --impl cpu --filter 'pass=fwd,dtype=f32,impl=cpu,variant=sdpa'");
+  CHECK(o.code == 0);  // every key the filter matches on is accepted by its key check
+  o = run_attnbench(base + " --filter 'pass=bwd'");
+  CHECK(o.code == 1);  // the suite has no backward group
+  CHECK_THAT(o.text, Catch::Contains("no case selected"));
   o = run_attnbench(base + " --filter 'N<abc'");
   CHECK(o.code == 2);
   CHECK_THAT(o.text, Catch::Contains("needs a number"));
