@@ -292,6 +292,9 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
     }
   }
   if (!check_note.empty()) rec["info"]["checks_skipped"] = check_note;
+  // A case that is neither checked nor timed ran nothing: it is not an "ok".
+  if (!do_check && !o_.bench)
+    return skip(check_note.empty() ? "checks and benchmark both disabled: nothing ran" : check_note + "; the benchmark is off");
 
   try {
     if (do_check) {

@@ -115,6 +115,14 @@ TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos
   o = run_attnbench(base + " --filter 'N>1000'");
   CHECK(o.code == 1);
   CHECK_THAT(o.text, Catch::Contains("no case selected"));
+  {  // checks skipped for their cost and no benchmark: the case ran nothing, so it is skipped, not ok
+    const auto costly = (dir / "costly.json").string();
+    std::ofstream(costly) << R"({"name":"t","checks":{"seeds":1,"max_oracle_gflop":1e-9},
+      "groups":[{"variant":"sdpa","impls":["cpu"],"dtypes":["f32"],"cases":[{"N":5,"D":8,"H":1}]}]})";
+    o = run_attnbench("run " + costly + " --no-bench --out " + (dir / "c.json").string());
+    CHECK(o.code == 1);
+    CHECK_THAT(o.text, Catch::Contains("every selected case was skipped"));
+  }
   o = run_attnbench(base + " --dtype bf16");
   CHECK(o.code == 1);
   if (!cuda_usable()) {
