@@ -28,23 +28,19 @@
 //   The forward runs impls/cpu/sdpa.hpp's sdpa_forward_fused on q', k' and v
 //   padded with zeros to 2·dh (that kernel needs Dv = Dqk: the P·V product
 //   costs 2× what it needs with RoPE); q' carries √2 so that the kernel's
-//   1/√(2 dh) is the layer's 1/√dh. The backward is an own row-at-a-time
-//   attention backward (recomputing the softmax) on the unpadded values, then
-//   the chain rule through u, RoPE and the five projections.
+//   1/√(2 dh) is the layer's 1/√dh. The backward recomputes that forward
+//   (saving the rows' log-sum-exp), runs sdpa_backward_fused on the same
+//   operands (dO zero-padded like v), then the chain rule through u, RoPE and
+//   the five projections.
 //
 // Strategies (T 300, d 64, H 2, B 16, 2 shared cores; docs/selective.md):
-//   | strategy                                         | effect (1 thread,
-//   loaded machine)    |
-//   |--------------------------------------------------|--------------------------------------|
-//   | Highway foreach_target around auto-vectorized    | materialized 1.8×
-//   (SSE2 → AVX-512)   | |   loops (the build has no -march=native)         | |
-//   | linear(): transposed weights, axpy rows, not dots| fused forward 0.079 →
-//   0.054 s         | | backward: per-head packed kᵀ, vᵀ, loops over j   |
-//   fused backward 0.32 → 0.24 s          | | backward: 4 query rows share each
-//   kᵀ/vᵀ load     | 1.4× over 1 row (8 rows: no better)   | | materialized:
-//   causal pairs only (j ≤ i)          | 2× fewer pairs than the seed's dense |
-//   | fused: sdpa kernel reuse, v padded to 2·dh       | P·V at 2·dh: +50%
-//   attention FLOPs     |
+//   Highway foreach_target around auto-vectorized loops (the build has no
+//     -march=native): materialized 1.8× faster (SSE2 → AVX-512).
+//   linear(): transposed weights, axpy rows, not dots: fused forward
+//     0.079 → 0.054 s (1 thread, loaded machine).
+//   materialized: causal pairs only (j ≤ i): 2× fewer pairs than the seed.
+//   fused: the sdpa kernels reused (forward and backward), v and dO padded to
+//     2·dh with RoPE: P·V at 2·dh, +50% attention FLOPs.
 #include "impls/cpu/selective.hpp"
 
 #include <omp.h>
@@ -218,14 +214,12 @@ struct Fused {
   float *X, *Wq, *Wk, *Wv, *cs, *sn,
       *wt;                      // wt: a transposed (d, d) weight block for linear()
   float *Q, *A, *KB, *CQ, *VD;  // (BT, d): q, A q, B x, C q, D x
-  float *q2, *k2, *v2,
-      *o2;  // (BT, H, Dk) augmented (RoPE only; v2/o2 forward only)
+  float *q2, *k2, *v2, *o2;  // (BT, H, Dk) augmented (RoPE only; without RoPE o2 is (BT, d), backward only)
   void* sdpa_scratch = nullptr;
   // backward
   float *dO, *dq2, *dKB, *dVD, *dQ, *dA, *dX;
-  float* pack = nullptr;  // per thread: one head's q, kᵀ, vᵀ, do, dq, dkᵀ, dvᵀ
-                          // and two rows
-  size_t per_thread = 0;
+  float *do2, *dk2, *dv2;  // (BT, H, Dk) augmented dO (zero-padded) and the key/value gradients (RoPE only)
+  float* lse = nullptr;    // (B, H, T) from the recomputed forward
 };
 
 SdpaParams fused_sdpa_params(const SelectiveParams& p, const Fused& f) {
@@ -243,6 +237,26 @@ SdpaParams fused_sdpa_params(const SelectiveParams& p, const Fused& f) {
   return s;
 }
 
+/// The attention backward on the augmented operands: sdpa_backward_fused reading
+/// the recomputed forward's o2 and lse. Gradients land in dq2 (laid out like q2, or
+/// like Q without RoPE) and, with RoPE, dk2 / dv2 (augmented; their first dh
+/// columns per head are d(R b) and d(D x)), without RoPE straight in dKB / dVD.
+SdpaBackwardParams fused_sdpa_backward_params(const SelectiveParams& p, const Fused& f) {
+  SdpaBackwardParams b;
+  b.fwd = fused_sdpa_params(p, f);
+  b.fwd.lse = f.lse;
+  if (p.rope) {
+    b.fwd.q = f.q2, b.fwd.k = f.k2, b.fwd.v = f.v2, b.fwd.o = f.o2;
+    b.dout = f.do2, b.dq = f.dq2, b.dk = f.dk2, b.dv = f.dv2;
+  } else {
+    b.fwd.q = f.Q, b.fwd.k = f.KB, b.fwd.v = f.VD, b.fwd.o = f.o2;
+    b.fwd.o_strides = b.fwd.q_strides;  // o2 is (BT, d) like Q
+    b.dout = f.dO, b.dq = f.dq2, b.dk = f.dKB, b.dv = f.dVD;
+  }
+  b.do_strides = b.dq_strides = b.dk_strides = b.dv_strides = b.fwd.q_strides;
+  return b;
+}
+
 Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* base) {
   Fused f;
   Carve c{base};
@@ -253,19 +267,22 @@ Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* b
   f.cs = c.take(size_t(p.T * f.half) + 1), f.sn = c.take(size_t(p.T * f.half) + 1), f.wt = c.take(d * d);
   f.Q = c.take(bt * d), f.A = c.take(bt * d), f.KB = c.take(bt * d), f.CQ = c.take(bt * d), f.VD = c.take(bt * d);
   const size_t aug = size_t(f.BT * p.H * f.Dk);
-  f.q2 = f.k2 = f.v2 = f.o2 = nullptr;
+  f.q2 = f.k2 = f.v2 = f.o2 = f.do2 = f.dk2 = f.dv2 = nullptr;
   if (p.rope) {
-    f.q2 = c.take(aug), f.k2 = c.take(aug);
-    if (!backward) f.v2 = c.take(aug), f.o2 = c.take(aug);
+    f.q2 = c.take(aug), f.k2 = c.take(aug), f.v2 = c.take(aug), f.o2 = c.take(aug);
+    if (backward) f.do2 = c.take(aug), f.dk2 = c.take(aug), f.dv2 = c.take(aug);
+  } else if (backward) {
+    f.o2 = c.take(bt * d);  // the recomputed attention output the sdpa backward reads
   }
-  if (!backward) {
-    f.sdpa_scratch = c.take_bytes(sdpa_forward_fused_scratch_bytes(fused_sdpa_params(p, f), threads));
-  } else {
+  size_t sdpa_bytes = sdpa_forward_fused_scratch_bytes(fused_sdpa_params(p, f), threads);
+  if (backward) {
     f.dO = c.take(bt * d), f.dq2 = c.take(aug), f.dKB = c.take(bt * d), f.dVD = c.take(bt * d);
     f.dQ = c.take(bt * d), f.dA = c.take(bt * d), f.dX = c.take(bt * d);
-    f.per_thread = (size_t(p.T * (3 * f.Dk + 4 * f.dh + 8)) + 15) & ~size_t(15);
-    f.pack = c.take(f.per_thread * size_t(threads));
+    f.lse = c.take(size_t(p.B * p.H * p.T));
+    // The forward's and the backward's work space are used one after the other.
+    sdpa_bytes = std::max(sdpa_bytes, sdpa_backward_fused_scratch_bytes(fused_sdpa_backward_params(p, f), threads));
   }
+  f.sdpa_scratch = c.take_bytes(sdpa_bytes);
   f.bytes = c.off;
   return f;
 }
@@ -312,89 +329,6 @@ void fused_prepare(const SelectiveParams& p, Fused& f, int threads) {
       }
     }
   }
-}
-
-/// Backward of o'_i = Σ_{j ≤ i} softmax_j(scale q_i·k_j) v_j for one (b, h),
-/// recomputing the softmax. Operands packed per head so that every inner loop
-/// runs over the keys j (unit stride): q (T, Dk) and dout (T, dh) by rows, kt
-/// (Dk, T) and vt (dh, T) transposed. R query rows at a time share each load
-/// of kt, vt, dkt and dvt (R = 4: 1.4× faster than R = 1 here, R = 8 no better;
-/// keys past a row's causal end get p = 0). dq (T, Dk) is overwritten; dkt
-/// (dkn, T) and dvt (dh, T), the transposed gradients of the first dkn key dims
-/// and of v, are accumulated. rows: 2·4·T floats.
-template <int R>
-void attention_backward_tile(int64_t T, int64_t Dk, int64_t dh, int64_t dkn, float scale, int64_t i0, const float* q,
-                             const float* kt, const float* vt, const float* dout, float* dq, float* dkt, float* dvt,
-                             float* rows) {
-  const int64_t n = i0 + R;  // keys any row of the tile sees
-  float* pr = rows;          // (R, T) probabilities
-  float* ds = rows + R * T;  // (R, T) dp, then ds
-  std::fill(pr, pr + R * T, 0.0f);
-  std::fill(ds, ds + R * T, 0.0f);
-  for (int64_t c = 0; c < Dk; ++c) {
-    float a[R];
-    for (int r = 0; r < R; ++r) a[r] = q[(i0 + r) * Dk + c];
-    const float* k = kt + c * T;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) pr[r * T + j] += a[r] * k[j];
-  }
-  for (int64_t e = 0; e < dh; ++e) {
-    float a[R];
-    for (int r = 0; r < R; ++r) a[r] = dout[(i0 + r) * dh + e];
-    const float* v = vt + e * T;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) ds[r * T + j] += a[r] * v[j];
-  }
-  for (int r = 0; r < R; ++r) {
-    float* p = pr + r * T;
-    float* g = ds + r * T;
-    const int64_t nr = i0 + r + 1;  // row i0 + r sees keys j ≤ i0 + r
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < nr; ++j) m = std::max(m, p[j]);
-    float sum = 0;
-    for (int64_t j = 0; j < nr; ++j) sum += (p[j] = std::exp(scale * (p[j] - m)));
-    const float inv = 1.0f / sum;
-    float Di = 0;
-    for (int64_t j = 0; j < nr; ++j) Di += (p[j] *= inv) * g[j];
-#pragma omp simd
-    for (int64_t j = 0; j < nr; ++j) g[j] = p[j] * (g[j] - Di) * scale;
-    for (int64_t j = nr; j < n; ++j) p[j] = g[j] = 0.0f;
-  }
-  for (int64_t c = 0; c < Dk; ++c) {
-    const float* k = kt + c * T;
-    float acc[R] = {};
-#pragma omp simd reduction(+ : acc[:R])
-    for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) acc[r] += ds[r * T + j] * k[j];
-    for (int r = 0; r < R; ++r) dq[(i0 + r) * Dk + c] = acc[r];
-  }
-  for (int64_t c = 0; c < dkn; ++c) {
-    float a[R];
-    for (int r = 0; r < R; ++r) a[r] = q[(i0 + r) * Dk + c];
-    float* g = dkt + c * T;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) g[j] += a[r] * ds[r * T + j];
-  }
-  for (int64_t e = 0; e < dh; ++e) {
-    float a[R];
-    for (int r = 0; r < R; ++r) a[r] = dout[(i0 + r) * dh + e];
-    float* g = dvt + e * T;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      for (int r = 0; r < R; ++r) g[j] += a[r] * pr[r * T + j];
-  }
-}
-
-void attention_backward_head(int64_t T, int64_t Dk, int64_t dh, int64_t dkn, float scale, const float* q,
-                             const float* kt, const float* vt, const float* dout, float* dq, float* dkt, float* dvt,
-                             float* rows) {
-  int64_t i0 = 0;
-  for (; i0 + 4 <= T; i0 += 4)
-    attention_backward_tile<4>(T, Dk, dh, dkn, scale, i0, q, kt, vt, dout, dq, dkt, dvt, rows);
-  for (; i0 < T; ++i0) attention_backward_tile<1>(T, Dk, dh, dkn, scale, i0, q, kt, vt, dout, dq, dkt, dvt, rows);
 }
 
 // --------------------------------------------------------- materialized ----
@@ -514,13 +448,13 @@ size_t BackwardMaterializedBytes(const SelectiveParams& p, int threads) {
   return n;
 }
 
-void ForwardFused(const SelectiveParams& p, void* scratch, int threads) {
-  Fused f = fused_layout(p, threads, false, static_cast<char*>(scratch));
-  fused_prepare(p, f, threads);
+/// The attention part on the augmented operands: with RoPE q2, k2 and v = D x
+/// zero-padded to Dk (the sdpa kernel has one head dimension) into o2; without
+/// RoPE Q, B x, D x into `o` (strides o_strides). The lse when f.lse is set.
+void fused_attention_forward(const SelectiveParams& p, const Fused& f, float* o, SdpaStrides o_strides, int threads) {
   SdpaParams s = fused_sdpa_params(p, f);
   const int64_t d = p.d, H = p.H, dh = f.dh, Dk = f.Dk;
   if (p.rope) {
-    // v padded with zeros to Dk (the sdpa kernel has one head dimension).
 #pragma omp parallel for num_threads(threads)
     for (int64_t bt = 0; bt < f.BT; ++bt)
       for (int64_t h = 0; h < H; ++h) {
@@ -530,10 +464,17 @@ void ForwardFused(const SelectiveParams& p, void* scratch, int threads) {
       }
     s.q = f.q2, s.k = f.k2, s.v = f.v2, s.o = f.o2;
   } else {
-    s.q = f.Q, s.k = f.KB, s.v = f.VD,
-    s.o = p.o;  // plain attention straight into o
+    s.q = f.Q, s.k = f.KB, s.v = f.VD, s.o = o, s.o_strides = o_strides;
   }
+  s.lse = f.lse;
   sdpa_forward_fused(s, f.sdpa_scratch, threads);
+}
+
+void ForwardFused(const SelectiveParams& p, void* scratch, int threads) {
+  Fused f = fused_layout(p, threads, false, static_cast<char*>(scratch));
+  fused_prepare(p, f, threads);
+  const int64_t d = p.d, H = p.H, dh = f.dh, Dk = f.Dk;
+  fused_attention_forward(p, f, p.o, fused_sdpa_params(p, f).o_strides, threads);  // no RoPE: straight into o
   // o_i = C q_i + Σ_j p_ij D x_j.
 #pragma omp parallel for num_threads(threads)
   for (int64_t bt = 0; bt < f.BT; ++bt) {
@@ -554,44 +495,26 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
   const int64_t d = p.d, H = p.H, T = p.T, dh = f.dh, half = f.half, Dk = f.Dk, BT = f.BT;
   const size_t n = size_t(BT * d);
   load_btd(f.dO, p.dout, p.dtype, p, p.dout_strides);
-  // Attention backward per (b, h) on q', k' (Dk) and D x (dh): dq', d(R b), d(D
-  // x).
-  const float* q = p.rope ? f.q2 : f.Q;
-  const float* k = p.rope ? f.k2 : f.KB;
-  const int64_t ldq = p.rope ? H * Dk : d;
-  const float scale = 1.0f / std::sqrt(float(Dk));
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
-  for (int64_t bh = 0; bh < p.B * H; ++bh) {
-    const int64_t b = bh / H, h = bh % H;
-    const int64_t qoff = p.rope ? (b * T * H + h) * Dk : b * T * d + h * dh;
-    const int64_t voff = b * T * d + h * dh;
-    float* qh = f.pack + f.per_thread * size_t(omp_get_thread_num());
-    float* kt = qh + T * Dk;
-    float* vt = kt + Dk * T;
-    float* doh = vt + dh * T;
-    float* dqh = doh + T * dh;
-    float* dkt = dqh + T * Dk;
-    float* dvt = dkt + dh * T;
-    float* rows = dvt + dh * T;
-    for (int64_t j = 0; j < T; ++j) {
-      for (int64_t c = 0; c < Dk; ++c) {
-        qh[j * Dk + c] = q[qoff + j * ldq + c];
-        kt[c * T + j] = k[qoff + j * ldq + c];
+  // Attention backward on q' (Dk) and D x: the forward recomputed (saving its
+  // lse), then sdpa's fused backward: dq', d(R b), d(D x).
+  fused_attention_forward(p, f, f.o2, fused_sdpa_backward_params(p, f).fwd.o_strides, threads);
+  if (p.rope) {
+#pragma omp parallel for num_threads(threads)
+    for (int64_t bt = 0; bt < BT; ++bt)
+      for (int64_t h = 0; h < H; ++h) {
+        float* do2 = f.do2 + (bt * H + h) * Dk;
+        std::memcpy(do2, f.dO + bt * d + h * dh, size_t(dh) * sizeof(float));
+        std::fill(do2 + dh, do2 + Dk, 0.0f);
       }
-      for (int64_t e = 0; e < dh; ++e) {
-        vt[e * T + j] = f.VD[voff + j * d + e];
-        doh[j * dh + e] = f.dO[voff + j * d + e];
+  }
+  sdpa_backward_fused(fused_sdpa_backward_params(p, f), f.sdpa_scratch, threads);
+  if (p.rope) {
+#pragma omp parallel for num_threads(threads)
+    for (int64_t bt = 0; bt < BT; ++bt)
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(f.dKB + bt * d + h * dh, f.dk2 + (bt * H + h) * Dk, size_t(dh) * sizeof(float));
+        std::memcpy(f.dVD + bt * d + h * dh, f.dv2 + (bt * H + h) * Dk, size_t(dh) * sizeof(float));
       }
-    }
-    std::fill(dkt, dkt + 2 * dh * T, 0.0f);  // dkt and dvt
-    attention_backward_head(T, Dk, dh, dh, scale, qh, kt, vt, doh, dqh, dkt, dvt, rows);
-    for (int64_t j = 0; j < T; ++j) {
-      std::memcpy(f.dq2 + qoff + j * ldq, dqh + j * Dk, size_t(Dk) * sizeof(float));
-      for (int64_t e = 0; e < dh; ++e) {
-        f.dKB[voff + j * d + e] = dkt[e * T + j];
-        f.dVD[voff + j * d + e] = dvt[e * T + j];
-      }
-    }
   }
   // Through q' = γ [R_i q_i, u_i(q_i, a_i)] and k' = [R_j b_j, c_j] back to q,
   // a = A q and b = B x.
