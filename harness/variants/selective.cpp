@@ -12,17 +12,20 @@
 //
 // Implementations: reference (materializes (T, T, d) keys and values per batch
 // element, query by query), cpu_materialized (the seed's algorithm, OpenMP),
-// cpu (the fused exact form on the SDPA kernel).
+// cpu (the fused exact form on the SDPA kernel), cuda (the same form on the CUDA SDPA kernels).
 #include "impls/cpu/selective.hpp"
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
+#include "harness/cuda_support.hpp"
 #include "harness/errors.hpp"
 #include "harness/variant.hpp"
+#include "impls/cuda/selective.hpp"
 #include "reference/selective.hpp"
 
 namespace attnbench {
@@ -121,6 +124,52 @@ class SelectiveCpuInstance final : public Instance {
   void* scratch_ = nullptr;
 };
 
+#if ATTNBENCH_HAVE_CUDA
+/// The fused form on the device, every pass (bwd: the forward in setup fills o).
+class SelectiveCudaInstance final : public CudaInstance {
+ public:
+  explicit SelectiveCudaInstance(const ImplArgs& a) : CudaInstance(a), pass_(a.pass) {
+    p_ = kernel_params(dims_of(a.params), a.dtype);
+    p_.x = in_.get("x"), p_.wq = in_.get("wq"), p_.wk = in_.get("wk"), p_.wv = in_.get("wv");
+    p_.o = out_.ptr<float>("o");
+    size_t bytes = cuda::selective_forward_fused_cuda_scratch_bytes(p_);
+    if (runs_backward(pass_)) {
+      p_.dout = in_.get(grad_name("o"));
+      p_.dx = out_.ptr<float>("dx");
+      p_.dwq = out_.ptr<float>("dwq");
+      p_.dwk = out_.ptr<float>("dwk");
+      p_.dwv = out_.ptr<float>("dwv");
+      bytes = std::max(bytes, cuda::selective_backward_fused_cuda_scratch_bytes(p_));
+    }
+    scratch_ = scratch(bytes);
+    if (pass_ == Pass::bwd) {
+      cuda::selective_forward_fused_cuda(p_, scratch_, nullptr);
+      ATTNBENCH_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+  }
+
+ protected:
+  void launch(cudaStream_t stream) override {
+    if (runs_forward(pass_)) cuda::selective_forward_fused_cuda(p_, scratch_, stream);
+    if (runs_backward(pass_)) cuda::selective_backward_fused_cuda(p_, scratch_, stream);
+  }
+
+ private:
+  Pass pass_;
+  SelectiveParams p_;
+  void* scratch_ = nullptr;
+};
+#endif
+
+std::unique_ptr<Instance> make_cuda(const ImplArgs& a) {
+#if ATTNBENCH_HAVE_CUDA
+  return std::make_unique<SelectiveCudaInstance>(a);
+#else
+  (void)a;
+  throw std::runtime_error("selective cuda: " + cuda_unusable_reason());
+#endif
+}
+
 class SelectiveVariant final : public Variant {
  public:
   std::string name() const override { return "selective"; }
@@ -150,6 +199,9 @@ class SelectiveVariant final : public Variant {
       impl.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
       v.push_back(std::move(impl));
     }
+    Impl cuda{"cuda", Device::cuda, {DType::f32, DType::bf16}, make_cuda};
+    cuda.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
+    v.push_back(std::move(cuda));
     return v;
   }
 
@@ -255,9 +307,7 @@ class SelectiveVariant final : public Variant {
     const double n_x = double(numel(x_shape(d))), n_w = 5.0 * double(d.d) * double(d.d);
     const double io = (n_x + n_w) * es + n_x * os;
     const SelectiveParams kp = kernel_params(d, dtype == DType::f64 ? DType::f32 : dtype);
-    if (impl == "cpu") return io + double(cpu::selective_forward_fused_scratch_bytes(kp, omp_get_max_threads()));
-    if (impl == "cpu_materialized")
-      return io + double(cpu::selective_forward_materialized_scratch_bytes(kp, omp_get_max_threads()));
+    if (impl != "reference") return io + scratch_bytes(impl, kp, false);
     // reference: f64 copies, Q, and one query's Z (T, 2d), K, V, Kr (T, d) at a
     // time.
     const double cs = dtype == DType::f64 ? 8.0 : 4.0;
@@ -269,9 +319,7 @@ class SelectiveVariant final : public Variant {
     const double n_x = double(numel(x_shape(d))), n_w = 5.0 * double(d.d) * double(d.d);
     const double grads = (n_x + n_w) * (dtype == DType::f64 ? 8.0 : 4.0) + n_x * double(dtype_size(dtype));
     const SelectiveParams kp = kernel_params(d, dtype == DType::f64 ? DType::f32 : dtype);
-    if (impl == "cpu") return grads + double(cpu::selective_backward_fused_scratch_bytes(kp, omp_get_max_threads()));
-    if (impl == "cpu_materialized")
-      return grads + double(cpu::selective_backward_materialized_scratch_bytes(kp, omp_get_max_threads()));
+    if (impl != "reference") return grads + scratch_bytes(impl, kp, true);
     return grads + memory_bytes(p, impl, dtype);
   }
 
@@ -292,6 +340,22 @@ class SelectiveVariant final : public Variant {
   }
 
  private:
+  /// Scratch of an implementation's entry point (forward or backward).
+  static double scratch_bytes(const std::string& impl, const SelectiveParams& kp, bool backward) {
+    const int t = omp_get_max_threads();
+    if (impl == "cpu")
+      return double(backward ? cpu::selective_backward_fused_scratch_bytes(kp, t)
+                             : cpu::selective_forward_fused_scratch_bytes(kp, t));
+    if (impl == "cpu_materialized")
+      return double(backward ? cpu::selective_backward_materialized_scratch_bytes(kp, t)
+                             : cpu::selective_forward_materialized_scratch_bytes(kp, t));
+#if ATTNBENCH_HAVE_CUDA
+    return double(backward ? cuda::selective_backward_fused_cuda_scratch_bytes(kp)
+                           : cuda::selective_forward_fused_cuda_scratch_bytes(kp));
+#else
+    return 0.0;  // no CUDA build: cuda cases are skipped before they are sized
+#endif
+  }
   static double materialized_flops(const ref::SelectiveDims& d) {
     return 2.0 * double(d.B * d.T) * double(d.d) * double(d.d) +
            double(d.B) * causal_pairs(d) * (8.0 * double(d.d) * double(d.d) + 4.0 * double(d.d));

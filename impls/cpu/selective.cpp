@@ -53,6 +53,8 @@
 #include <string>
 
 #include "impls/cpu/sdpa.hpp"
+#include "impls/cuda/sdpa_math.hpp"
+#include "impls/cuda/selective_math.hpp"
 
 // Highway's foreach_target: this file is compiled once per x86 target (SSE4,
 // AVX2, AVX-512, ...) with that target's instruction set enabled, so the
@@ -172,7 +174,7 @@ void rope_table(float* cs, float* sn, int64_t T, int64_t dh) {
   const int64_t half = dh / 2;
   for (int64_t i = 0; i < T; ++i)
     for (int64_t t = 0; t < half; ++t) {
-      const double a = double(i) * std::pow(10000.0, -double(2 * t) / double(dh));
+      const double a = sdpa_math::rope_angle(i, int(t), int(dh));
       cs[i * half + t] = float(std::cos(a));
       sn[i * half + t] = float(std::sin(a));
     }
@@ -223,17 +225,8 @@ struct Fused {
 };
 
 SdpaParams fused_sdpa_params(const SelectiveParams& p, const Fused& f) {
-  SdpaParams s;
-  s.B = p.B, s.H = s.Hkv = p.H, s.Nq = s.Nkv = p.T, s.D = f.Dk;
-  s.causal = true;
-  s.rope = SdpaRope::none;
-  s.dtype = DType::f32;
-  if (p.rope) {
-    s.q_strides = s.k_strides = s.v_strides = s.o_strides = {p.T * p.H * f.Dk, f.Dk, p.H * f.Dk};
-  } else {
-    s.q_strides = s.k_strides = s.v_strides = {p.T * p.d, f.dh, p.d};
-    s.o_strides = {p.o_strides.b, f.dh, p.o_strides.t};
-  }
+  SdpaParams s = selective_math::attention_params(p);
+  if (!p.rope) s.o_strides = {p.o_strides.b, f.dh, p.o_strides.t};  // the forward writes o itself
   return s;
 }
 
@@ -250,7 +243,7 @@ SdpaBackwardParams fused_sdpa_backward_params(const SelectiveParams& p, const Fu
     b.dout = f.do2, b.dq = f.dq2, b.dk = f.dk2, b.dv = f.dv2;
   } else {
     b.fwd.q = f.Q, b.fwd.k = f.KB, b.fwd.v = f.VD, b.fwd.o = f.o2;
-    b.fwd.o_strides = b.fwd.q_strides;  // o2 is (BT, d) like Q
+    b.fwd.o_strides = b.fwd.q_strides;  // o2 is laid out like Q
     b.dout = f.dO, b.dq = f.dq2, b.dk = f.dKB, b.dv = f.dVD;
   }
   b.do_strides = b.dq_strides = b.dk_strides = b.dv_strides = b.fwd.q_strides;
@@ -261,7 +254,7 @@ Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* b
   Fused f;
   Carve c{base};
   f.dh = p.d / p.H, f.half = f.dh / 2, f.Dk = p.rope ? 2 * f.dh : f.dh, f.BT = p.B * p.T;
-  f.gamma = p.rope ? std::sqrt(2.0f) : 1.0f;
+  f.gamma = selective_math::query_gamma(p);
   const size_t bt = size_t(f.BT), d = size_t(p.d);
   f.X = c.take(bt * d), f.Wq = c.take(d * d), f.Wk = c.take(2 * d * d), f.Wv = c.take(2 * d * d);
   f.cs = c.take(size_t(p.T * f.half) + 1), f.sn = c.take(size_t(p.T * f.half) + 1), f.wt = c.take(d * d);
@@ -312,21 +305,8 @@ void fused_prepare(const SelectiveParams& p, Fused& f, int threads) {
       const float* kb = f.KB + bt * d + h * dh;
       float* q2 = f.q2 + (bt * H + h) * Dk;
       float* k2 = f.k2 + (bt * H + h) * Dk;
-      for (int64_t t = 0; t < half; ++t) {
-        const float c = cs[t], s = sn[t];
-        const float q1 = q[t], qh = q[t + half], a1 = a[t], ah = a[t + half];
-        // R_i q_i and R_j b_j (this row is both query i and key j = i).
-        q2[t] = f.gamma * (q1 * c - qh * s);
-        q2[t + half] = f.gamma * (qh * c + q1 * s);
-        k2[t] = kb[t] * c - kb[t + half] * s;
-        k2[t + half] = kb[t + half] * c + kb[t] * s;
-        // u_i: the A q_i term's per-query factor; c_j: its per-key factor.
-        const float P = q1 * a1 + qh * ah, Qt = qh * a1 - q1 * ah;
-        q2[dh + t] = f.gamma * (P * c - Qt * s);
-        q2[dh + t + half] = f.gamma * (P * s + Qt * c);
-        k2[dh + t] = c;
-        k2[dh + t + half] = s;
-      }
+      for (int64_t t = 0; t < half; ++t)
+        selective_math::augment_pair(q, a, kb, cs[t], sn[t], f.gamma, t, half, q2, k2);
     }
   }
 }
@@ -512,7 +492,6 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
 #pragma omp parallel for num_threads(threads)
     for (int64_t bt = 0; bt < BT; ++bt)
       for (int64_t h = 0; h < H; ++h) {
-        std::memcpy(f.dKB + bt * d + h * dh, f.dk2 + (bt * H + h) * Dk, size_t(dh) * sizeof(float));
         std::memcpy(f.dVD + bt * d + h * dh, f.dv2 + (bt * H + h) * Dk, size_t(dh) * sizeof(float));
       }
   }
@@ -531,20 +510,9 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
         float* dq = f.dQ + bt * d + h * dh;
         float* da = f.dA + bt * d + h * dh;
         float* dkb = f.dKB + bt * d + h * dh;
-        for (int64_t t = 0; t < half; ++t) {
-          const float c = cs[t], s = sn[t];
-          const float g1 = f.gamma * dq2[t], g2 = f.gamma * dq2[t + half];
-          const float u1 = f.gamma * dq2[dh + t], u2 = f.gamma * dq2[dh + t + half];
-          const float q1 = qh[t], q2 = qh[t + half], a1 = ah[t], a2 = ah[t + half];
-          const float dP = u1 * c + u2 * s, dQt = -u1 * s + u2 * c;
-          dq[t] = g1 * c + g2 * s + dP * a1 - dQt * a2;  // R_iᵀ dq' + ∂u/∂q
-          dq[t + half] = -g1 * s + g2 * c + dP * a2 + dQt * a1;
-          da[t] = dP * q1 + dQt * q2;
-          da[t + half] = dP * q2 - dQt * q1;
-          const float k1 = dkb[t], k2 = dkb[t + half];
-          dkb[t] = k1 * c + k2 * s;
-          dkb[t + half] = -k1 * s + k2 * c;
-        }
+        const float* dk2 = f.dk2 + (bt * H + h) * Dk;
+        for (int64_t t = 0; t < half; ++t)
+          selective_math::augment_pair_backward(dq2, dk2, qh, ah, cs[t], sn[t], f.gamma, t, half, dq, da, dkb);
       }
     }
   } else {
