@@ -1,11 +1,12 @@
 #include "harness/tensor.hpp"
 
-#include <stdexcept>
-
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
 #include <new>
+#include <stdexcept>
+#include <string>
 
 #include "harness/errors.hpp"
 
@@ -97,6 +98,21 @@ std::vector<double> Tensor::to_f64_vector() const {
   std::vector<double> v(static_cast<size_t>(numel()));
   for (int64_t i = 0; i < numel(); ++i) v[size_t(i)] = get(i);
   return v;
+}
+
+Tensor Tensor::from_f64(const std::vector<double>& x, DType dtype, Shape shape) {
+  Tensor t(dtype, std::move(shape));
+  if (size_t(t.numel()) != x.size())
+    throw std::logic_error("Tensor::from_f64: " + std::to_string(x.size()) + " values for " +
+                           std::to_string(t.numel()) + " elements");
+  if (dtype == DType::f64) {
+    std::copy(x.begin(), x.end(), t.data<double>());
+  } else if (dtype == DType::f32) {
+    for (size_t i = 0; i < x.size(); ++i) t.data<float>()[i] = float(x[i]);
+  } else {
+    for (size_t i = 0; i < x.size(); ++i) t.set(int64_t(i), x[i]);
+  }
+  return t;
 }
 
 void Tensor::fill_nan() {

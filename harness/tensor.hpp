@@ -55,6 +55,9 @@ class Tensor {
   Tensor to(DType t) const;
   /// Every element as double.
   std::vector<double> to_f64_vector() const;
+  /// A tensor of `dtype` holding x (numel(shape) values) rounded to it: the inverse of
+  /// to_f64_vector, for references that compute in double.
+  static Tensor from_f64(const std::vector<double>& x, DType dtype, Shape shape);
   /// Fills floating tensors with NaN (before a checked call: stale data cannot pass).
   void fill_nan();
   /// FNV-1a hash of the bytes (inputs must be unchanged by a call).

@@ -113,12 +113,6 @@ MaskSummary summarize(const Params& p, const MaskedCase& c) {
   return r;
 }
 
-Tensor tensor_from(const std::vector<double>& x, DType dtype, Shape shape) {
-  Tensor t(dtype, std::move(shape));
-  for (size_t i = 0; i < x.size(); ++i) t.set(int64_t(i), x[i]);
-  return t;
-}
-
 /// The setup every implementation shares: the mask's data and its block map
 /// (block-sparse, or every tile partial for the dense baselines), timed.
 struct PreparedMask {
@@ -428,7 +422,7 @@ class MaskedVariant final : public Variant {
       ref::masked_forward_reference<float>(c.B, c.H, c.D, def, mod, pos_q, pos_k, dtype, o.data(), q.data(), k.data(),
                                            v.data());
     TensorMap r;
-    r.emplace("o", tensor_from(o, dtype == DType::f64 ? DType::f64 : DType::f32, q_shape(c)));
+    r.emplace("o", Tensor::from_f64(o, dtype == DType::f64 ? DType::f64 : DType::f32, q_shape(c)));
     return r;
   }
 
@@ -457,9 +451,9 @@ class MaskedVariant final : public Variant {
                                             dv.data(), q.data(), k.data(), v.data(), dout.data());
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
     TensorMap r;
-    r.emplace(grad_name("q"), tensor_from(dq, out, q_shape(c)));
-    r.emplace(grad_name("k"), tensor_from(dk, out, kv_shape(c)));
-    r.emplace(grad_name("v"), tensor_from(dv, out, kv_shape(c)));
+    r.emplace(grad_name("q"), Tensor::from_f64(dq, out, q_shape(c)));
+    r.emplace(grad_name("k"), Tensor::from_f64(dk, out, kv_shape(c)));
+    r.emplace(grad_name("v"), Tensor::from_f64(dv, out, kv_shape(c)));
     return r;
   }
 

@@ -70,15 +70,6 @@ double allowed_pairs(const ref::SdpaDims& d) {
   return n;
 }
 
-Tensor tensor_from(const std::vector<double>& x, DType dtype, Shape shape) {
-  Tensor t(dtype, std::move(shape));
-  if (dtype == DType::f64)
-    std::copy(x.begin(), x.end(), t.data<double>());
-  else
-    for (size_t i = 0; i < x.size(); ++i) t.data<float>()[i] = float(x[i]);
-  return t;
-}
-
 SdpaRope rope_of(ref::RopeMode m) {
   switch (m) {
     case ref::RopeMode::half:
@@ -342,8 +333,8 @@ class SdpaVariant final : public Variant {
       ref::sdpa_forward_reference<float>(c.d, dtype, o.data(), wp, q.data(), k.data(), v.data(), kv_len.data());
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
     TensorMap r;
-    r.emplace("o", tensor_from(o, out, q_shape(c.d)));
-    if (c.need_weights) r.emplace("weights", tensor_from(w, out, w_shape(c.d)));
+    r.emplace("o", Tensor::from_f64(o, out, q_shape(c.d)));
+    if (c.need_weights) r.emplace("weights", Tensor::from_f64(w, out, w_shape(c.d)));
     return r;
   }
 
@@ -370,9 +361,9 @@ class SdpaVariant final : public Variant {
                                           kv_len.data(), dout.data());
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
     TensorMap r;
-    r.emplace(grad_name("q"), tensor_from(dq, out, q_shape(c.d)));
-    r.emplace(grad_name("k"), tensor_from(dk, out, kv_shape(c.d)));
-    r.emplace(grad_name("v"), tensor_from(dv, out, kv_shape(c.d)));
+    r.emplace(grad_name("q"), Tensor::from_f64(dq, out, q_shape(c.d)));
+    r.emplace(grad_name("k"), Tensor::from_f64(dk, out, kv_shape(c.d)));
+    r.emplace(grad_name("v"), Tensor::from_f64(dv, out, kv_shape(c.d)));
     return r;
   }
 

@@ -45,15 +45,6 @@ ref::SelectiveDims dims_of(const Params& p) {
 
 Shape x_shape(const ref::SelectiveDims& d) { return {d.B, d.T, d.d}; }
 
-Tensor tensor_from(const std::vector<double>& x, DType dtype, Shape shape) {
-  Tensor t(dtype, std::move(shape));
-  if (dtype == DType::f64)
-    std::copy(x.begin(), x.end(), t.data<double>());
-  else
-    for (size_t i = 0; i < x.size(); ++i) t.data<float>()[i] = float(x[i]);
-  return t;
-}
-
 double causal_pairs(const ref::SelectiveDims& d) { return double(d.T) * double(d.T + 1) / 2.0; }
 
 /// Kernel parameters over the variant's dense tensors (pointers set by the
@@ -247,7 +238,7 @@ class SelectiveVariant final : public Variant {
     else
       ref::selective_forward_reference<float>(d, dtype, o.data(), x.data(), wq.data(), wk.data(), wv.data());
     TensorMap r;
-    r.emplace("o", tensor_from(o, dtype == DType::f64 ? DType::f64 : DType::f32, x_shape(d)));
+    r.emplace("o", Tensor::from_f64(o, dtype == DType::f64 ? DType::f64 : DType::f32, x_shape(d)));
     return r;
   }
 
@@ -269,10 +260,10 @@ class SelectiveVariant final : public Variant {
                                                wq.data(), wk.data(), wv.data(), dout.data());
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
     TensorMap r;
-    r.emplace("dx", tensor_from(dx, out, x_shape(d)));
-    r.emplace("dwq", tensor_from(dwq, out, {d.d, d.d}));
-    r.emplace("dwk", tensor_from(dwk, out, {d.d, 2 * d.d}));
-    r.emplace("dwv", tensor_from(dwv, out, {d.d, 2 * d.d}));
+    r.emplace("dx", Tensor::from_f64(dx, out, x_shape(d)));
+    r.emplace("dwq", Tensor::from_f64(dwq, out, {d.d, d.d}));
+    r.emplace("dwk", Tensor::from_f64(dwk, out, {d.d, 2 * d.d}));
+    r.emplace("dwv", Tensor::from_f64(dwv, out, {d.d, 2 * d.d}));
     return r;
   }
 
