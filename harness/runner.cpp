@@ -90,13 +90,16 @@ uint64_t check_seed(uint64_t base, int index) { return base * 1000003ull + uint6
 
 std::string case_key(const Variant& v, const Params& p) {
   std::string key = v.name();
-  for (const auto& [k, val] : p.items()) key += "," + k + "=" + (val.is_string() ? val.get<std::string>() : val.dump());
+  // `std` scales the same streams (std = s gives s times the std = 1 inputs): not part of the key.
+  for (const auto& [k, val] : p.items())
+    if (k != "std") key += "," + k + "=" + (val.is_string() ? val.get<std::string>() : val.dump());
   return key;
 }
 
 CaseRunner::Oracle& CaseRunner::oracle(const CaseSpec& c, int seed_index) {
   const bool backward = runs_backward(c.pass);
-  const std::string key = case_key(*c.variant, c.params) + "|" + std::string(dtype_name(c.dtype)) + (backward ? "|bwd" : "");
+  const std::string key = case_key(*c.variant, c.params) + "|std=" + std::to_string(input_std(c.params)) + "|" +
+                          std::string(dtype_name(c.dtype)) + (backward ? "|bwd" : "");
   if (key != cached_key_) {
     cached_.clear();
     cached_key_ = key;
