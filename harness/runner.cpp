@@ -297,6 +297,8 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
   if (!check_note.empty()) rec["info"]["checks_skipped"] = check_note;
 
   try {
+    // --max-memory, enforced: an allocation past it throws MemoryLimitExceeded (the case fails).
+    const MemoryLimitScope limit(memory_limit());
     if (do_check) {
       rec["checks"] = check(c, *impl);
       for (const auto& [name, r] : rec["checks"].items()) {
@@ -311,6 +313,9 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
     if (o_.bench && rec["status"] == "ok") rec["bench"] = bench(c, *impl);
   } catch (const InputError&) {
     throw;
+  } catch (const MemoryLimitExceeded& e) {
+    rec["status"] = "failed";
+    rec["reason"] = e.what();
   } catch (const std::exception& e) {
     rec["status"] = "failed";
     rec["reason"] = std::string("implementation error: ") + e.what();
