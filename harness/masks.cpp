@@ -11,7 +11,7 @@ namespace attnbench {
 const std::vector<std::string>& mask_names() {
   static const std::vector<std::string> names = {"none",     "causal",   "window",    "wrapped_window",
                                                  "strided",  "strided_t", "document", "prefix",
-                                                 "registers", "dag",     "dag_ancestors", "maskattn"};
+                                                 "registers", "dag",     "dag_ancestors", "maskattn", "key_mask"};
   return names;
 }
 
@@ -36,6 +36,7 @@ mask::Kind kind_of(const std::string& m) {
   if (m == "registers") return Kind::registers;
   if (m == "dag" || m == "dag_ancestors") return Kind::dag;
   if (m == "maskattn") return Kind::maskattn;
+  if (m == "key_mask") return Kind::key_mask;
   return Kind::none;
 }
 
@@ -85,7 +86,7 @@ MaskedCase masked_case(const Params& p) {
     if (get_int(p, name) < 0) throw InputError(std::string(name) + ": expected >= 0, got " + p.at(name).dump());
   if (c.rope && c.D % 2) throw InputError("D: RoPE needs an even head dimension, got D = " + std::to_string(c.D));
   const bool cross = c.mask == "strided" || c.mask == "strided_t" || c.mask == "maskattn" || c.mask == "none" ||
-                     c.mask == "causal";
+                     c.mask == "causal" || c.mask == "key_mask";
   if (!cross && c.Nq != c.Nkv)
     throw InputError("Nq: mask \"" + c.mask + "\" is a self-attention mask and needs Nq = Nkv, got " +
                      std::to_string(c.Nq) + " and " + std::to_string(c.Nkv));
@@ -98,6 +99,9 @@ MaskedCase masked_case(const Params& p) {
     throw InputError("doc_len: mask \"" + c.mask + "\" needs a mean document length >= 1");
   if (c.mask == "prefix" && c.prefix > c.Nq)
     throw InputError("prefix: expected <= N = " + std::to_string(c.Nq) + ", got " + std::to_string(c.prefix));
+  if (c.mask == "key_mask" && !(c.density >= 0 && c.density <= 1))
+    throw InputError("density: mask \"key_mask\" keeps each key with probability density, expected a number in "
+                     "[0, 1], got " + std::to_string(c.density));
   if (c.mask == "maskattn") {
     if (!(c.threshold > 0 && c.threshold < 1))
       throw InputError("threshold: expected a probability in (0, 1), got " + std::to_string(c.threshold));
@@ -131,6 +135,16 @@ std::vector<int64_t> document_lengths(int64_t tokens, int64_t doc_len) {
     used += n;
   }
   return out;
+}
+
+std::vector<uint8_t> key_mask_keys(const MaskedCase& c) {
+  std::vector<uint8_t> keys(size_t(c.B * c.Nkv));
+  const std::string key = "key_mask/" + std::to_string(c.Nkv) + "/" + std::to_string(c.density);
+  for (int64_t b = 0; b < c.B; ++b) {
+    Rng rng(0x6b657973, key, std::to_string(b));
+    for (int64_t j = 0; j < c.Nkv; ++j) keys[size_t(b * c.Nkv + j)] = rng.uniform() < c.density ? 1 : 0;
+  }
+  return keys;
 }
 
 MaskStorage make_mask(const MaskedCase& c, const float* logits) {
@@ -168,6 +182,9 @@ MaskStorage make_mask(const MaskedCase& c, const float* logits) {
       s.row_all = mask::maskattn_empty_rows(logits, c.B, c.Nq, c.Nkv, m.logit_threshold);
       m.row_all = s.row_all.data();
     }
+  } else if (c.mask == "key_mask") {
+    s.keys = key_mask_keys(c);
+    m.keys = s.keys.data();
   }
   m.group = s.group.empty() ? nullptr : s.group.data();
   m.group_start = s.group_start.empty() ? nullptr : s.group_start.data();
@@ -186,6 +203,7 @@ ref::MaskDefinition mask_definition(const MaskedCase& c, const TensorMap& inputs
   def.threshold = c.threshold;
   def.doc = make_mask(c, nullptr).group;
   if (c.mask == "maskattn") def.logits = require(inputs, "mask_logits", "masked reference").to_f64_vector();
+  if (c.mask == "key_mask") def.keys = key_mask_keys(c);
   if (c.dag_graph) {
     std::map<std::string, int32_t> index;
     for (const auto& n : c.dag_graph->nodes) index[n.id] = int32_t(index.size());

@@ -43,6 +43,7 @@ struct MaskStorage {
   std::vector<int32_t> group, group_start, pos_q, pos_k;  // pos: RoPE positions
   std::vector<uint32_t> reach;
   std::vector<uint8_t> row_all;
+  std::vector<uint8_t> keys;        // key_mask: (B, Nkv) 1 = kept
   std::vector<std::string> labels;  // node / document label of each group (dag: node ids)
 };
 
@@ -53,6 +54,12 @@ MaskStorage make_mask(const MaskedCase& c, const float* logits);
 /// the parsed graph rather than the kernels' bit matrix, mask attention's
 /// logits from `inputs`).
 ref::MaskDefinition mask_definition(const MaskedCase& c, const TensorMap& inputs);
+
+/// The key mask of case `c` (mask "key_mask"): (B, Nkv), 1 = kept, each key
+/// independently with probability `density`. Drawn from a stream keyed by
+/// Nkv and density only (not the seed): like mask attention's logits, the mask
+/// (and so the block map and FLOP count) is a property of the case.
+std::vector<uint8_t> key_mask_keys(const MaskedCase& c);
 
 /// Document lengths of the document and prefix masks: drawn uniformly in
 /// [1, 2·doc_len − 1] from a fixed stream, so the same N and doc_len always

@@ -90,13 +90,16 @@ uint64_t check_seed(uint64_t base, int index) { return base * 1000003ull + uint6
 
 std::string case_key(const Variant& v, const Params& p) {
   std::string key = v.name();
-  for (const auto& [k, val] : p.items()) key += "," + k + "=" + (val.is_string() ? val.get<std::string>() : val.dump());
+  // `std` scales the same streams (std = s gives s times the std = 1 inputs): not part of the key.
+  for (const auto& [k, val] : p.items())
+    if (k != "std") key += "," + k + "=" + (val.is_string() ? val.get<std::string>() : val.dump());
   return key;
 }
 
 CaseRunner::Oracle& CaseRunner::oracle(const CaseSpec& c, int seed_index) {
   const bool backward = runs_backward(c.pass);
-  const std::string key = case_key(*c.variant, c.params) + "|" + std::string(dtype_name(c.dtype)) + (backward ? "|bwd" : "");
+  const std::string key = case_key(*c.variant, c.params) + "|std=" + std::to_string(input_std(c.params)) + "|" +
+                          std::string(dtype_name(c.dtype)) + (backward ? "|bwd" : "");
   if (key != cached_key_) {
     cached_.clear();
     cached_key_ = key;
@@ -297,6 +300,8 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
     return skip(check_note.empty() ? "checks and benchmark both disabled: nothing ran" : check_note + "; the benchmark is off");
 
   try {
+    // --max-memory, enforced: an allocation past it throws MemoryLimitExceeded (the case fails).
+    const MemoryLimitScope limit(memory_limit());
     if (do_check) {
       rec["checks"] = check(c, *impl);
       for (const auto& [name, r] : rec["checks"].items()) {
@@ -311,6 +316,9 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
     if (o_.bench && rec["status"] == "ok") rec["bench"] = bench(c, *impl);
   } catch (const InputError&) {
     throw;
+  } catch (const MemoryLimitExceeded& e) {
+    rec["status"] = "failed";
+    rec["reason"] = e.what();
   } catch (const std::exception& e) {
     rec["status"] = "failed";
     rec["reason"] = std::string("implementation error: ") + e.what();

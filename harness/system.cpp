@@ -36,6 +36,7 @@ std::atomic<int64_t> g_memory_limit{0};
 }  // namespace
 
 void set_memory_limit(int64_t bytes) { g_memory_limit = bytes; }
+int64_t memory_limit() { return g_memory_limit; }
 
 int64_t available_memory_bytes() {
   const int64_t free = meminfo_kib("MemAvailable") * 1024, limit = g_memory_limit;

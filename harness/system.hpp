@@ -9,7 +9,10 @@ namespace attnbench {
 int64_t available_memory_bytes();  // MemAvailable, or less under set_memory_limit
 /// `run --max-memory`: the most memory cases may use; the runner skips a case
 /// whose memory model needs more, before allocating anything (0: no limit).
+/// While a case runs the limit is also enforced (MemoryLimitScope in
+/// harness/workspace.hpp): an allocation past it fails the case.
 void set_memory_limit(int64_t bytes);
+int64_t memory_limit();            // set_memory_limit's bytes (0: none)
 int64_t total_memory_bytes();      // MemTotal
 std::string cpu_model();
 std::string host_name();

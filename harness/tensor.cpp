@@ -1,4 +1,5 @@
 #include "harness/tensor.hpp"
+#include "harness/workspace.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -27,7 +28,7 @@ std::string shape_str(const Shape& s) {
   return out + "]";
 }
 
-void Tensor::Free::operator()(void* p) const { std::free(p); }
+void Tensor::Free::operator()(void* p) const { limited_free(p, bytes); }
 
 Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape)) {
   for (int64_t d : shape_)
@@ -36,13 +37,13 @@ Tensor::Tensor(DType dtype, Shape shape) : dtype_(dtype), shape_(std::move(shape
   if (n > std::numeric_limits<int64_t>::max() / 64)
     throw InputError("shape " + shape_str(shape_) + " has too many elements to allocate");
   size_t bytes = (nbytes() + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, bytes ? bytes : 64);
+  void* p = limited_aligned_alloc(bytes);
   // Huge shapes are user input: say what could not be had instead of bad_alloc.
   if (!p)
     throw InputError("cannot allocate a " + std::string(dtype_name(dtype_)) + " tensor of shape " + shape_str(shape_) +
                      " (" + std::to_string(bytes >> 20) + " MiB)");
   std::memset(p, 0, bytes);
-  data_.reset(p);
+  data_ = std::unique_ptr<void, Free>(p, Free{bytes});
 }
 
 Tensor::Tensor(const Tensor& o) : Tensor(o.dtype_, o.shape_) {

@@ -65,6 +65,7 @@ class Tensor {
 
  private:
   struct Free {
+    size_t bytes;  // as allocated (the memory limit counts them); no initializer: unique_ptr needs it default-constructible here
     void operator()(void* p) const;
   };
   DType dtype_ = DType::f32;

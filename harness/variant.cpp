@@ -1,6 +1,7 @@
 #include "harness/variant.hpp"
 
 #include <algorithm>
+#include <cmath>
 
 #include "harness/errors.hpp"
 
@@ -127,6 +128,12 @@ TensorMap Variant::file_reference(const Params& p, const TensorMap& inputs) cons
   return reference(p, inputs, DType::f64);
 }
 
+ParamSpec input_std_param(const std::string& what) {
+  return {"std", 1.0, "standard deviation of the generated " + what + " (weights keep their scale)"};
+}
+
+double input_std(const Params& p) { return p.contains("std") ? p.at("std").get<double>() : 1.0; }
+
 Params Variant::complete(const Params& given, const std::string& where) const {
   if (!given.is_object()) throw InputError(where + ": expected an object of shape parameters");
   const auto specs = params();
@@ -148,6 +155,10 @@ Params Variant::complete(const Params& given, const std::string& where) const {
   try {
     const Params fixed = derived(given);
     for (const auto& s : specs) p[s.name] = fixed.contains(s.name) ? fixed.at(s.name) : s.default_value;
+    if (p.contains("std")) {
+      const double sd = p.at("std").get<double>();
+      if (!(std::isfinite(sd) && sd > 0)) throw InputError("std: expected a finite number > 0, got " + p.at("std").dump());
+    }
     validate(p);
   } catch (const InputError& e) {
     throw InputError(where + "." + e.what());

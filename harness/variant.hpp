@@ -91,6 +91,15 @@ struct Impl {
   std::optional<DType> precision = DType::f32;
 };
 
+/// The `std` shape parameter every variant has (default 1): the standard
+/// deviation of its generated activations (trifast's tests use 1 and 2). `what`
+/// names the tensors it scales. Weights keep their initialization scale. The
+/// scale is not part of an input stream's key: std = s gives exactly s times
+/// the std = 1 activations.
+ParamSpec input_std_param(const std::string& what);
+/// The case's `std` (1 when absent).
+double input_std(const Params& p);
+
 /// An Instance whose run() calls a function (most CPU implementations).
 class FunctionInstance final : public Instance {
  public:

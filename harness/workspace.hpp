@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <new>
 #include <vector>
 
 // 1 in AddressSanitizer builds: GCC defines __SANITIZE_ADDRESS__, clang only
@@ -53,6 +54,43 @@ class Workspace {
   size_t current_ = 0;
   size_t peak_ = 0;
 };
+
+/// `run --max-memory`, enforced: while a MemoryLimitScope is open, an
+/// allocation that would take the bytes in use past the scope's start plus its
+/// budget throws MemoryLimitExceeded (a std::bad_alloc) instead, so the case
+/// fails with that message and the run goes on. Counted: tensors and
+/// workspaces (every build) and, where the counting operator new is on (not
+/// in sanitizer builds), every operator new. Not counted: Eigen's and the C
+/// library's malloc (the references' matrices), device memory. Only the thread
+/// that opened the scope is limited, and never inside an OpenMP parallel
+/// region (an exception there would terminate the process): the next
+/// allocation outside it throws.
+class MemoryLimitExceeded : public std::bad_alloc {
+ public:
+  MemoryLimitExceeded(size_t request, int64_t in_use, int64_t budget);
+  const char* what() const noexcept override { return msg_; }
+
+ private:
+  char msg_[256];
+};
+
+class MemoryLimitScope {
+ public:
+  explicit MemoryLimitScope(int64_t budget_bytes);  // 0: no limit
+  ~MemoryLimitScope();
+  MemoryLimitScope(const MemoryLimitScope&) = delete;
+  MemoryLimitScope& operator=(const MemoryLimitScope&) = delete;
+  /// Bytes the limit counts as in use now (process-wide).
+  static int64_t counted_bytes();
+
+ private:
+  bool active_ = false;
+};
+
+/// 64-byte aligned memory counted by the memory limit (tensors, workspaces):
+/// null when the system has none, MemoryLimitExceeded past the limit.
+void* limited_aligned_alloc(size_t bytes);
+void limited_free(void* p, size_t bytes);
 
 /// Process-wide counts from the replaced global operator new/delete
 /// (all zero in AddressSanitizer builds, which keep ASan's operator new).

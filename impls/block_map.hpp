@@ -110,6 +110,19 @@ BlockMap build_block_map(const M& mask, int64_t Nq, int64_t Nkv, int64_t batches
           row[kt] = uint8_t(c == rows ? Tile::full : t > 0 ? Tile::partial : Tile::empty);
         }
       }
+  } else if constexpr (std::is_same_v<M, KeyMask>) {
+    // Every row of a batch entry allows the same keys: count each key tile once.
+    for (int64_t b = 0; b < batches; ++b) {
+      const uint8_t* keys = mask.keys + b * Nkv;
+      for (int64_t kt = 0; kt < m.n_kt; ++kt) {
+        const int64_t j0 = kt * tile_k, j1 = std::min(Nkv, j0 + tile_k);
+        int64_t n = 0;
+        for (int64_t j = j0; j < j1; ++j) n += keys[j] != 0;
+        const Tile t = n == 0 ? Tile::empty : n == j1 - j0 ? Tile::full : Tile::partial;
+        m.allowed_pairs += double(n) * double(Nq);
+        for (int64_t qt = 0; qt < m.n_qt; ++qt) m.tiles[size_t((b * m.n_qt + qt) * m.n_kt + kt)] = uint8_t(t);
+      }
+    }
   } else {
     // Allowed pairs per key tile, accumulated row by row (rows are contiguous in
     // mask attention's logits: the counting loop is a vectorizable compare).

@@ -11,8 +11,8 @@
 // (window, wrapped window, strided, document, prefix, registers, DAG). The
 // block map is built from the intervals (O(intervals) per row, exact), and the
 // CPU kernel masks a partial tile row with at most a few fills. Masks without
-// intervals (mask attention) are classified by evaluating the predicate on
-// each tile. A new mask is a struct here plus one case in visit_mask().
+// intervals (mask attention, key masks) are classified by evaluating the
+// predicate on each tile (a key mask: once per key tile, every row is alike). A new mask is a struct here plus one case in visit_mask().
 //
 // A score mod turns a logit s (already scaled by 1/√D) of head h, query i and
 // key j into another: relative s − |i − j|, cyclic s − min(d, N − d), ALiBi
@@ -39,6 +39,7 @@ enum class Kind : uint8_t {
   registers,       // i < R or j < R or |i − j| ≤ h
   dag,             // (node(j) = node(i) and j ≤ i) or node(i) sees node(j) (parents or ancestors)
   maskattn,        // sigmoid(logit_ij) ≥ threshold; optionally empty rows attend every key
+  key_mask,        // keys[b, j]: a boolean key mask per batch entry (hepattn's kv_mask)
 };
 
 enum class ScoreModKind : uint8_t { none, relative, cyclic, alibi, softcap };
@@ -62,6 +63,7 @@ struct MaskData {
   const float* logits = nullptr;         // maskattn: (B, Nq, Nkv) f32
   float logit_threshold = 0.0f;          // maskattn: log(t / (1 − t)); allowed iff logit ≥ it
   const uint8_t* row_all = nullptr;      // maskattn attend_all: (B, Nq) 1 = row has no allowed key, sees all
+  const uint8_t* keys = nullptr;         // key_mask: (B, Nkv) 1 = key kept
 };
 
 struct ScoreMod {
@@ -311,6 +313,16 @@ struct MaskAttn {
   }
 };
 
+/// A boolean key mask per batch entry: every query of batch entry b sees the
+/// keys j with keys[b, j] (the same row for every query, so its block map is
+/// one row of tiles per batch entry; no intervals: a random mask has ~Nkv/4 runs).
+struct KeyMask {
+  static constexpr bool kIntervals = false;
+  const uint8_t* keys;  // (B, Nkv)
+  int64_t Nkv;
+  ATTNBENCH_HD bool operator()(int64_t b, int64_t, int64_t j) const { return keys[b * Nkv + j] != 0; }
+};
+
 /// Calls f(functor) with the mask functor of `m`.
 template <class F>
 ATTNBENCH_HD decltype(auto) visit_mask(const MaskData& m, F&& f) {
@@ -325,13 +337,14 @@ ATTNBENCH_HD decltype(auto) visit_mask(const MaskData& m, F&& f) {
     case Kind::registers: return f(Registers{m.Nkv, m.registers, m.half});
     case Kind::dag: return f(Dag{m.group, m.group_start, m.reach, m.reach_words});
     case Kind::maskattn: return f(MaskAttn{m.logits, m.row_all, m.Nq, m.Nkv, m.logit_threshold});
+    case Kind::key_mask: return f(KeyMask{m.keys, m.Nkv});
     case Kind::none: break;
   }
   return f(Full{m.Nkv});
 }
 
 /// Does the mask depend on the batch index (one block map per batch entry)?
-ATTNBENCH_HD bool per_batch(const MaskData& m) { return m.kind == Kind::maskattn; }
+ATTNBENCH_HD bool per_batch(const MaskData& m) { return m.kind == Kind::maskattn || m.kind == Kind::key_mask; }
 
 // --- score mods --------------------------------------------------------------------
 

@@ -263,9 +263,14 @@ Matrix<T> ipa_forward_reference(const IpaDims& d, const TensorMap& in, DType z_r
       for (int64_t j = 0; j < N; ++j) {
         T pt = 0;
         for (int64_t p = 0; p < P; ++p) pt += d2[size_t(((i * N + j) * H + h) * P + p)];
-        const T shift = openfold_mask ? T(kIpaInf) * (mask(i, 0) * mask(j, 0) - T(1))
-                                      : T(kIpaInf) * mask(i, 0) * (mask(j, 0) - T(1));
-        a(i, j) += scale_b * b(i * N + j, h) - T(0.5) * gamma * pt + shift;
+        if (openfold_mask) {
+          // OpenFold's order: ((q·k + b) + pt_att) + mask. In a masked query row the −1e5
+          // offset rounds the sum to its ulp (1.5e-11), so the order of the additions shows.
+          a(i, j) = ((a(i, j) + scale_b * b(i * N + j, h)) + (-T(0.5) * gamma * pt)) +
+                    T(kIpaInf) * (mask(i, 0) * mask(j, 0) - T(1));
+        } else {
+          a(i, j) += scale_b * b(i * N + j, h) - T(0.5) * gamma * pt + T(kIpaInf) * mask(i, 0) * (mask(j, 0) - T(1));
+        }
       }
     for (int64_t i = 0; i < N; ++i) {
       const T mx = a.row(i).maxCoeff();

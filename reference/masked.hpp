@@ -1,6 +1,7 @@
 // Masked attention, the plain reference (DESIGN §5 "Mask family").
 //
 //   q: (B, H, Nq, D)   k, v: (B, H, Nkv, D)   mask_logits (mask attention): (B, Nq, Nkv)
+//   key mask (key_mask): keys (B, Nkv), allowed(b, i, j) = keys[b, j]
 //   q_i, k_j ← RoPE at positions pos_q[i], pos_k[j] (optional, half-split pairs)
 //   s_ij = mod_h(q_i · k_j / sqrt(D), i, j)          the score mod (none, relative, ...)
 //   p_ij = softmax_j(s_ij over j with allowed(b, i, j))    0 for a row without allowed keys
@@ -39,6 +40,7 @@ struct MaskDefinition {
   std::vector<std::vector<int32_t>> parents;  // dag: parents of each node
   std::vector<double> logits;                 // maskattn: (B, Nq, Nkv)
   double threshold = 0.5;                     // maskattn: on sigmoid(logit)
+  std::vector<uint8_t> keys;                  // key_mask: (B, Nkv) 1 = key kept
 };
 
 struct ScoreModDefinition {
@@ -103,6 +105,8 @@ inline std::vector<bool> dense_mask(const MaskDefinition& m, int64_t b) {
       } else if (m.kind == "maskattn") {
         const double x = m.logits[size_t((b * Nq + i) * Nkv + j)];
         a = 1.0 / (1.0 + std::exp(-x)) >= m.threshold;
+      } else if (m.kind == "key_mask") {
+        a = m.keys[size_t(b * Nkv + j)] != 0;
       }
       allowed[size_t(i * Nkv + j)] = a;
     }

@@ -93,7 +93,8 @@ inline void require_pass_ok(const Variant& v, const std::string& impl, DType dty
     if (runs_forward(pass) || name[0] == 'd') CHECK(all_finite(t));
 }
 
-/// Σ_y ⟨dy, y(x)⟩ of the f64 reference forward.
+/// Σ_y ⟨dy, y(x)⟩ of the f64 reference forward: the objective of every finite-difference
+/// check (here and tests/gradient_test.cpp).
 inline double cotangent_objective(const Variant& v, const Params& p, const TensorMap& in) {
   const TensorMap out = v.reference(p, in, DType::f64);
   double f = 0;

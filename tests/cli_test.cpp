@@ -21,25 +21,10 @@ namespace fs = std::filesystem;
 namespace {
 
 using attnbench::test::CommandOutput;
-
-CommandOutput run(const std::string& args) { return attnbench::test::run_attnbench(args); }
-
-fs::path temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("attnbench_cli_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
-
-int count_lines(const fs::path& p) {
-  std::ifstream f(p);
-  std::string line;
-  int n = 0;
-  while (std::getline(f, line)) n += !line.empty();
-  return n;
-}
+using attnbench::test::count_lines;
+using attnbench::test::run;
+using attnbench::test::temp_dir;
+using attnbench::test::write;
 
 }  // namespace
 
@@ -53,7 +38,7 @@ TEST_CASE("every subcommand has --help", "[cli]") {
 }
 
 TEST_CASE("bad input: one line, exit 2, no output file", "[cli]") {
-  const auto dir = temp_dir("bad");
+  const auto dir = temp_dir("cli_bad");
   const auto out = (dir / "r.json").string();
   write(dir / "s.json", R"({"name":"x","groups":[{"variant":"ipa","impls":["cpu"],"dtypes":["f32"],"sweep":{"N":[0]}}]})");
   auto o = run("run " + (dir / "s.json").string() + " --out " + out);
@@ -78,7 +63,7 @@ TEST_CASE("bad input: one line, exit 2, no output file", "[cli]") {
 }
 
 TEST_CASE("run writes valid results, and too-large cases are skipped before allocating", "[cli]") {
-  const auto dir = temp_dir("run");
+  const auto dir = temp_dir("cli_run");
   const auto out = (dir / "r.json").string();
   // N = 60000: z alone would be 1.8 TB; the memory model must skip it.
   write(dir / "s.json", R"({"name":"small","checks":{"seeds":1},"bench":{"min_time_s":0.01,"repetitions":2},
@@ -109,7 +94,7 @@ TEST_CASE("run writes valid results, and too-large cases are skipped before allo
 }
 
 TEST_CASE("Ctrl-C during run keeps every finished record", "[cli]") {
-  const auto dir = temp_dir("sigint");
+  const auto dir = temp_dir("cli_sigint");
   const auto out = dir / "r.json";
   write(dir / "s.json", R"({"name":"long","checks":{"enabled":false},"bench":{"min_time_s":0.1,"repetitions":2},
     "groups":[{"variant":"ipa","impls":["cpu"],"dtypes":["f32"],"sweep":{"N":[7,8,9,10,11,12,13,14,15,16],"c_s":[8],"c_z":[4]}}]})");

@@ -11,6 +11,7 @@
 
 #include "harness/runner.hpp"
 #include "harness/variant.hpp"
+#include "tests/backward_support.hpp"
 
 using namespace attnbench;
 
@@ -23,17 +24,6 @@ bool small_enough(const Variant& v, const Params& p) {
   return n <= 40000;
 }
 
-/// L(x) = Σ_y ⟨cotangent_y, y(x)⟩ over the outputs that receive a cotangent.
-double objective(const Variant& v, const Params& p, const TensorMap& in) {
-  const TensorMap out = v.reference(p, in, DType::f64);
-  double l = 0;
-  for (const auto& y : v.cotangents(p)) {
-    const Tensor& t = out.at(y);
-    const Tensor& dy = in.at(grad_name(y));
-    for (int64_t i = 0; i < t.numel(); ++i) l += dy.get(i) * t.get(i);
-  }
-  return l;
-}
 
 }  // namespace
 
@@ -44,15 +34,8 @@ TEST_CASE("every reference backward equals finite differences of its forward", "
     for (const Params& given : v->test_shapes()) {
       const Params p = v->complete(given, v->name() + " test shape");
       if (!small_enough(*v, p)) continue;
-      TensorMap in = v->make_inputs(p, 7, "fd");
-      for (const auto& spec : v->outputs(p, DType::f64))
-        for (const auto& y : v->cotangents(p))
-          if (spec.name == y) {
-            Tensor dy(DType::f64, spec.shape);
-            Rng rng(7, "fd", grad_name(y));
-            for (int64_t i = 0; i < dy.numel(); ++i) dy.data<double>()[i] = rng.normal();
-            in.emplace(grad_name(y), std::move(dy));
-          }
+      // L(x) = Σ_y ⟨cotangent_y, y(x)⟩ (test::cotangent_objective) over the outputs with a cotangent.
+      const TensorMap in = test::inputs_with_cotangents(*v, p, 7);
       const TensorMap grads = v->reference_backward(p, in, DType::f64);
       for (const auto& x : v->differentiable()) {
         const Tensor& g = grads.at(grad_name(x));
@@ -74,7 +57,8 @@ TEST_CASE("every reference backward equals finite differences of its forward", "
             plus.at(x).data<double>()[i] += eps * u.get(i);
             minus.at(x).data<double>()[i] -= eps * u.get(i);
           }
-          const double numeric = (objective(*v, p, plus) - objective(*v, p, minus)) / (2 * eps);
+          const double numeric =
+              (test::cotangent_objective(*v, p, plus) - test::cotangent_objective(*v, p, minus)) / (2 * eps);
           INFO(v->name() << " " << p.dump() << " d" << x << " direction " << dir << ": analytic " << analytic
                          << " numeric " << numeric << " scale " << scale);
           REQUIRE(std::isfinite(analytic));

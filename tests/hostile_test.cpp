@@ -32,25 +32,10 @@ namespace fs = std::filesystem;
 namespace {
 
 using attnbench::test::CommandOutput;
-
-CommandOutput run(const std::string& args) { return attnbench::test::run_attnbench(args); }
-
-fs::path temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("attnbench_hostile_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
-
-int count_lines(const fs::path& p) {
-  std::ifstream f(p);
-  std::string line;
-  int n = 0;
-  while (std::getline(f, line)) n += !line.empty();
-  return n;
-}
+using attnbench::test::count_lines;
+using attnbench::test::run;
+using attnbench::test::temp_dir;
+using attnbench::test::write;
 
 /// An input error: exit 2 with one line naming the problem.
 void expect_input_error(const CommandOutput& o, const std::string& needle) {
@@ -110,7 +95,7 @@ std::string error_of(const std::function<void()>& f) {
 }  // namespace
 
 TEST_CASE("JSON inputs: deep nesting, huge numbers and non-regular files are one-line errors", "[hostile]") {
-  const auto dir = temp_dir("json");
+  const auto dir = temp_dir("hostile_json");
   const std::string deep = std::string(100000, '[') + std::string(100000, ']');
   write(dir / "deep.json", deep);
   const auto d = (dir / "deep.json").string();
@@ -136,7 +121,7 @@ TEST_CASE("JSON inputs: deep nesting, huge numbers and non-regular files are one
 }
 
 TEST_CASE("suite numbers are bounded: seeds, repetitions, min_time_s, sweep sizes, skip rules", "[hostile]") {
-  const auto dir = temp_dir("bounds");
+  const auto dir = temp_dir("hostile_bounds");
   const auto s = (dir / "s.json").string();
   auto suite = [&](const std::string& top, const std::string& group) {
     write(s,
@@ -178,7 +163,7 @@ TEST_CASE("every committed suite passes the limits and the skip-rule checks", "[
 }
 
 TEST_CASE("suite names cannot leave results/ or hold NULs", "[hostile]") {
-  const auto dir = temp_dir("names");
+  const auto dir = temp_dir("hostile_names");
   for (const std::string name : {"../../x", "a/b", "x\\u0000y", ".hidden", ""}) {
     write(dir / "s.json", small_suite(name, 1));
     expect_input_error(run("run " + (dir / "s.json").string() + " --no-bench"), "name: expected a file name");
@@ -187,7 +172,7 @@ TEST_CASE("suite names cannot leave results/ or hold NULs", "[hostile]") {
 }
 
 TEST_CASE("command-line limits: --threads, --shard", "[hostile]") {
-  const auto dir = temp_dir("flags");
+  const auto dir = temp_dir("hostile_flags");
   write(dir / "s.json", small_suite("x", 1));
   const auto s = (dir / "s.json").string(), out = (dir / "r.json").string();
   const long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -218,7 +203,7 @@ TEST_CASE("DAG limits: node counts, generators, positions", "[hostile]") {
              Catch::Contains("makes the last position exceed"));
   CHECK_THAT(error_of([&] { attnbench::parse_dag(node(R"(,"end_pos_id":18446744073709551615)"), "d"); }),
              Catch::Contains("end_pos_id: expected an integer in"));
-  const auto dir = temp_dir("dag");
+  const auto dir = temp_dir("hostile_dag");
   write(dir / "chain.json", R"({"mask":"dag","dag":"chain:100000:1","N":100000})");
   expect_input_error(run("mask " + (dir / "chain.json").string() + " --svg " + (dir / "c.svg").string()),
                      "at most 16384 nodes");
@@ -226,7 +211,7 @@ TEST_CASE("DAG limits: node counts, generators, positions", "[hostile]") {
 }
 
 TEST_CASE("safetensors: a size after a 0 cannot wrap to a negative dimension", "[hostile]") {
-  const auto dir = temp_dir("st");
+  const auto dir = temp_dir("hostile_st");
   const std::string header = R"({"a":{"dtype":"F32","shape":[0,18446744073709551615],"data_offsets":[0,0]}})";
   std::string bytes(8, '\0');
   for (int i = 0; i < 8; ++i) bytes[size_t(i)] = char((header.size() >> (8 * i)) & 0xff);
@@ -243,7 +228,7 @@ TEST_CASE("shape products past int64 are input errors", "[hostile]") {
   // 256 TiB: more than any address space (ASan needs allocator_may_return_null=1, as CI sets).
   CHECK_THAT(error_of([] { attnbench::Tensor(attnbench::DType::f32, {int64_t(1) << 36, int64_t(1) << 10}); }),
              Catch::Contains("cannot allocate a f32 tensor of shape [68719476736, 1024]"));
-  const auto dir = temp_dir("shape");
+  const auto dir = temp_dir("hostile_shape");
   write(dir / "s.json", R"({"name":"x","groups":[{"variant":"sdpa","impls":["cpu"],"dtypes":["f32"],
     "cases":[{"B":1,"H":1152921504606846976,"N":16,"D":16},{"B":2147483648,"H":2147483648,"N":16,"D":16}]}]})");
   auto o = run("run " + (dir / "s.json").string() + " --no-bench --out " + (dir / "r.json").string());
@@ -258,7 +243,7 @@ TEST_CASE("shape products past int64 are input errors", "[hostile]") {
 }
 
 TEST_CASE("out paths: problems are reported before any case runs, leaving nothing behind", "[hostile]") {
-  const auto dir = temp_dir("out");
+  const auto dir = temp_dir("hostile_out");
   write(dir / "s.json", small_suite("x", 1));
   write(dir / "file", "");
   const auto s = (dir / "s.json").string();
@@ -277,7 +262,7 @@ TEST_CASE("out paths: problems are reported before any case runs, leaving nothin
 }
 
 TEST_CASE("results files with wrong types or negative times are one-line errors", "[hostile]") {
-  const auto dir = temp_dir("results");
+  const auto dir = temp_dir("hostile_results");
   write(dir / "s.json", small_suite("x", 1));
   const auto good = (dir / "good.json").string();
   REQUIRE(run("run " + (dir / "s.json").string() + " --out " + good).code == 0);
@@ -309,7 +294,7 @@ TEST_CASE("results files with wrong types or negative times are one-line errors"
 }
 
 TEST_CASE("merge refuses shards run with different seeds", "[hostile]") {
-  const auto dir = temp_dir("seeds");
+  const auto dir = temp_dir("hostile_seeds");
   write(dir / "s.json", small_suite("x", 2));
   const auto s = (dir / "s.json").string(), a = (dir / "a.json").string(), b = (dir / "b.json").string();
   REQUIRE(run("run " + s + " --no-bench --shard 1/2 --seed 1 --out " + a).code == 0);
@@ -319,7 +304,7 @@ TEST_CASE("merge refuses shards run with different seeds", "[hostile]") {
 }
 
 TEST_CASE("two runs to one --out: the second is refused, the first keeps every record", "[hostile]") {
-  const auto dir = temp_dir("lock");
+  const auto dir = temp_dir("hostile_lock");
   write(dir / "s.json", small_suite("x", 6));
   const auto s = (dir / "s.json").string(), out = (dir / "r.json").string();
   const pid_t first = spawn_run({s, "--out", out});
@@ -332,7 +317,7 @@ TEST_CASE("two runs to one --out: the second is refused, the first keeps every r
 }
 
 TEST_CASE("a failed JSONL write stops the run with an error", "[hostile]") {
-  const auto dir = temp_dir("full");
+  const auto dir = temp_dir("hostile_full");
   write(dir / "s.json", small_suite("x", 40));
   // 4 KiB file size limit, SIGXFSZ ignored: the writes past it fail with EFBIG, as on a full disk.
   attnbench::test::CommandOutput o{0, ""};
@@ -352,7 +337,7 @@ TEST_CASE("a failed JSONL write stops the run with an error", "[hostile]") {
 }
 
 TEST_CASE("SIGTERM and a second SIGINT keep every finished record in the JSON", "[hostile]") {
-  const auto dir = temp_dir("signals");
+  const auto dir = temp_dir("hostile_signals");
   // Long cases: the signal lands while one runs.
   write(dir / "s.json", small_suite("x", 10, R"({"min_time_s":0.3,"repetitions":2})"));
   const auto s = (dir / "s.json").string();
@@ -377,7 +362,7 @@ TEST_CASE("SIGTERM and a second SIGINT keep every finished record in the JSON", 
 }
 
 TEST_CASE("resume after SIGKILL runs only the missing cases", "[hostile]") {
-  const auto dir = temp_dir("resume");
+  const auto dir = temp_dir("hostile_resume");
   write(dir / "s.json", small_suite("x", 6, R"({"min_time_s":0.2,"repetitions":2})"));
   const auto s = (dir / "s.json").string(), out = (dir / "r.json").string();
   const pid_t pid = spawn_run({s, "--out", out});
@@ -421,7 +406,7 @@ TEST_CASE("resume after SIGKILL runs only the missing cases", "[hostile]") {
 }
 
 TEST_CASE("max-memory: cases whose memory model needs more are skipped", "[hostile]") {
-  const auto dir = temp_dir("maxmem");
+  const auto dir = temp_dir("hostile_maxmem");
   write(dir / "s.json", small_suite("x", 1));
   const auto out = (dir / "r.json").string();
   auto o = run("run " + (dir / "s.json").string() + " --no-bench --max-memory 1KB --out " + out);
@@ -435,7 +420,7 @@ TEST_CASE("max-memory: cases whose memory model needs more are skipped", "[hosti
 }
 
 TEST_CASE("timeout per case: records the slow case as failed and the run goes on", "[hostile]") {
-  const auto dir = temp_dir("timeout");
+  const auto dir = temp_dir("hostile_timeout");
   // Each case benchmarks for 2 x 3 s; the limit is 1 s.
   write(dir / "s.json", small_suite("x", 2, R"({"min_time_s":3,"repetitions":2})"));
   const auto out = (dir / "r.json").string();

@@ -108,7 +108,56 @@ TEST_CASE("every mask and its block map equal the dense definition", "[masked]")
     check_against_dense(with({{"N", 102}, {"mask", "dag_ancestors"}, {"dag", "le_attention:3"}}));
     check_against_dense(with({{"Nq", 9}, {"Nkv", 61}, {"mask", "maskattn"}, {"density", 0.1}, {"attend_all", true}}));
     check_against_dense(with({{"Nq", 61}, {"Nkv", 9}, {"mask", "causal"}}));
+    check_against_dense(with({{"B", 3}, {"Nq", 9}, {"Nkv", 61}, {"mask", "key_mask"}, {"density", 0.5}}));
+    check_against_dense(with({{"B", 2}, {"N", 61}, {"mask", "key_mask"}, {"density", 0.9}}));
   }
+  // Every key dropped, every key kept.
+  check_against_dense({{"B", 2}, {"N", 40}, {"mask", "key_mask"}, {"density", 0.0}, {"tile_q", 16}, {"tile_k", 16}});
+  check_against_dense({{"B", 2}, {"N", 40}, {"mask", "key_mask"}, {"density", 1.0}, {"tile_q", 16}, {"tile_k", 16}});
+}
+
+TEST_CASE("key mask: a random boolean key mask per batch entry, block-sparse", "[masked][key_mask]") {
+  const Params p = params({{"B", 3}, {"H", 2}, {"Nq", 50}, {"Nkv", 400}, {"D", 16}, {"mask", "key_mask"},
+                           {"density", 0.5}, {"tile_q", 16}, {"tile_k", 4}});
+  const MaskedCase c = masked_case(p);
+  const std::vector<uint8_t> keys = key_mask_keys(c);
+  REQUIRE(keys.size() == size_t(3 * 400));
+  // Independent draws: each batch entry has its own mask, about half of the keys kept.
+  for (int64_t b = 0; b < 3; ++b) {
+    const auto kept = std::count(keys.begin() + b * 400, keys.begin() + (b + 1) * 400, uint8_t(1));
+    CHECK(kept > 150);
+    CHECK(kept < 250);
+  }
+  CHECK(!std::equal(keys.begin(), keys.begin() + 400, keys.begin() + 400));
+  CHECK(key_mask_keys(c) == keys);  // a property of the case, not of the seed
+  // Tiles of 4 keys with p = 1/2: some empty (skipped), some full, the rest partial.
+  const MaskStorage s = make_mask(c, nullptr);
+  const mask::BlockMap map = mask::build_block_map(s.data, c.B, c.tile_q, c.tile_k);
+  CHECK(map.batches == 3);
+  CHECK(map.empty > 0);
+  CHECK(map.full > 0);
+  CHECK(map.partial > 0);
+  // Outputs of a batch entry depend only on its kept keys: changing a dropped key's k and v changes nothing.
+  const TensorMap in = masked_variant().cast_inputs(p, masked_variant().make_inputs(p, 3, "km"), DType::f32);
+  const TensorMap o = run_impl(masked_variant(), "cpu", p, DType::f32, in);
+  TensorMap changed = in;
+  for (const char* name : {"k", "v"}) {
+    Tensor& t = changed.at(name);
+    for (int64_t b = 0; b < 3; ++b)
+      for (int64_t h = 0; h < 2; ++h)
+        for (int64_t j = 0; j < 400; ++j)
+          if (!keys[size_t(b * 400 + j)])
+            for (int64_t d = 0; d < 16; ++d) t.set(((b * 2 + h) * 400 + j) * 16 + d, 1e3);
+  }
+  const TensorMap o2 = run_impl(masked_variant(), "cpu", p, DType::f32, changed);
+  CHECK(max_abs_diff(o.at("o"), o2.at("o")) == 0.0);
+  // A batch entry without kept keys gives zeros.
+  const Params none = params({{"B", 2}, {"H", 1}, {"N", 20}, {"D", 8}, {"mask", "key_mask"}, {"density", 0.0}});
+  const TensorMap in0 = masked_variant().cast_inputs(none, masked_variant().make_inputs(none, 1, "km"), DType::f32);
+  const TensorMap z = run_impl(masked_variant(), "cpu", none, DType::f32, in0);
+  for (int64_t i = 0; i < z.at("o").numel(); ++i) CHECK(z.at("o").get(i) == 0.0);
+  CHECK_THROWS_WITH(params({{"mask", "key_mask"}, {"density", 1.5}}),
+                    Catch::Contains("density: mask \"key_mask\" keeps each key with probability density"));
 }
 
 TEST_CASE("DAG semantics: the chain X1 -> X2 -> X3", "[masked][dag]") {

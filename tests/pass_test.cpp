@@ -18,14 +18,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path temp_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("attnbench_pass_test_" + std::to_string(::getpid())) / name;
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+using attnbench::test::write;
 
-void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
+fs::path temp_dir(const std::string& name) { return attnbench::test::temp_dir("pass_test_" + name); }
 
 std::string error_of(const std::function<void()>& f) {
   try {

@@ -5,10 +5,13 @@
 #include <catch2/catch.hpp>
 
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "harness/variant.hpp"
@@ -72,6 +75,31 @@ inline CommandOutput run_attnbench(const std::string& args) {
   while ((n = fread(buf, 1, sizeof buf, p)) > 0) text.append(buf, n);
   const int status = pclose(p);
   return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, text};
+}
+
+/// `attnbench ARGS`: the end-to-end tests' short name for run_attnbench.
+inline CommandOutput run(const std::string& args) { return run_attnbench(args); }
+
+/// A fresh, empty folder attnbench_<name>_<pid> in the temporary directory
+/// (the pid keeps tests run in parallel by CTest apart).
+inline std::filesystem::path temp_dir(const std::string& name) {
+  const std::filesystem::path d =
+      std::filesystem::temp_directory_path() / ("attnbench_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+/// Writes `text` to `p` (replacing it).
+inline void write(const std::filesystem::path& p, const std::string& text) { std::ofstream(p) << text; }
+
+/// Non-empty lines of the file `p` (JSONL records).
+inline int count_lines(const std::filesystem::path& p) {
+  std::ifstream f(p);
+  std::string line;
+  int n = 0;
+  while (std::getline(f, line)) n += !line.empty();
+  return n;
 }
 
 }  // namespace attnbench::test

@@ -20,12 +20,7 @@ using attnbench::test::run_attnbench;
 
 namespace {
 
-fs::path temp_dir(const std::string& name) {
-  fs::path d = fs::temp_directory_path() / ("attnbench_trust_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
+using attnbench::test::temp_dir;
 
 const Params kIpa = {{"N", 9}, {"c_s", 8}, {"c_z", 4}, {"c", 4}, {"H", 2}, {"P", 2}, {"P_v", 2}};
 const Params kTri = {{"N", 7}, {"c_z", 13}, {"c", 5}, {"H", 3}};
@@ -49,7 +44,7 @@ const std::string kShared = std::string(ATTNBENCH_SHARED_DIR) + "/cases/";
 }  // namespace
 
 TEST_CASE("verify: an unknown --impl or --dtype is bad input, nothing run is a failure", "[trust][cli]") {
-  const auto dir = temp_dir("names");
+  const auto dir = temp_dir("trust_names");
   const auto file = (dir / "ipa.safetensors").string();
   write_case(file, "ipa", kIpa, {}, {{"params", with_params(kIpa)}, {"producer", "attnbench test"}});
   auto o = run_attnbench("verify ipa " + file + " --impl cpu");
@@ -85,7 +80,7 @@ TEST_CASE("verify: an unknown --impl or --dtype is bad input, nothing run is a f
 }
 
 TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos are bad input", "[trust][cli]") {
-  const auto dir = temp_dir("run");
+  const auto dir = temp_dir("trust_run");
   const auto suite = (dir / "s.json").string();
   std::ofstream(suite) << R"({"name":"t","checks":{"seeds":1},"bench":{"min_time_s":0.001,"repetitions":1},
     "groups":[{"variant":"sdpa","impls":["cpu","cuda"],"dtypes":["f32"],"cases":[{"N":5,"D":8,"H":1}]}]})";
@@ -134,7 +129,7 @@ TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos
 }
 
 TEST_CASE("verify: non-finite inputs fail, with garbage outputs too", "[trust][cli][nonfinite]") {
-  const auto dir = temp_dir("nan");
+  const auto dir = temp_dir("trust_nan");
   const auto file = (dir / "ipa.safetensors").string();
   const std::map<std::string, std::string> meta = {{"params", with_params(kIpa)}, {"producer", "attnbench test"}};
   auto garbage = [](TensorMap& t) {
@@ -168,7 +163,7 @@ TEST_CASE("verify: the OpenFold triangle file with one NaN in layer_norm.weight 
     WARN("skipped: " << path << " not found");
     return;
   }
-  const auto dir = temp_dir("nan_openfold");
+  const auto dir = temp_dir("trust_nan_openfold");
   SafetensorsFile f = read_safetensors(path);
   REQUIRE(run_attnbench("verify triangle_attention " + path + " --impl cpu").code == 0);
   f.tensors.at("layer_norm.weight").set(0, NAN);
@@ -182,7 +177,7 @@ TEST_CASE("verify: the OpenFold triangle file with one NaN in layer_norm.weight 
 }
 
 TEST_CASE("verify: tensors are checked against the params before any kernel runs", "[trust][cli][tensors]") {
-  const auto dir = temp_dir("tensors");
+  const auto dir = temp_dir("trust_tensors");
   const auto file = (dir / "c.safetensors").string();
   const Params sdpa = {{"B", 2}, {"H", 2}, {"N", 16}, {"D", 8}};
   auto meta_with = [](Params p) { return std::map<std::string, std::string>{{"params", p.dump()}}; };
@@ -227,7 +222,7 @@ TEST_CASE("verify: tensors are checked against the params before any kernel runs
 }
 
 TEST_CASE("verify: triangle ending node from partial params or --shape", "[trust][cli][triangle]") {
-  const auto dir = temp_dir("ending");
+  const auto dir = temp_dir("trust_ending");
   const auto file = (dir / "t.safetensors").string();
   Params ending = kTri;
   ending["starting"] = false;
@@ -273,7 +268,7 @@ void masked_openfold_copy(const std::string& variant, const std::string& from, c
 }  // namespace
 
 TEST_CASE("verify: masked OpenFold f64 dumps are checked in OpenFold's mask arithmetic", "[trust][cli][openfold]") {
-  const auto dir = temp_dir("openfold_mask");
+  const auto dir = temp_dir("trust_openfold_mask");
   const auto file = dir / "c.safetensors";
   double rel = 0;
   SECTION("IPA, masked residues") {
@@ -301,7 +296,7 @@ TEST_CASE("verify: masked OpenFold f64 dumps are checked in OpenFold's mask arit
 }
 
 TEST_CASE("DAG case files carry their DAG, and N comes from it", "[trust][cli][dag]") {
-  const auto dir = temp_dir("dag");
+  const auto dir = temp_dir("trust_dag");
   const auto dag = dir / "g.json";
   std::ofstream(dag) << R"({"nodes": [{"id": "a", "length": 5}, {"id": "b", "length": 6, "parents": ["a"]},
                                     {"id": "c", "length": 4, "parents": ["a"], "end_pos_id": 20}]})";

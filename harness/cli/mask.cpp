@@ -120,6 +120,7 @@ std::string mask_detail(const MaskedCase& c) {
   if (m == "dag" || m == "dag_ancestors") return c.dag;
   if (m == "maskattn")
     return fmt::format("density {}, threshold {}{}", c.density, c.threshold, c.attend_all ? ", attend_all" : "");
+  if (m == "key_mask") return fmt::format("keys kept with probability {}", c.density);
   return "";
 }
 
@@ -314,7 +315,7 @@ void run_mask(const Options& o) {
 
   fmt::print("mask       {}\n", name);
   fmt::print("size       {} x {} (Nq x Nkv){}\n", c.Nq, c.Nkv,
-             c.mask == "maskattn" && batches > 1 ? fmt::format(", batch entry 0 of {}", batches) : "");
+             (c.mask == "maskattn" || c.mask == "key_mask") && batches > 1 ? fmt::format(", batch entry 0 of {}", batches) : "");
   if (!segs.empty()) {
     const bool dag = c.dag_layout != nullptr;
     std::string names;

@@ -448,7 +448,8 @@ void add_run(CLI::App& app, int& exit_code) {
                 "Seconds a case may take; one that runs longer is recorded as failed and the run goes on")
       ->check(CLI::Range(1.0, 1e6));
   c->add_option("--max-memory", args->max_memory,
-                "Most memory a case may use (e.g. 4GB); cases whose memory model needs more are skipped")
+                "Most memory a case may use (e.g. 4GB): cases whose memory model needs more are skipped, "
+                "an allocation past it fails the case")
       ->transform(CLI::AsSizeValue(false))
       ->check(CLI::PositiveNumber);
   c->callback([args, &exit_code] { exit_code = run(*args); });

@@ -37,6 +37,7 @@ std::vector<ParamSpec> param_specs(int64_t c_z_default) {
       {"P", int64_t(4), "query/key points per head"},
       {"P_v", int64_t(8), "value points per head"},
       {"mask_fraction", 0.0, "fraction of residues with mask 0 (chosen at random)"},
+      input_std_param("s and z"),
   };
 }
 
@@ -122,7 +123,7 @@ TensorMap make_common_inputs(const ref::IpaDims& d, const Params& p, uint64_t se
   Tensor hw = random_tensor({d.H}, 0.1, seed, key, "head_weights", storage);
   for (int64_t h = 0; h < d.H; ++h) hw.set(h, ref::kIpaHeadWeightInit + hw.get(h));
   m.emplace("head_weights", std::move(hw));
-  m.emplace("s", random_tensor({d.N, d.c_s}, 1.0, seed, key, "s", storage));
+  m.emplace("s", random_tensor({d.N, d.c_s}, input_std(p), seed, key, "s", storage));
 
   Tensor rot(storage, {d.N, 3, 3}), trans(storage, {d.N, 3});
   Rng rr(seed, key, "rotations"), rt(seed, key, "translations");
@@ -348,7 +349,7 @@ class IpaVariant final : public Variant {
   TensorMap make_inputs_as(const Params& p, uint64_t seed, const std::string& key, DType storage) const override {
     const ref::IpaDims d = dims_of(p);
     TensorMap m = ipa_variant::make_common_inputs(d, p, seed, key, storage);
-    m.emplace("z", ipa_variant::random_rows(d.N, d.N, d.c_z, 1.0, seed, key, "z", storage));
+    m.emplace("z", ipa_variant::random_rows(d.N, d.N, d.c_z, input_std(p), seed, key, "z", storage));
     return m;
   }
   std::vector<OutputSpec> outputs(const Params& p, DType dtype) const override {
@@ -484,7 +485,7 @@ class IpaFactorizedVariant final : public Variant {
     const ref::IpaDims d = dims_of(p);
     const int64_t R = p.at("rank").get<int64_t>();
     TensorMap m = ipa_variant::make_common_inputs(d, p, seed, key, DType::f64);
-    const double std = std::pow(double(R), -0.25);  // z_ij has unit variance
+    const double std = std::pow(double(R), -0.25) * std::sqrt(input_std(p));  // z_ij has variance std²
     m.emplace("z_factor_1", ipa_variant::random_tensor({d.N, R, d.c_z}, std, seed, key, "z_factor_1", DType::f64));
     m.emplace("z_factor_2", ipa_variant::random_tensor({d.N, R, d.c_z}, std, seed, key, "z_factor_2", DType::f64));
     return m;

@@ -216,6 +216,7 @@ class MaskedCudaInstance final : public CudaInstance {
     add("group_start", DType::i32, s.group_start.data(), int64_t(s.group_start.size()));
     add("reach", DType::i32, s.reach.data(), int64_t(s.reach.size()));
     add("row_all", DType::u8, s.row_all.data(), int64_t(s.row_all.size()));
+    add("keys", DType::u8, s.keys.data(), int64_t(s.keys.size()));
     add("pos_q", DType::i32, s.pos_q.data(), int64_t(s.pos_q.size()));
     add("pos_k", DType::i32, s.pos_k.data(), int64_t(s.pos_k.size()));
     add("tiles", DType::u8, m_.map.tiles.data(), int64_t(m_.map.tiles.size()));
@@ -227,6 +228,7 @@ class MaskedCudaInstance final : public CudaInstance {
     p_.mask.group_start = static_cast<const int32_t*>(dev("group_start"));
     p_.mask.reach = static_cast<const uint32_t*>(dev("reach"));
     p_.mask.row_all = static_cast<const uint8_t*>(dev("row_all"));
+    p_.mask.keys = static_cast<const uint8_t*>(dev("keys"));
     if (m_.c.mask == "maskattn") p_.mask.logits = in_.ptr<float>("mask_logits");
     if (m_.c.rope) p_.q_pos = static_cast<const int32_t*>(dev("pos_q")), p_.k_pos = static_cast<const int32_t*>(dev("pos_k"));
     p_.tiles = static_cast<const uint8_t*>(dev("tiles"));
@@ -302,7 +304,7 @@ class MaskedVariant final : public Variant {
         {"Nkv", 0, "keys; 0 = N"},
         {"D", 64, "head dimension"},
         {"mask", "window", "none, causal, window, wrapped_window, strided, strided_t, document, prefix, registers, dag, "
-                           "dag_ancestors or maskattn"},
+                           "dag_ancestors, maskattn or key_mask"},
         {"window", 256, "window width w (half-width h = w / 2): window, wrapped_window, strided(_t), registers"},
         {"cyclic", false, "strided(_t): distances cyclic in the sequence"},
         {"causal", false, "document: also j <= i"},
@@ -312,13 +314,15 @@ class MaskedVariant final : public Variant {
         {"dag", "", "dag, dag_ancestors: a DAG file (JSON) or \"chain:K:L\" / \"le_attention:K\"; N must be its tokens"},
         {"threshold", 0.5, "maskattn: a pair is allowed iff sigmoid(logit) >= threshold"},
         {"attend_all", false, "maskattn: a query without allowed keys attends to every key (hepattn) instead of 0"},
-        {"density", 0.02, "maskattn: target fraction of allowed pairs of the generated logits"},
+        {"density", 0.02, "maskattn: target fraction of allowed pairs of the generated logits; key_mask: probability "
+                          "that each key of a batch entry is kept"},
         {"sort_queries", true, "maskattn: queries ordered by the centre of their hits (else random order)"},
         {"score_mod", "none", "none, relative (-|i-j|), cyclic (-min(d, N-d)), alibi (m_h (j-i)) or softcap"},
         {"softcap", 0.0, "softcap: c in c tanh(s / c)"},
         {"rope", "none", "none or half: RoPE at the mask's position ids (DAG: per node), else token index"},
         {"tile_q", 64, "query rows per block-map tile (CPU; CUDA uses its compiled tile)"},
         {"tile_k", 64, "keys per block-map tile (CPU; CUDA uses its compiled tile)"},
+        input_std_param("q, k, v"),
     };
   }
 
@@ -373,11 +377,12 @@ class MaskedVariant final : public Variant {
   /// Generated straight into `storage` (mask attention's logits are Nq·Nkv values).
   TensorMap make_inputs_as(const Params& p, uint64_t seed, const std::string& key, DType storage) const override {
     const MaskedCase c = masked_case(p);
+    const double sd = input_std(p);
     TensorMap m;
     auto normal = [&](const char* name, Shape shape) {
       Tensor t(storage, std::move(shape));
       Rng rng(seed, key, name);
-      for (int64_t i = 0; i < t.numel(); ++i) t.set(i, rng.normal());
+      for (int64_t i = 0; i < t.numel(); ++i) t.set(i, sd * rng.normal());
       m.emplace(name, std::move(t));
     };
     normal("q", q_shape(c));
@@ -556,6 +561,10 @@ class MaskedVariant final : public Variant {
          {"threshold", 0.3}, {"attend_all", true}, {"sort_queries", false}, {"tile_q", 16}, {"tile_k", 32}},
         {{"B", 1}, {"H", 2}, {"Nq", 40}, {"Nkv", 70}, {"D", 48}, {"mask", "causal"}, {"tile_q", 16}, {"tile_k", 16}},
         {{"B", 1}, {"H", 1}, {"N", 65}, {"D", 8}, {"mask", "none"}},
+        {{"B", 3}, {"H", 2}, {"Nq", 45}, {"Nkv", 83}, {"D", 16}, {"mask", "key_mask"}, {"density", 0.5},
+         {"tile_q", 16}, {"tile_k", 8}},
+        {{"B", 2}, {"H", 2}, {"N", 70}, {"D", 24}, {"mask", "key_mask"}, {"density", 0.1}, {"score_mod", "alibi"},
+         {"rope", "half"}, {"std", 2.0}, {"tile_q", 32}, {"tile_k", 16}},
     };
   }
 

@@ -228,6 +228,7 @@ class SdpaVariant final : public Variant {
         {"padding", false, "draw key lengths kv_len[b] uniformly in [0, Nkv] (0 gives empty rows) instead of Nkv"},
         {"rope", "none", "rotary embedding: \"none\", \"half\" (pairs i, i+D/2) or \"interleaved\" (2i, 2i+1)"},
         {"need_weights", false, "also return the attention probabilities weights (B, H, Nq, Nkv)"},
+        input_std_param("q, k, v"),
     };
   }
 
@@ -271,11 +272,12 @@ class SdpaVariant final : public Variant {
 
   TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const override {
     const SdpaCase c = case_of(p);
+    const double sd = input_std(p);
     TensorMap m;
     auto normal = [&](const char* name, Shape shape) {
       Tensor t(DType::f64, std::move(shape));
       Rng rng(seed, key, name);
-      for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = rng.normal();
+      for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = sd * rng.normal();
       m.emplace(name, std::move(t));
     };
     normal("q", q_shape(c.d));

@@ -177,6 +177,7 @@ class SelectiveVariant final : public Variant {
         {"d", 64, "model width (W_q: d x d, W_k and W_v: d x 2d)"},
         {"H", 2, "heads (d_head = d / H)"},
         {"rope", true, "half-split RoPE on q_i (position i) and k_ij (position j)"},
+        input_std_param("x"),
     };
   }
 
@@ -215,7 +216,7 @@ class SelectiveVariant final : public Variant {
       for (int64_t i = 0; i < t.numel(); ++i) t.data<double>()[i] = stddev * rng.normal();
       m.emplace(name, std::move(t));
     };
-    normal("x", x_shape(d), 1.0);
+    normal("x", x_shape(d), input_std(p));
     normal("wq", {d.d, d.d}, 1.0 / std::sqrt(double(d.d)));
     normal("wk", {d.d, 2 * d.d}, 1.0 / std::sqrt(2.0 * double(d.d)));
     normal("wv", {d.d, 2 * d.d}, 1.0 / std::sqrt(2.0 * double(d.d)));

@@ -140,6 +140,7 @@ class TriangleAttentionVariant final : public Variant {
         {"H", int64_t(4), "heads"},
         {"starting", true, "starting node (Alg. 13); false: ending node (Alg. 14, attention over columns)"},
         {"mask_fraction", 0.0, "fraction of pair mask entries set to 0 (chosen at random)"},
+        input_std_param("layer-norm output (its weight and bias; q, k, v and the bias scale with it)"),
     };
   }
   std::vector<Impl> impls() const override {
@@ -180,10 +181,13 @@ class TriangleAttentionVariant final : public Variant {
     auto bias = [&](const std::string& name, int64_t n) {
       m.emplace(name, random_tensor({n}, 0.1, seed, key, name, DType::f64));
     };
+    // std scales the layer norm's output (its weight and bias), so that q, k, v, the gate
+    // and the triangle bias scale with it as trifast's inputs do (the norm removes z's scale).
+    const double sd = input_std(p);
     Tensor ln_w = random_tensor({d.c_z}, 0.1, seed, key, "layer_norm.weight", DType::f64);
-    for (int64_t k = 0; k < d.c_z; ++k) ln_w.set(k, 1.0 + ln_w.get(k));
+    for (int64_t k = 0; k < d.c_z; ++k) ln_w.set(k, sd * (1.0 + ln_w.get(k)));
     m.emplace("layer_norm.weight", std::move(ln_w));
-    bias("layer_norm.bias", d.c_z);
+    m.emplace("layer_norm.bias", random_tensor({d.c_z}, 0.1 * sd, seed, key, "layer_norm.bias", DType::f64));
     weight("linear.weight", d.H, d.c_z);
     weight("mha.linear_q.weight", Hc, d.c_z);
     weight("mha.linear_k.weight", Hc, d.c_z);

@@ -196,7 +196,13 @@ inline void MaskRow(const mask::MaskAttn& m, int64_t b, int64_t i, int64_t j0, i
   for (int64_t j = 0; j < span; ++j) s[j] = logit[j] >= m.threshold ? s[j] : kNegInf;
 }
 
-/// The interval form of the mask (all but mask attention, so never per batch entry), or none.
+/// Key mask: a select against the batch entry's kept keys (contiguous).
+inline void MaskRow(const mask::KeyMask& m, int64_t b, int64_t, int64_t j0, int64_t span, float* s) {
+  const uint8_t* keep = m.keys + b * m.Nkv + j0;
+  for (int64_t j = 0; j < span; ++j) s[j] = keep[j] ? s[j] : kNegInf;
+}
+
+/// The interval form of the mask (all but mask attention and key masks, so never per batch entry), or none.
 inline std::optional<RowIntervals> collect_intervals(const MaskedParams& p) {
   std::optional<RowIntervals> intervals;
   visit_mask(p.mask, [&](const auto& m) {

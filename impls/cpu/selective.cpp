@@ -568,7 +568,10 @@ void BackwardMaterialized(const SelectiveParams& p, void* scratch, int threads) 
   const size_t acc_n = 2 * (size_t(BT * d) + 4 * size_t(d * d) + size_t(d));
   for (int t = 0; t < threads; ++t) std::fill_n(m.thread + m.per_thread * size_t(t) + acc_off, acc_n, 0.0f);
   const float scale = 1.0f / std::sqrt(float(dh));
-#pragma omp parallel for num_threads(threads) schedule(dynamic)
+  // Static round-robin, not dynamic: each thread's dx / dwk / dwv accumulator must get
+  // the same rows on every call, or their sums differ in the last bits run to run
+  // (tests/determinism_test.cpp). Rows come longest first, so chunks of 1 balance.
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
   for (int64_t bi = 0; bi < BT; ++bi) {
     const int64_t b = bi / T, i = T - 1 - bi % T;
     float* block = m.thread + m.per_thread * size_t(omp_get_thread_num());

@@ -536,6 +536,7 @@ void validate(const MaskedParams& p, const void* scratch) {
   if (m.kind == Kind::dag && (m.reach == nullptr || m.reach_words < 1))
     invalid("DAG mask: mask.reach and mask.reach_words ≥ 1 must be set");
   if (m.kind == Kind::maskattn && m.logits == nullptr) invalid("mask attention: mask.logits must be set");
+  if (m.kind == Kind::key_mask && m.keys == nullptr) invalid("key mask: mask.keys must be set");
   // The score mod.
   if (p.mod.kind == mask::ScoreModKind::softcap && !(p.mod.softcap > 0.0f)) invalid("softcap needs c > 0");
   if (p.mod.kind == mask::ScoreModKind::cyclic && p.mod.N < 1) invalid("cyclic score mod needs a period N ≥ 1");
