@@ -8,9 +8,11 @@
 // Materialized (the seed's algorithm, `cpu_materialized`): per query i, the
 // keys and values K_i, V_i (i+1, d) = [q_i ; x_j] wkᵀ, wvᵀ are built with the
 // full concatenated product (8 d² FLOPs per pair), then one attention row per
-// head. OpenMP over (b, i), dynamic schedule (work grows with i); inner loops
-// over d are unit-stride and vectorize. The backward recomputes K_i, V_i per
-// query and keeps per-thread dx / dwk / dwv accumulators.
+// head. OpenMP over (b, i), dynamic schedule in the forward (work grows with
+// i); inner loops over d are unit-stride and vectorize. The backward recomputes
+// K_i, V_i per query and keeps per-thread dx / dwk / dwv accumulators, so it
+// deals the rows out statically (schedule(static, 1)): the same rows reach the
+// same accumulator on every call and the sums are bit-identical run to run.
 //
 // Fused (`cpu`), exact, never materializing k_ij / v_ij:
 //   score  R_i q_i · R_j (a_i + b_j) with a_i = A q_i, b_j = B x_j. The b_j
