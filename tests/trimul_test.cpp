@@ -174,7 +174,7 @@ TEST_CASE("trimul at AF2 dims (c_z 128, c_hidden 128) holds the rule, gradients 
   test::require_pass_ok(af3(), "cpu", DType::bf16, shape(19, 128, 128, "incoming", 0.1), Pass::fwd_bwd, 1);
 }
 
-TEST_CASE("trimul case files: export and verify round trip; the direction is asked for", "[trimul][cli]") {
+TEST_CASE("trimul case files: export and verify round trip, and the direction is asked for", "[trimul][cli]") {
   const auto dir = std::filesystem::temp_directory_path() / ("trimul_test_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   for (const char* variant : {"trimul", "trimul_af3"}) {
