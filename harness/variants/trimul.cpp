@@ -154,6 +154,7 @@ class TrimulVariant : public Variant {
         {"direction", std::string("outgoing"),
          "\"outgoing\" (t_ij = Σ_k a_ik b_jk, Alg. 11) or \"incoming\" (t_ij = Σ_k a_ki b_kj, Alg. 12)"},
         {"mask_fraction", 0.0, "fraction of pair mask entries set to 0 (chosen at random)"},
+        input_std_param("input layer norm's output (its weight and bias: the norm cancels any scale of z)"),
     };
   }
   std::vector<Impl> impls() const override {
@@ -184,18 +185,22 @@ class TrimulVariant : public Variant {
   TensorMap make_inputs(const Params& p, uint64_t seed, const std::string& key) const override {
     const ref::TrimulDims d = dims_of(p, form_);
     TensorMap m;
+    // std scales the activations the projections see: z is layer-normed first, so the
+    // input norm's affine parameters carry the scale (as in the triangle variant).
+    const double sd = input_std(p);
     for (const auto& [name, shape] : ref::trimul_tensor_shapes(d)) {
       if (name == "mask") continue;
       const bool ln = name.find("norm") != std::string::npos;
+      const double scale = name.find("norm_in") != std::string::npos ? sd : 1.0;
       const bool is_bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
       if (name == "z") {
         m.emplace(name, random_tensor(shape, 1.0, seed, key, name));
       } else if (ln && !is_bias) {  // layer-norm weight
         Tensor t = random_tensor(shape, 0.1, seed, key, name);
-        for (int64_t k = 0; k < t.numel(); ++k) t.set(k, 1.0 + t.get(k));
+        for (int64_t k = 0; k < t.numel(); ++k) t.set(k, scale * (1.0 + t.get(k)));
         m.emplace(name, std::move(t));
       } else if (is_bias) {
-        m.emplace(name, random_tensor(shape, 0.1, seed, key, name));
+        m.emplace(name, random_tensor(shape, 0.1 * scale, seed, key, name));
       } else {
         m.emplace(name, random_tensor(shape, 1.0 / std::sqrt(double(shape[1])), seed, key, name));
       }
