@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -512,5 +513,26 @@ TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
   const auto bad = test::run_attnbench("sample " + (dir / "bad.safetensors").string());
   CHECK(bad.code == 2);
   CHECK(bad.text.find("bad.safetensors") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: Ctrl-C saves a checkpoint and exits 130; --resume continues", "[train][cli]") {
+  const auto dir = temp_dir("sigint");
+  json s = tiny_suite("standard", 100000000);
+  s["eval_interval"] = 100000;
+  write_file(dir / "s.json", s.dump());
+  const std::string args = " train " + (dir / "s.json").string() + " --out " + (dir / "out").string() + " --quiet";
+  const int status = std::system(("timeout --preserve-status -s INT 2 " + std::string(ATTNBENCH_BINARY) + args +
+                                  " > /dev/null 2>&1").c_str());
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 130);
+  CHECK(fs::exists(dir / "out" / "standard-seed7.safetensors"));
+  const size_t logged = losses_of(dir / "out" / "standard-seed7.jsonl").size();
+  CHECK(logged >= 1);
+  // Another interruption after --resume: the log grows from the checkpoint on.
+  const int again = std::system(("timeout --preserve-status -s INT 2 " + std::string(ATTNBENCH_BINARY) + args +
+                                 " --resume > /dev/null 2>&1").c_str());
+  CHECK(WEXITSTATUS(again) == 130);
+  CHECK(losses_of(dir / "out" / "standard-seed7.jsonl").size() > logged);
   fs::remove_all(dir);
 }
