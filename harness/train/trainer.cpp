@@ -473,9 +473,6 @@ TrainSuite parse_train_suite(const json& j, const std::string& where) {
   s.eval_batches = get_int(j, "eval_batches", 4, 1, 1 << 20, where);
   s.checkpoint_interval = get_int(j, "checkpoint_interval", 0, 0, int64_t(1) << 40, where);
   s.threads = int(get_int(j, "threads", 0, 0, 4096, where));
-  if (s.data_kind == "mqar" && s.context < 2 * s.mqar.pairs + 2)
-    throw InputError(where + ".context: MQAR with " + std::to_string(s.mqar.pairs) + " pairs needs context ≥ " +
-                     std::to_string(2 * s.mqar.pairs + 2));
   return s;
 }
 
@@ -487,6 +484,10 @@ int run_train_suite(TrainSuite s, const TrainOptions& opt) {
     s.data_path = opt.data;
   }
   if (opt.out_dir.empty()) throw InputError("--out: required");
+  // Checked here, not in the parser: --data replaces the suite's MQAR data.
+  if (s.data_kind == "mqar" && s.context < 2 * s.mqar.pairs + 2)
+    throw InputError(s.where + ".context: MQAR with " + std::to_string(s.mqar.pairs) + " pairs needs context ≥ " +
+                     std::to_string(2 * s.mqar.pairs + 2));
   const Data d = load_data(s);  // every data error before anything is written
   const int threads = opt.threads > 0 ? opt.threads : s.threads > 0 ? s.threads : omp_get_max_threads();
   std::error_code ec;
