@@ -516,7 +516,7 @@ TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
   fs::remove_all(dir);
 }
 
-TEST_CASE("train: Ctrl-C saves a checkpoint and exits 130; --resume continues", "[train][cli]") {
+TEST_CASE("train: Ctrl-C saves a checkpoint and exits 130, and --resume continues", "[train][cli]") {
   const auto dir = temp_dir("sigint");
   json s = tiny_suite("standard", 100000000);
   s["eval_interval"] = 100000;
