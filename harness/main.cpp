@@ -26,6 +26,7 @@ int main(int argc, char** argv) {
   cli::add_merge(app, exit_code);
   cli::add_report(app, exit_code);
   cli::add_mask(app, exit_code);
+  cli::add_train(app, exit_code);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

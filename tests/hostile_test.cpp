@@ -25,6 +25,7 @@
 #include "harness/safetensors.hpp"
 #include "harness/suite.hpp"
 #include "harness/tensor.hpp"
+#include "harness/train/trainer.hpp"
 #include "tests/support.hpp"
 
 namespace fs = std::filesystem;
@@ -157,6 +158,11 @@ TEST_CASE("suite numbers are bounded: seeds, repetitions, min_time_s, sweep size
 TEST_CASE("every committed suite passes the limits and the skip-rule checks", "[hostile]") {
   for (const auto& e : fs::directory_iterator(fs::path(ATTNBENCH_SOURCE_DIR) / "suites")) {
     INFO(e.path());
+    if (attnbench::read_json_file(e.path().string()).value("kind", "") == "train") {
+      // Training suites (attnbench train, docs/train.md) have their own format.
+      CHECK_NOTHROW(attnbench::train::load_train_suite(e.path().string()));
+      continue;
+    }
     CHECK_NOTHROW(attnbench::expand(attnbench::load_suite(e.path().string(), false)));
     CHECK_NOTHROW(attnbench::expand(attnbench::load_suite(e.path().string(), true)));
   }

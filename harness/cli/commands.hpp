@@ -17,5 +17,6 @@ void add_verify(CLI::App& app, int& exit_code);
 void add_merge(CLI::App& app, int& exit_code);
 void add_report(CLI::App& app, int& exit_code);
 void add_mask(CLI::App& app, int& exit_code);
+void add_train(CLI::App& app, int& exit_code);  // train and sample
 
 }  // namespace attnbench::cli

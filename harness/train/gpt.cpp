@@ -1,0 +1,420 @@
+// The tiny GPT: harness/train/gpt.hpp has the model and the arena.
+#include "harness/train/gpt.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+#include <type_traits>
+
+#include "harness/errors.hpp"
+#include "harness/rng.hpp"
+#include "impls/cpu/sdpa.hpp"
+#include "impls/cpu/selective.hpp"
+#include "reference/sdpa.hpp"
+#include "reference/selective.hpp"
+
+namespace attnbench::train {
+
+AttentionKind parse_attention_kind(const std::string& s, const std::string& where) {
+  if (s == "standard") return AttentionKind::standard;
+  if (s == "selective") return AttentionKind::selective;
+  if (s == "selective_materialized") return AttentionKind::selective_materialized;
+  throw InputError(where + ": unknown attention kind '" + s + "', expected one of standard, selective, " +
+                   "selective_materialized" + did_you_mean(s, attention_kind_names()));
+}
+
+std::string attention_kind_name(AttentionKind k) {
+  switch (k) {
+    case AttentionKind::standard: return "standard";
+    case AttentionKind::selective: return "selective";
+    case AttentionKind::selective_materialized: return "selective_materialized";
+  }
+  return "?";
+}
+
+std::vector<std::string> attention_kind_names() { return {"standard", "selective", "selective_materialized"}; }
+
+std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
+  std::vector<ParamInfo> out;
+  int64_t off = 0;
+  auto add = [&](std::string name, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t s : shape) n *= s;
+    out.push_back({std::move(name), std::move(shape), off, n});
+    off += n;
+  };
+  const int64_t d = c.d, kv_in = c.attention == AttentionKind::standard ? d : 2 * d;
+  add("wte", {c.vocab, d});
+  for (int64_t l = 0; l < c.layers; ++l) {
+    const std::string p = "l" + std::to_string(l) + ".";
+    add(p + "wq", {d, d});
+    add(p + "wk", {d, kv_in});
+    add(p + "wv", {d, kv_in});
+    add(p + "wo", {d, d});
+    add(p + "ln1", {d});
+    add(p + "w1", {4 * d, d});
+    add(p + "w2", {d, 4 * d});
+    add(p + "ln2", {d});
+  }
+  add("wout", {c.vocab, d});
+  return out;
+}
+
+int64_t gpt_param_count(const GptConfig& c) {
+  const auto l = gpt_param_layout(c);
+  return l.back().offset + l.back().numel;
+}
+
+template <class Real>
+struct Gpt<Real>::Layer {
+  // Parameters and their gradients (views into the arena).
+  Real *wq, *wk, *wv, *wo, *ln1, *w1, *w2, *ln2;
+  Real *dwq, *dwk, *dwv, *dwo, *dln1, *dw1, *dw2, *dln2;
+  // Activations of the batch.
+  Real *q, *k, *v, *att, *lse, *ao, *r1, *mean1, *rstd1, *x1, *h, *hr, *f, *r2, *mean2, *rstd2, *x2;
+};
+
+namespace {
+
+constexpr size_t kAlign = 64;
+size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+SdpaParams sdpa_params(const GptConfig& c, int64_t B) {
+  SdpaParams p;
+  p.B = B;
+  p.H = p.Hkv = c.heads;
+  p.Nq = p.Nkv = c.context;
+  p.D = c.d_head();
+  p.causal = true;
+  p.rope = c.rope ? SdpaRope::half : SdpaRope::none;
+  p.dtype = DType::f32;
+  // (B, T, d) rows with the heads side by side: head h of token t at t·d + h·dh.
+  const SdpaStrides s{c.context * c.d, c.d_head(), c.d};
+  p.o_strides = p.q_strides = p.k_strides = p.v_strides = s;
+  return p;
+}
+
+SelectiveParams selective_params(const GptConfig& c, int64_t B) {
+  SelectiveParams p;
+  p.B = B;
+  p.T = c.context;
+  p.d = c.d;
+  p.H = c.heads;
+  p.rope = c.rope;
+  p.dtype = DType::f32;
+  p.o_strides = p.x_strides = p.dout_strides = p.dx_strides = selective_dense_strides(c.context, c.d);
+  return p;
+}
+
+}  // namespace
+
+template <class Real>
+Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
+    : cfg_(c), B_(B), N_(B * c.context), threads_(std::max(1, threads)) {
+  if (c.d % c.heads != 0) throw InputError("model: d must be a multiple of heads");
+  if (c.rope && c.d_head() % 2 != 0) throw InputError("model: d / heads must be even with rope");
+  layout_ = gpt_param_layout(c);
+  nparams_ = layout_.back().offset + layout_.back().numel;
+  const int64_t N = N_, d = c.d, V = c.vocab, L = c.layers;
+
+  // Kernel scratch: the largest any entry point of this attention needs.
+  if constexpr (std::is_same_v<Real, float>) {
+    if (c.attention == AttentionKind::standard) {
+      SdpaBackwardParams bp;
+      bp.fwd = sdpa_params(c, B);
+      scratch_bytes_ = std::max(cpu::sdpa_forward_fused_scratch_bytes(bp.fwd, threads_),
+                                cpu::sdpa_backward_fused_scratch_bytes(bp, threads_));
+    } else if (c.attention == AttentionKind::selective) {
+      const SelectiveParams sp = selective_params(c, B);
+      scratch_bytes_ = std::max(cpu::selective_forward_fused_scratch_bytes(sp, threads_),
+                                cpu::selective_backward_fused_scratch_bytes(sp, threads_));
+    } else {
+      const SelectiveParams sp = selective_params(c, B);
+      scratch_bytes_ = std::max(cpu::selective_forward_materialized_scratch_bytes(sp, threads_),
+                                cpu::selective_backward_materialized_scratch_bytes(sp, threads_));
+    }
+  }
+
+  // Two passes over the same list: sizes, then pointers into the one arena.
+  struct Slot {
+    Real** p;
+    int64_t n;
+  };
+  std::vector<Slot> slots;
+  slots.push_back({&params_, nparams_});
+  slots.push_back({&grads_, nparams_});
+  slots.push_back({&m_, nparams_});
+  slots.push_back({&v_, nparams_});
+  slots.push_back({&emb_, N * d});
+  layers_.resize(size_t(L));
+  for (auto& ly : layers_) {
+    for (Real** p : {&ly.q, &ly.k, &ly.v, &ly.att, &ly.ao, &ly.r1, &ly.x1, &ly.f, &ly.r2, &ly.x2})
+      slots.push_back({p, N * d});
+    for (Real** p : {&ly.mean1, &ly.rstd1, &ly.mean2, &ly.rstd2}) slots.push_back({p, N});
+    slots.push_back({&ly.lse, N * c.heads});
+    slots.push_back({&ly.h, N * 4 * d});
+    slots.push_back({&ly.hr, N * 4 * d});
+  }
+  slots.push_back({&logits_, N * V});
+  slots.push_back({&dH_, std::max(N * 4 * d, N * V)});  // also the logits' gradient
+  slots.push_back({&row_loss_, N});
+  for (Real** p : {&dA_, &dB_, &dC_, &dq_, &dk_, &dv_}) slots.push_back({p, N * d});
+  size_t bytes = 0;
+  for (const Slot& s : slots) bytes += align_up(size_t(s.n) * sizeof(Real));
+  bytes += align_up(scratch_bytes_);
+  arena_bytes_ = bytes;
+  arena_ = std::aligned_alloc(kAlign, bytes);
+  if (!arena_) throw std::bad_alloc();
+  std::memset(arena_, 0, bytes);
+  char* at = static_cast<char*>(arena_);
+  for (const Slot& s : slots) {
+    *s.p = reinterpret_cast<Real*>(at);
+    at += align_up(size_t(s.n) * sizeof(Real));
+  }
+  scratch_ = at;
+
+  auto param = [&](size_t i, Real*& p, Real*& g) {
+    p = params_ + layout_[i].offset;
+    g = grads_ + layout_[i].offset;
+  };
+  size_t i = 0;
+  param(i++, wte_, dwte_);
+  for (auto& ly : layers_) {
+    param(i++, ly.wq, ly.dwq);
+    param(i++, ly.wk, ly.dwk);
+    param(i++, ly.wv, ly.dwv);
+    param(i++, ly.wo, ly.dwo);
+    param(i++, ly.ln1, ly.dln1);
+    param(i++, ly.w1, ly.dw1);
+    param(i++, ly.w2, ly.dw2);
+    param(i++, ly.ln2, ly.dln2);
+  }
+  param(i++, wout_, dwout_);
+}
+
+template <class Real>
+Gpt<Real>::~Gpt() {
+  std::free(arena_);
+}
+
+template <class Real>
+void Gpt<Real>::init(uint64_t seed) {
+  for (const ParamInfo& pi : layout_) {
+    Rng rng(seed, "gpt-init", pi.name);
+    Real* p = params_ + pi.offset;
+    const bool is_ln = pi.shape.size() == 1;
+    if (is_ln) {
+      std::fill(p, p + pi.numel, Real(1));
+    } else if (pi.name == "wte") {
+      for (int64_t j = 0; j < pi.numel; ++j) p[j] = Real(rng.normal());
+    } else {
+      const double bound = 1.0 / std::sqrt(double(pi.shape[1]));
+      for (int64_t j = 0; j < pi.numel; ++j) p[j] = Real(rng.uniform(-bound, bound));
+    }
+  }
+  std::fill(m_, m_ + nparams_, Real(0));
+  std::fill(v_, v_ + nparams_, Real(0));
+}
+
+template <class Real>
+void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
+  const GptConfig& c = cfg_;
+  const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
+  if (c.attention == AttentionKind::standard) {
+    gpt::linear_forward(ly.q, x, ly.wq, N, d, d, threads_);
+    gpt::linear_forward(ly.k, x, ly.wk, N, d, d, threads_);
+    gpt::linear_forward(ly.v, x, ly.wv, N, d, d, threads_);
+    if constexpr (std::is_same_v<Real, float>) {
+      SdpaParams p = sdpa_params(c, B_);
+      p.q = ly.q;
+      p.k = ly.k;
+      p.v = ly.v;
+      p.o = ly.att;
+      p.lse = ly.lse;
+      cpu::sdpa_forward_fused(p, scratch_, threads_);
+    } else {
+      // f64 oracle: the Eigen reference on (B, H, T, dh) copies.
+      ref::SdpaDims dims{B_, H, H, T, T, dh, true, c.rope ? ref::RopeMode::half : ref::RopeMode::none};
+      std::vector<double> q(size_t(N * d)), k(q.size()), v(q.size()), o(q.size());
+      std::vector<int32_t> len(static_cast<size_t>(B_), int32_t(T));
+      for (int64_t b = 0; b < B_; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t e = 0; e < dh; ++e) {
+              const size_t src = size_t((b * T + t) * d + h * dh + e), dst = size_t(((b * H + h) * T + t) * dh + e);
+              q[dst] = ly.q[src];
+              k[dst] = ly.k[src];
+              v[dst] = ly.v[src];
+            }
+      ref::sdpa_forward_reference<double>(dims, DType::f64, o.data(), nullptr, q.data(), k.data(), v.data(),
+                                          len.data());
+      for (int64_t b = 0; b < B_; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t e = 0; e < dh; ++e)
+              ly.att[(b * T + t) * d + h * dh + e] = Real(o[size_t(((b * H + h) * T + t) * dh + e)]);
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<Real, float>) {
+    SelectiveParams p = selective_params(c, B_);
+    p.x = x;
+    p.wq = ly.wq;
+    p.wk = ly.wk;
+    p.wv = ly.wv;
+    p.o = ly.att;
+    if (c.attention == AttentionKind::selective)
+      cpu::selective_forward_fused(p, scratch_, threads_);
+    else
+      cpu::selective_forward_materialized(p, scratch_, threads_);
+  } else {
+    ref::SelectiveDims dims{B_, T, d, H, c.rope};
+    ref::selective_forward_reference<double>(dims, DType::f64, ly.att, x, ly.wq, ly.wk, ly.wv);
+  }
+}
+
+template <class Real>
+void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
+  // dA_ holds the cotangent of ly.att; the gradient of x is added to dx.
+  const GptConfig& c = cfg_;
+  const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
+  if (c.attention == AttentionKind::standard) {
+    if constexpr (std::is_same_v<Real, float>) {
+      SdpaBackwardParams bp;
+      bp.fwd = sdpa_params(c, B_);
+      bp.fwd.q = ly.q;
+      bp.fwd.k = ly.k;
+      bp.fwd.v = ly.v;
+      bp.fwd.o = ly.att;
+      bp.fwd.lse = ly.lse;
+      bp.dout = dA_;
+      bp.do_strides = bp.dq_strides = bp.dk_strides = bp.dv_strides = bp.fwd.q_strides;
+      bp.dq = dq_;
+      bp.dk = dk_;
+      bp.dv = dv_;
+      cpu::sdpa_backward_fused(bp, scratch_, threads_);
+    } else {
+      ref::SdpaDims dims{B_, H, H, T, T, dh, true, c.rope ? ref::RopeMode::half : ref::RopeMode::none};
+      const size_t n = size_t(N * d);
+      std::vector<double> q(n), k(n), v(n), dout(n), dq(n), dk(n), dv(n);
+      std::vector<int32_t> len(static_cast<size_t>(B_), int32_t(T));
+      auto idx = [&](int64_t b, int64_t t, int64_t h, int64_t e, size_t& s, size_t& t2) {
+        s = size_t((b * T + t) * d + h * dh + e);
+        t2 = size_t(((b * H + h) * T + t) * dh + e);
+      };
+      size_t s, t2;
+      for (int64_t b = 0; b < B_; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t e = 0; e < dh; ++e) {
+              idx(b, t, h, e, s, t2);
+              q[t2] = ly.q[s];
+              k[t2] = ly.k[s];
+              v[t2] = ly.v[s];
+              dout[t2] = dA_[s];
+            }
+      ref::sdpa_backward_reference<double>(dims, DType::f64, dq.data(), dk.data(), dv.data(), q.data(), k.data(),
+                                           v.data(), len.data(), dout.data());
+      for (int64_t b = 0; b < B_; ++b)
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t h = 0; h < H; ++h)
+            for (int64_t e = 0; e < dh; ++e) {
+              idx(b, t, h, e, s, t2);
+              dq_[s] = Real(dq[t2]);
+              dk_[s] = Real(dk[t2]);
+              dv_[s] = Real(dv[t2]);
+            }
+    }
+    gpt::linear_backward(dx, ly.dwq, dq_, x, ly.wq, N, d, d, true, threads_);
+    gpt::linear_backward(dx, ly.dwk, dk_, x, ly.wk, N, d, d, true, threads_);
+    gpt::linear_backward(dx, ly.dwv, dv_, x, ly.wv, N, d, d, true, threads_);
+    return;
+  }
+  if constexpr (std::is_same_v<Real, float>) {
+    SelectiveParams p = selective_params(c, B_);
+    p.x = x;
+    p.wq = ly.wq;
+    p.wk = ly.wk;
+    p.wv = ly.wv;
+    p.dout = dA_;
+    p.dx = dq_;
+    p.dwq = ly.dwq;
+    p.dwk = ly.dwk;
+    p.dwv = ly.dwv;
+    if (c.attention == AttentionKind::selective)
+      cpu::selective_backward_fused(p, scratch_, threads_);
+    else
+      cpu::selective_backward_materialized(p, scratch_, threads_);
+  } else {
+    ref::SelectiveDims dims{B_, T, d, H, c.rope};
+    ref::selective_backward_reference<double>(dims, DType::f64, dq_, ly.dwq, ly.dwk, ly.dwv, x, ly.wq, ly.wk,
+                                              ly.wv, dA_);
+  }
+  for (int64_t i = 0; i < N * d; ++i) dx[i] += dq_[i];
+}
+
+template <class Real>
+gpt::CrossEntropyStats Gpt<Real>::step(const int32_t* tokens, const int32_t* targets, bool backward) {
+  const GptConfig& c = cfg_;
+  const int64_t N = N_, d = c.d, V = c.vocab;
+  const int th = threads_;
+  const Real eps = Real(1e-5);
+  gpt::embedding_forward(emb_, tokens, wte_, N, d, th);
+  const Real* x = emb_;
+  for (auto& ly : layers_) {
+    attention_forward(ly, x);
+    gpt::linear_forward(ly.ao, ly.att, ly.wo, N, d, d, th);
+    for (int64_t i = 0; i < N * d; ++i) ly.r1[i] = x[i] + ly.ao[i];
+    gpt::layernorm_forward(ly.x1, ly.mean1, ly.rstd1, ly.r1, ly.ln1, N, d, eps, th);
+    gpt::linear_forward(ly.h, ly.x1, ly.w1, N, d, 4 * d, th);
+    gpt::relu_forward(ly.hr, ly.h, N * 4 * d, th);
+    gpt::linear_forward(ly.f, ly.hr, ly.w2, N, 4 * d, d, th);
+    for (int64_t i = 0; i < N * d; ++i) ly.r2[i] = ly.x1[i] + ly.f[i];
+    gpt::layernorm_forward(ly.x2, ly.mean2, ly.rstd2, ly.r2, ly.ln2, N, d, eps, th);
+    x = ly.x2;
+  }
+  gpt::linear_forward(logits_, x, wout_, N, d, V, th);
+  int64_t count = 0;
+  for (int64_t n = 0; n < N; ++n) count += targets[n] >= 0;
+  const Real scale = count > 0 ? Real(1) / Real(count) : Real(0);
+  Real* dlogits = backward ? dH_ : nullptr;
+  const gpt::CrossEntropyStats st = gpt::cross_entropy(dlogits, row_loss_, logits_, targets, N, V, scale, th);
+  if (!backward) return st;
+
+  Real* dx = dA_;  // the gradient of the current block's output
+  Real* dnext = dC_;
+  gpt::linear_backward(dx, dwout_, dlogits, x, wout_, N, d, V, false, th);
+  for (int64_t l = c.layers - 1; l >= 0; --l) {
+    Layer& ly = layers_[size_t(l)];
+    const Real* xin = l == 0 ? emb_ : layers_[size_t(l - 1)].x2;
+    // x2 = LN2(r2), r2 = x1 + f: dB_ = dr2 = dx1 (so far) = df.
+    gpt::layernorm_backward(dB_, ly.dln2, dx, ly.r2, ly.mean2, ly.rstd2, ly.ln2, N, d, th);
+    gpt::linear_backward(dH_, ly.dw2, dB_, ly.hr, ly.w2, N, 4 * d, d, false, th);
+    gpt::relu_backward(dH_, dH_, ly.h, N * 4 * d, th);
+    gpt::linear_backward(dB_, ly.dw1, dH_, ly.x1, ly.w1, N, d, 4 * d, true, th);
+    // x1 = LN1(r1), r1 = x + ao: dnext = dr1 = dx (so far) = dao.
+    gpt::layernorm_backward(dnext, ly.dln1, dB_, ly.r1, ly.mean1, ly.rstd1, ly.ln1, N, d, th);
+    // dx is consumed: dA_ may now hold the attention output's cotangent.
+    gpt::linear_backward(dA_, ly.dwo, dnext, ly.att, ly.wo, N, d, d, false, th);
+    attention_backward(ly, xin, dnext);
+    // dnext is the gradient of this block's input: swap it into dA_'s role.
+    std::swap(dA_, dC_);
+    dx = dA_;
+    dnext = dC_;
+  }
+  gpt::embedding_backward(dwte_, dx, tokens, N, V, d);
+  return st;
+}
+
+template <class Real>
+void Gpt<Real>::update(const gpt::AdamParams& a) {
+  gpt::adam_update(params_, grads_, m_, v_, nparams_, a, threads_);
+}
+
+template class Gpt<float>;
+template class Gpt<double>;
+
+}  // namespace attnbench::train

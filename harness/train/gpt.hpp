@@ -1,0 +1,107 @@
+// The tiny character-level GPT (DESIGN §5 "Tiny GPT"): token embedding, L
+// post-LN decoder blocks x = LN(x + MHA(x)); x = LN(x + FFN(x)), FFN =
+// Linear(d, 4d) → ReLU → Linear(4d, d), no biases (LayerNorm has a gain only),
+// RoPE optional, a final linear to the vocabulary and cross-entropy.
+//
+// llm.c style: the parameters, their gradients, Adam's two moments, the
+// activations of one (B, T) batch and every kernel's scratch live in one
+// 64-byte aligned arena allocated once; forward, backward and the update are
+// hand-written calls into the kernel library (impls/cpu/gpt_layers.hpp,
+// sdpa.hpp, selective.hpp). Real = float trains; Real = double is the f64
+// oracle of the tests (its attention runs the Eigen references).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "impls/cpu/gpt_layers.hpp"
+
+namespace attnbench::train {
+
+/// Attention of every block: `standard` (causal SDPA, fused kernels),
+/// `selective` (per-query keys and values, fused exact kernel) or
+/// `selective_materialized` (the seed's algorithm, for the speed comparison).
+enum class AttentionKind { standard, selective, selective_materialized };
+
+AttentionKind parse_attention_kind(const std::string& s, const std::string& where);
+std::string attention_kind_name(AttentionKind k);
+std::vector<std::string> attention_kind_names();
+
+struct GptConfig {
+  int64_t vocab = 65, d = 64, heads = 2, layers = 4, context = 300;
+  bool rope = true;
+  AttentionKind attention = AttentionKind::standard;
+  int64_t d_head() const { return d / heads; }
+};
+
+/// One named parameter tensor (PyTorch [out, in] layout) inside the arena.
+struct ParamInfo {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t offset = 0, numel = 0;  // in elements from the start of the parameters
+};
+
+/// The parameter names and shapes of a config, in arena order.
+std::vector<ParamInfo> gpt_param_layout(const GptConfig& c);
+int64_t gpt_param_count(const GptConfig& c);
+
+template <class Real>
+class Gpt {
+ public:
+  /// Allocates the arena for batches of B sequences of c.context tokens.
+  Gpt(const GptConfig& c, int64_t B, int threads);
+  ~Gpt();
+  Gpt(const Gpt&) = delete;
+  Gpt& operator=(const Gpt&) = delete;
+
+  const GptConfig& config() const { return cfg_; }
+  int64_t batch() const { return B_; }
+  const std::vector<ParamInfo>& layout() const { return layout_; }
+  int64_t num_params() const { return nparams_; }
+  Real* params() { return params_; }
+  Real* grads() { return grads_; }
+  Real* adam_m() { return m_; }
+  Real* adam_v() { return v_; }
+  size_t arena_bytes() const { return arena_bytes_; }
+
+  /// PyTorch's default initialisation from `seed`: embedding N(0, 1), linear
+  /// U(±1/sqrt(in)), LayerNorm gains 1; Adam moments zero.
+  void init(uint64_t seed);
+
+  /// Forward on tokens (B·T) with targets (B·T, −1 = not counted); returns the
+  /// loss statistics. With `backward`, also fills grads() with the gradient of
+  /// the mean loss over counted targets.
+  gpt::CrossEntropyStats step(const int32_t* tokens, const int32_t* targets, bool backward);
+  /// Logits (B·T, V) of the last forward.
+  const Real* logits() const { return logits_; }
+  /// One Adam step with the current grads (step is 1-based).
+  void update(const gpt::AdamParams& a);
+
+ private:
+  struct Layer;
+  void attention_forward(Layer& L, const Real* x);
+  void attention_backward(Layer& L, const Real* x, Real* dx);
+
+  GptConfig cfg_;
+  int64_t B_, N_;
+  int threads_;
+  std::vector<ParamInfo> layout_;
+  int64_t nparams_ = 0;
+  void* arena_ = nullptr;
+  size_t arena_bytes_ = 0;
+  Real *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  Real *emb_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
+  Real *dA_ = nullptr, *dB_ = nullptr, *dC_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
+       *dH_ = nullptr;
+  void* scratch_ = nullptr;
+  size_t scratch_bytes_ = 0;
+  std::vector<Layer> layers_;
+  Real *wte_ = nullptr, *wout_ = nullptr, *dwte_ = nullptr, *dwout_ = nullptr;
+};
+
+extern template class Gpt<float>;
+extern template class Gpt<double>;
+
+}  // namespace attnbench::train

@@ -1,0 +1,538 @@
+// attnbench train: the GPT layers' backward against finite differences (f64),
+// the whole model's loss gradient (f64), one f32 training step against the f64
+// step, the tokenizer, bad data files, suites, resume equivalence and sampling.
+#include <catch2/catch.hpp>
+
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <sstream>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "harness/errors.hpp"
+#include "harness/rng.hpp"
+#include "harness/train/data.hpp"
+#include "harness/train/gpt.hpp"
+#include "harness/train/trainer.hpp"
+#include "impls/cpu/gpt_layers.hpp"
+#include "tests/support.hpp"
+
+namespace fs = std::filesystem;
+using namespace attnbench;
+using namespace attnbench::train;
+using nlohmann::json;
+
+namespace {
+
+std::vector<double> randn(int64_t n, uint64_t seed, double scale = 1.0) {
+  Rng r(seed);
+  std::vector<double> v(static_cast<size_t>(n));
+  for (auto& x : v) x = r.normal() * scale;
+  return v;
+}
+
+/// Central differences of f at x against the analytic gradient g; returns the
+/// largest |fd − g| over max(1, |g|) (f64: h = 1e-6 leaves ~1e-9 of error).
+/// `only`, when set, lists the entries to check.
+double fd_error(std::vector<double>& x, const std::vector<double>& g, const std::function<double()>& f,
+                double h = 1e-6, const std::vector<size_t>* only = nullptr) {
+  double worst = 0;
+  std::vector<size_t> all;
+  if (!only) {
+    for (size_t i = 0; i < x.size(); ++i) all.push_back(i);
+    only = &all;
+  }
+  for (size_t i : *only) {
+    const double x0 = x[i];
+    x[i] = x0 + h;
+    const double fp = f();
+    x[i] = x0 - h;
+    const double fm = f();
+    x[i] = x0;
+    const double fd = (fp - fm) / (2 * h);
+    worst = std::max(worst, std::abs(fd - g[i]) / std::max(1.0, std::abs(g[i])));
+  }
+  return worst;
+}
+
+double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
+  return s;
+}
+
+fs::path temp_dir(const std::string& name) {
+  fs::path d = fs::temp_directory_path() / ("attnbench_train_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  fs::create_directories(d);
+  return d;
+}
+
+void write_file(const fs::path& p, const std::string& s) {
+  std::ofstream f(p, std::ios::binary);
+  f << s;
+}
+
+std::string read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+TEST_CASE("gpt layers: linear backward matches finite differences (f64)", "[train][layers]") {
+  const int64_t N = 5, in = 7, out = 3;
+  auto x = randn(N * in, 1), W = randn(out * in, 2), w = randn(N * out, 3);
+  std::vector<double> y(static_cast<size_t>(N * out)), dx(x.size()), dW(W.size());
+  auto f = [&] {
+    gpt::linear_forward(y.data(), x.data(), W.data(), N, in, out, 2);
+    return dot(y, w);
+  };
+  gpt::linear_backward(dx.data(), dW.data(), w.data(), x.data(), W.data(), N, in, out, false, 2);
+  CHECK(fd_error(x, dx, f) < 1e-7);
+  CHECK(fd_error(W, dW, f) < 1e-7);
+  // accumulate_dx adds to what is there.
+  std::vector<double> dx2(x.size(), 1.0);
+  gpt::linear_backward<double>(dx2.data(), nullptr, w.data(), x.data(), W.data(), N, in, out, true, 3);
+  for (size_t i = 0; i < dx.size(); ++i) CHECK(dx2[i] == Approx(dx[i] + 1.0).epsilon(1e-12));
+}
+
+TEST_CASE("gpt layers: layernorm backward matches finite differences (f64)", "[train][layers]") {
+  const int64_t N = 4, C = 6;
+  auto x = randn(N * C, 4, 2.0), g = randn(C, 5), w = randn(N * C, 6);
+  std::vector<double> y(x.size()), mean(static_cast<size_t>(N)), rstd(static_cast<size_t>(N)), dx(x.size()), dg(g.size());
+  auto f = [&] {
+    gpt::layernorm_forward(y.data(), mean.data(), rstd.data(), x.data(), g.data(), N, C, 1e-5, 2);
+    return dot(y, w);
+  };
+  f();
+  gpt::layernorm_backward(dx.data(), dg.data(), w.data(), x.data(), mean.data(), rstd.data(), g.data(), N, C, 2);
+  CHECK(fd_error(x, dx, f) < 1e-7);
+  CHECK(fd_error(g, dg, f) < 1e-7);
+}
+
+TEST_CASE("gpt layers: relu, embedding and cross-entropy backward match finite differences (f64)",
+          "[train][layers]") {
+  SECTION("relu (inputs away from the kink)") {
+    auto x = randn(40, 7);
+    for (auto& v : x)
+      if (std::abs(v) < 1e-3) v = 0.5;
+    auto w = randn(40, 8);
+    std::vector<double> y(x.size()), dx(x.size());
+    auto f = [&] {
+      gpt::relu_forward(y.data(), x.data(), int64_t(x.size()), 2);
+      return dot(y, w);
+    };
+    gpt::relu_backward(dx.data(), w.data(), x.data(), int64_t(x.size()), 2);
+    CHECK(fd_error(x, dx, f) < 1e-7);
+  }
+  SECTION("embedding (repeated tokens sum)") {
+    const int64_t V = 5, C = 3, N = 7;
+    const std::vector<int32_t> tok{0, 3, 3, 1, 4, 3, 0};
+    auto wte = randn(V * C, 9), w = randn(N * C, 10);
+    std::vector<double> y(static_cast<size_t>(N * C)), dw(wte.size());
+    auto f = [&] {
+      gpt::embedding_forward(y.data(), tok.data(), wte.data(), N, C, 2);
+      return dot(y, w);
+    };
+    gpt::embedding_backward(dw.data(), w.data(), tok.data(), N, V, C);
+    CHECK(fd_error(wte, dw, f) < 1e-7);
+  }
+  SECTION("cross-entropy (ignored targets count for nothing)") {
+    const int64_t N = 6, V = 5;
+    auto logits = randn(N * V, 11, 3.0);
+    const std::vector<int32_t> t{1, -1, 4, 0, -1, 2};
+    std::vector<double> dl(logits.size()), rows(static_cast<size_t>(N));
+    const double scale = 1.0 / 4;
+    auto f = [&] { return gpt::cross_entropy<double>(nullptr, rows.data(), logits.data(), t.data(), N, V, scale, 2).loss_sum * scale; };
+    const auto st = gpt::cross_entropy(dl.data(), rows.data(), logits.data(), t.data(), N, V, scale, 2);
+    CHECK(st.count == 4);
+    CHECK(fd_error(logits, dl, f) < 1e-7);
+    for (int64_t v = 0; v < V; ++v) CHECK(dl[size_t(1 * V + v)] == 0.0);
+    // top-1: make row 0's target the clear maximum.
+    logits[1] = 100;
+    CHECK(gpt::cross_entropy<double>(nullptr, rows.data(), logits.data(), t.data(), N, V, 1, 1).correct >= 1);
+  }
+  SECTION("adam matches the closed form of its first step") {
+    std::vector<double> p{1.0, -2.0}, g{0.5, -0.25}, m(2, 0.0), v(2, 0.0);
+    gpt::AdamParams a;
+    a.lr = 0.1;
+    a.step = 1;
+    gpt::adam_update(p.data(), g.data(), m.data(), v.data(), 2, a, 1);
+    // m̂ = g, v̂ = g²: the first step is lr · sign(g) (up to eps).
+    CHECK(p[0] == Approx(1.0 - 0.1).epsilon(1e-6));
+    CHECK(p[1] == Approx(-2.0 + 0.1).epsilon(1e-6));
+  }
+}
+
+namespace {
+
+GptConfig tiny_config(AttentionKind k, bool rope) {
+  GptConfig c;
+  c.vocab = 7;
+  c.d = 8;
+  c.heads = 2;
+  c.layers = 2;
+  c.context = 5;
+  c.rope = rope;
+  c.attention = k;
+  return c;
+}
+
+void tiny_batch(const GptConfig& c, int64_t B, std::vector<int32_t>& x, std::vector<int32_t>& y) {
+  Rng r(42);
+  x.resize(size_t(B * c.context));
+  y.resize(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    x[i] = int32_t(r.integer(0, c.vocab - 1));
+    y[i] = int32_t(r.integer(0, c.vocab - 1));
+  }
+  y[1] = -1;  // one position not counted
+}
+
+}  // namespace
+
+TEST_CASE("gpt: the whole model's loss gradient matches finite differences (f64)", "[train][model]") {
+  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective}) {
+    for (bool rope : {true, false}) {
+      INFO(attention_kind_name(k) << " rope " << rope);
+      const GptConfig c = tiny_config(k, rope);
+      Gpt<double> m(c, 2, 1);
+      m.init(3);
+      std::vector<int32_t> x, y;
+      tiny_batch(c, 2, x, y);
+      const auto st = m.step(x.data(), y.data(), true);
+      CHECK(st.count == 9);
+      const int64_t n = m.num_params();
+      std::vector<double> g(m.grads(), m.grads() + n), p(m.params(), m.params() + n);
+      auto f = [&] {
+        std::copy(p.begin(), p.end(), m.params());
+        const auto s = m.step(x.data(), y.data(), false);
+        return s.loss_sum / double(s.count);
+      };
+      // Up to 6 entries of every parameter tensor (the first, the last and
+      // evenly spaced ones between): every weight kind of every layer.
+      std::vector<size_t> pick;
+      for (const ParamInfo& pi : m.layout())
+        for (int64_t s = 0; s < 6; ++s) pick.push_back(size_t(pi.offset + s * (pi.numel - 1) / 5));
+      CHECK(fd_error(p, g, f, 1e-5, &pick) < 1e-6);
+    }
+  }
+}
+
+TEST_CASE("gpt: one f32 training step equals the f64 step within the rule", "[train][model]") {
+  // The rule: f32 with f32 accumulation over at most a few hundred terms per
+  // dot product (d, 4d, T): relative errors ~ sqrt(terms) · 2⁻²⁴ ≈ 1e-6; we
+  // allow 2e-4 of each gradient tensor's largest entry (and 1e-5 relative on
+  // the loss), far below what a wrong term (≥ 1e-2 relative) would give.
+  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::selective_materialized}) {
+    INFO(attention_kind_name(k));
+    GptConfig c = tiny_config(k, true);
+    c.d = 16;
+    c.context = 13;
+    Gpt<float> mf(c, 3, 2);
+    Gpt<double> md(c, 3, 2);
+    mf.init(5);
+    const int64_t n = mf.num_params();
+    for (int64_t i = 0; i < n; ++i) md.params()[i] = double(mf.params()[i]);
+    std::vector<int32_t> x, y;
+    tiny_batch(c, 3, x, y);
+    const auto sf = mf.step(x.data(), y.data(), true);
+    const auto sd = md.step(x.data(), y.data(), true);
+    CHECK(sf.loss_sum == Approx(sd.loss_sum).epsilon(1e-5));
+    for (const ParamInfo& pi : mf.layout()) {
+      INFO(pi.name);
+      double gmax = 0, err = 0;
+      for (int64_t i = pi.offset; i < pi.offset + pi.numel; ++i) {
+        gmax = std::max(gmax, std::abs(md.grads()[i]));
+        err = std::max(err, std::abs(double(mf.grads()[i]) - md.grads()[i]));
+      }
+      CHECK(err <= 2e-4 * gmax + 1e-9);
+    }
+    gpt::AdamParams a;
+    a.lr = 1e-3;
+    mf.update(a);
+    md.update(a);
+    // Adam's first step is lr · g / (|g| + eps): equal where |g| ≫ eps.
+    for (int64_t i = 0; i < n; ++i)
+      if (std::abs(md.grads()[i]) > 1e-5) REQUIRE(std::abs(double(mf.params()[i]) - md.params()[i]) < 1e-6);
+  }
+}
+
+TEST_CASE("gpt: parameter counts and the arena", "[train][model]") {
+  GptConfig c;  // the seed's: d 64, heads 2, layers 4, vocab 65
+  CHECK(gpt_param_count(c) == 65 * 64 * 2 + 4 * (4 * 64 * 64 + 8 * 64 * 64 + 2 * 64));
+  c.attention = AttentionKind::selective;
+  CHECK(gpt_param_count(c) == 65 * 64 * 2 + 4 * (6 * 64 * 64 + 8 * 64 * 64 + 2 * 64));
+  c.context = 16;
+  Gpt<float> m(c, 2, 1);
+  CHECK(m.arena_bytes() > size_t(4 * m.num_params()) * sizeof(float));
+}
+
+TEST_CASE("gpt: a training step is deterministic for a seed and a thread count", "[train][model]") {
+  GptConfig c = tiny_config(AttentionKind::standard, true);
+  c.d = 16;
+  c.context = 33;
+  std::vector<int32_t> x, y;
+  tiny_batch(c, 4, x, y);
+  auto run = [&] {
+    Gpt<float> m(c, 4, 2);
+    m.init(9);
+    std::vector<float> losses;
+    for (int i = 1; i <= 3; ++i) {
+      losses.push_back(float(m.step(x.data(), y.data(), true).loss_sum));
+      gpt::AdamParams a;
+      a.step = i;
+      m.update(a);
+    }
+    return losses;
+  };
+  CHECK(run() == run());
+}
+
+TEST_CASE("train data: tokenizer round trip and unseen characters", "[train][data]") {
+  const std::string text = "héllo wörld → ünïcode ✓ 🙂\nline two";
+  std::vector<uint32_t> cps;
+  REQUIRE(decode_utf8(text, cps, nullptr));
+  const Tokenizer t = Tokenizer::from_text(cps);
+  CHECK(t.chars[0] == 0);
+  int64_t unk = -1;
+  const auto ids = t.encode(cps, &unk);
+  CHECK(unk == 0);
+  CHECK(t.decode(ids) == text);
+  CHECK(Tokenizer::from_vocabulary_utf8(t.vocabulary_utf8()).chars == t.chars);
+  std::vector<uint32_t> other;
+  REQUIRE(decode_utf8("hé?Z", other, nullptr));
+  const auto ids2 = t.encode(other, &unk);
+  CHECK(unk == 2);  // '?' and 'Z' never occur in the text
+  CHECK(ids2[2] == 0);
+  CHECK(ids2[3] == 0);
+  CHECK(t.decode(ids2) == "hé\xEF\xBF\xBD\xEF\xBF\xBD");
+  size_t bad = 0;
+  CHECK_FALSE(decode_utf8("ok\xC3", cps, &bad));  // truncated sequence
+  CHECK(bad == 2);
+  CHECK_FALSE(decode_utf8("\xC0\xAF", cps, &bad));  // overlong
+  CHECK_FALSE(decode_utf8("\xED\xA0\x80", cps, &bad));  // surrogate
+  CHECK_FALSE(decode_utf8(std::string("a\0b", 3), cps, &bad));
+}
+
+TEST_CASE("train data: the held-out split maps unseen characters to the unknown id and counts them",
+          "[train][data]") {
+  const auto dir = temp_dir("split");
+  std::string s(90, 'a');
+  s += std::string(10, 'b');  // only in the held-out tenth
+  write_file(dir / "t.txt", s);
+  const TextData d = load_text((dir / "t.txt").string(), 0.1, 4);
+  CHECK(d.train.size() == 90);
+  CHECK(d.val.size() == 10);
+  CHECK(d.tok.size() == 2);
+  CHECK(d.val_unknown == 10);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train data: bad data files are one-line errors naming the file", "[train][data][bad-input]") {
+  const auto dir = temp_dir("bad");
+  auto expect = [&](const std::string& name, const std::string& content, const std::string& what) {
+    const std::string p = (dir / name).string();
+    write_file(p, content);
+    try {
+      load_text(p, 0.1, 16);
+      FAIL("no error for " << name);
+    } catch (const InputError& e) {
+      const std::string m = e.what();
+      INFO(m);
+      CHECK(m.find(p) != std::string::npos);
+      CHECK(m.find(what) != std::string::npos);
+      CHECK(m.find('\n') == std::string::npos);
+    }
+  };
+  expect("empty.txt", "", "empty file");
+  expect("binary.bin", std::string("PK\x03\x04\0\0\x01", 7) + std::string(400, 'x'), "binary");
+  expect("latin1.txt", std::string(300, 'a') + "caf\xE9" + std::string(300, 'b'), "not UTF-8");
+  expect("short.txt", std::string(100, 'a'), "shorter than one context window");
+  // Through the command: exit 2, one line.
+  write_file(dir / "s.json", R"({"kind": "train", "steps": 1, "context": 16, "batch": 1, "model": {"d": 8, "layers": 1}})");
+  const auto r = test::run_attnbench("train " + (dir / "s.json").string() + " --data " + (dir / "empty.txt").string() +
+                                     " --out " + (dir / "out").string());
+  CHECK(r.code == 2);
+  CHECK(r.text.find("empty.txt: empty file") != std::string::npos);
+  CHECK(std::count(r.text.begin(), r.text.end(), '\n') == 1);
+  CHECK_FALSE(fs::exists(dir / "out"));  // nothing written for bad input
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train data: MQAR batches ask keys that were given", "[train][data]") {
+  MqarConfig m;
+  m.pairs = 4;
+  m.keys = 10;
+  m.values = 6;
+  Batch b;
+  TrainRng rng(1, "t", "mqar");
+  sample_mqar(b, m, 3, 21, rng);
+  for (int64_t s = 0; s < 3; ++s) {
+    const int32_t* x = b.x.data() + s * 21;
+    const int32_t* y = b.y.data() + s * 21;
+    for (int64_t t = 0; t < 8; ++t) CHECK(y[t] == -1);
+    for (int64_t t = 8; t + 1 < 21; t += 2) {
+      int64_t found = -1;
+      for (int64_t i = 0; i < 4; ++i)
+        if (x[2 * i] == x[t]) found = i;
+      REQUIRE(found >= 0);
+      CHECK(y[t] == x[2 * found + 1]);
+      CHECK(x[t + 1] == y[t]);
+      CHECK(y[t + 1] == -1);
+    }
+    CHECK(x[20] == 0);  // the odd last position is padding
+  }
+}
+
+TEST_CASE("train suite: validation with did-you-mean", "[train][suite][bad-input]") {
+  auto err = [](const std::string& text) {
+    try {
+      parse_train_suite(json::parse(text), "s.json");
+    } catch (const InputError& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  CHECK(err(R"({"stpes": 3})") == "s.json: unknown key 'stpes' (did you mean 'steps'?)");
+  CHECK(err(R"({"model": {"layer": 3}})") == "s.json.model: unknown key 'layer' (did you mean 'layers'?)");
+  CHECK(err(R"({"attention": ["selectiv"]})").find("unknown attention kind 'selectiv'") != std::string::npos);
+  CHECK(err(R"({"attention": ["selectiv"]})").find("did you mean 'selective'") != std::string::npos);
+  CHECK(err(R"({"data": {"kind": "txt"}})").find("did you mean 'text'") != std::string::npos);
+  CHECK(err(R"({"lr": -1})").find("s.json.lr: expected a number") != std::string::npos);
+  CHECK(err(R"({"model": {"d": 10, "heads": 4}})").find("heads: expected a divisor of d") != std::string::npos);
+  CHECK(err(R"({"seeds": [1, 1]})").find("seed repeated") != std::string::npos);
+  CHECK(err(R"({"steps": 3})") == "no error");
+}
+
+namespace {
+
+json tiny_suite(const std::string& attention, int64_t steps) {
+  return json{{"kind", "train"},
+              {"data", {{"kind", "mqar"}, {"pairs", 3}, {"keys", 8}, {"values", 8}}},
+              {"model", {{"d", 16}, {"heads", 2}, {"layers", 2}, {"rope", true}}},
+              {"attention", {attention}},
+              {"seeds", {7}},
+              {"steps", steps},
+              {"batch", 4},
+              {"context", 24},
+              {"lr", 3e-3},
+              {"eval_interval", 3},
+              {"eval_batches", 2},
+              {"threads", 2}};
+}
+
+std::vector<std::string> losses_of(const fs::path& log) {
+  std::vector<std::string> out;
+  std::ifstream f(log);
+  std::string line;
+  while (std::getline(f, line)) {
+    const json j = json::parse(line);
+    out.push_back(std::to_string(j["step"].get<int64_t>()) + ":" + j["loss"].dump() +
+                  (j.contains("eval_loss") ? " eval " + j["eval_loss"].dump() : ""));
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("train: resume after an interruption continues bit-identically", "[train][resume]") {
+  for (const std::string kind : {"standard", "selective"}) {
+    INFO(kind);
+    const auto dir = temp_dir("resume_" + kind);
+    const TrainSuite s = parse_train_suite(tiny_suite(kind, 7), (dir / "s.json").string());
+    TrainOptions a;
+    a.out_dir = (dir / "a").string();
+    a.quiet = true;
+    REQUIRE(run_train_suite(s, a) == 0);
+    TrainOptions b = a;
+    b.out_dir = (dir / "b").string();
+    b.stop_after = 4;
+    REQUIRE(run_train_suite(s, b) == 130);
+    const std::string ck = (dir / "b" / (kind + "-seed7.safetensors")).string();
+    REQUIRE(fs::exists(ck));
+    // Without --resume an existing checkpoint is not overwritten.
+    b.stop_after = -1;
+    CHECK_THROWS_WITH(run_train_suite(s, b), Catch::Contains("pass --resume"));
+    // A checkpoint of another configuration is rejected, naming the field.
+    TrainSuite other = s;
+    other.lr = 1e-3;
+    TrainOptions br = b;
+    br.resume = true;
+    CHECK_THROWS_WITH(run_train_suite(other, br), Catch::Contains("field 'lr'"));
+    // Simulate a kill after the checkpoint: a logged step past it is dropped on resume.
+    { std::ofstream(dir / "b" / (kind + "-seed7.jsonl"), std::ios::app) << R"({"step": 5, "loss": 0})" << "\n"; }
+    REQUIRE(run_train_suite(s, br) == 0);
+    const auto la = losses_of(dir / "a" / (kind + "-seed7.jsonl"));
+    const auto lb = losses_of(dir / "b" / (kind + "-seed7.jsonl"));
+    CHECK(la.size() == 7);
+    CHECK(la == lb);
+    const json ra = json::parse(read_file(dir / "a" / "train.json"));
+    const json rb = json::parse(read_file(dir / "b" / "train.json"));
+    CHECK(ra["runs"][0]["eval_loss"] == rb["runs"][0]["eval_loss"]);
+    CHECK(ra["table"][0]["params"] == ra["runs"][0]["params"]);
+    fs::remove_all(dir);
+  }
+}
+
+TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
+  const auto dir = temp_dir("text");
+  std::string text;
+  for (int i = 0; i < 40; ++i) text += "To be, or not to be: that is the question. ";
+  write_file(dir / "t.txt", text);
+  json s = tiny_suite("standard", 4);
+  s["data"] = {{"kind", "text"}, {"path", "t.txt"}};
+  s["seeds"] = {1, 2};
+  s["attention"] = {"standard", "selective"};
+  write_file(dir / "s.json", s.dump());
+  const auto r = test::run_attnbench("train " + (dir / "s.json").string() + " --out " + (dir / "out").string());
+  INFO(r.text);
+  REQUIRE(r.code == 0);
+  CHECK(r.text.find("tokens/s") != std::string::npos);
+  CHECK(r.text.find("ETA") != std::string::npos);
+  const json res = json::parse(read_file(dir / "out" / "train.json"));
+  REQUIRE(res["table"].size() == 2);
+  CHECK(res["table"][0]["seeds"] == 2);
+  CHECK(res["table"][0]["eval_loss"]["ci95"].get<double>() >= 0);
+  CHECK(res["runs"].size() == 4);
+  const auto smp = test::run_attnbench("sample " + (dir / "out" / "selective-seed2.safetensors").string() +
+                                       " --prompt 'To be' --length 20 --seed 3");
+  CHECK(smp.code == 0);
+  CHECK(smp.text.rfind("To be", 0) == 0);
+  // A corrupt checkpoint: one line, exit 2.
+  write_file(dir / "bad.safetensors", "garbage");
+  const auto bad = test::run_attnbench("sample " + (dir / "bad.safetensors").string());
+  CHECK(bad.code == 2);
+  CHECK(bad.text.find("bad.safetensors") != std::string::npos);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: Ctrl-C saves a checkpoint and exits 130, and --resume continues", "[train][cli]") {
+  const auto dir = temp_dir("sigint");
+  json s = tiny_suite("standard", 100000000);
+  s["eval_interval"] = 100000;
+  write_file(dir / "s.json", s.dump());
+  const std::string args = " train " + (dir / "s.json").string() + " --out " + (dir / "out").string() + " --quiet";
+  const int status = std::system(("timeout --preserve-status -s INT 2 " + std::string(ATTNBENCH_BINARY) + args +
+                                  " > /dev/null 2>&1").c_str());
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 130);
+  CHECK(fs::exists(dir / "out" / "standard-seed7.safetensors"));
+  const size_t logged = losses_of(dir / "out" / "standard-seed7.jsonl").size();
+  CHECK(logged >= 1);
+  // Another interruption after --resume: the log grows from the checkpoint on.
+  const int again = std::system(("timeout --preserve-status -s INT 2 " + std::string(ATTNBENCH_BINARY) + args +
+                                 " --resume > /dev/null 2>&1").c_str());
+  CHECK(WEXITSTATUS(again) == 130);
+  CHECK(losses_of(dir / "out" / "standard-seed7.jsonl").size() > logged);
+  fs::remove_all(dir);
+}
