@@ -249,6 +249,8 @@ bool skip_matches(const SkipRule& r, const CaseSpec& c) {
 Suite load_suite(const std::string& path, bool quick) {
   const json doc = read_json_file(path);
   Node root(doc, path);
+  if (doc.is_object() && doc.contains("kind") && doc.at("kind") == "train")
+    root.fail("kind", "this is a training suite: run it with `attnbench train " + path + "`");
   root.only({"name", "description", "seed", "checks", "bench", "groups"});
   Suite s;
   s.file = path;

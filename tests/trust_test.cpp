@@ -103,6 +103,9 @@ TEST_CASE("run: no case selected, or only skipped ones, is not a pass, and typos
   o = run_attnbench(base + " --filter 'pass=bwd'");
   CHECK(o.code == 1);  // the suite has no backward group
   CHECK_THAT(o.text, Catch::Contains("no case selected"));
+  o = run_attnbench("run " + std::string(ATTNBENCH_SOURCE_DIR) + "/suites/gpt-quick.json --out " + (dir / "g.json").string());
+  CHECK(o.code == 2);  // a training suite names the command that runs it
+  CHECK_THAT(o.text, Catch::Contains("attnbench train"));
   o = run_attnbench(base + " --filter 'N<abc'");
   CHECK(o.code == 2);
   CHECK_THAT(o.text, Catch::Contains("needs a number"));
