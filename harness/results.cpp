@@ -16,6 +16,7 @@
 #include "harness/json_file.hpp"
 #include "harness/version.hpp"
 #include "harness/roofline.hpp"
+#include "impls/cpu/cpu_features.hpp"
 #include "harness/system.hpp"
 #include "harness/variant.hpp"
 
@@ -53,11 +54,20 @@ json run_context(int threads) {
           {"cpu_model", cpu_model()},
           {"threads", threads},
           {"peak_gflops", r.peak_gflops},
+          {"bf16_dot_gflops", r.bf16_dot_gflops},
+          {"amx_bf16_gflops", r.amx_bf16_gflops},
+          {"roofline_load_average", r.load_average},
+          {"roofline_measured_at", r.measured_at},
+          {"roofline_warnings", r.warnings},
           {"mem_bandwidth_gbs", r.bandwidth_gbs},
           {"memory_bytes", total_memory_bytes()},
           {"compiler", compiler_flags()},
           {"git_sha", git_sha()},
           {"cuda_device", cuda_device()},
+          {"cpu_features", cpu::cpu_features().names()},
+          {"cpu_paths", cpu::cpu_paths_available()},
+          {"cpu_path_limit", cpu::cpu_path_limit().empty() ? json(nullptr) : json(cpu::cpu_path_limit())},
+          {"cpu_amx_note", cpu::cpu_features().amx_note.empty() ? json(nullptr) : json(cpu::cpu_features().amx_note)},
           {"version", version()}};
 }
 

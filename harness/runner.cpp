@@ -1,4 +1,5 @@
 #include "harness/runner.hpp"
+#include "impls/cpu/cpu_features.hpp"
 
 #include <algorithm>
 #include <chrono>
@@ -239,15 +240,20 @@ nlohmann::json CaseRunner::bench(const CaseSpec& c, const Impl& impl) {
                       {"pct_peak", nullptr}, {"peak_bytes", ws.peak_bytes()},
                       {"heap_peak_bytes", t.heap_peak_bytes}, {"allocs", t.allocs_per_call}};
   if (t.rss_peak_bytes >= 0) b["rss_peak_bytes"] = t.rss_peak_bytes;
-  if (impl.device == Device::cpu && o_.peak_gflops > 0) {
-    b["pct_peak"] = 100.0 * gflops / o_.peak_gflops;
-    // Faster than the machine can multiply: skipped work or a wrong FLOP count.
-    if (gflops > 1.02 * o_.peak_gflops)
-      b["suspect"] = fmt::format("{:.0f} GFLOP/s exceeds the measured FMA peak {:.0f}", gflops, o_.peak_gflops);
-  }
   if (impl.device == Device::cuda) b["device_bytes"] = inst->device_bytes();
   const nlohmann::json info = inst->info();  // items() of a temporary would dangle
   for (const auto& [k, x] : info.items()) b[k] = x;
+  // The CPU path the record ran on: the kernel's own word (bf16 kernels), else
+  // the path the f32 kernels take now; pct_peak against that path's peak.
+  if (impl.device == Device::cpu && !b.contains("kernel_path")) b["kernel_path"] = cpu::f32_kernel_path();
+  const double peak = impl.device == Device::cpu ? o_.peak_for(b["kernel_path"].get<std::string>()) : 0.0;
+  if (peak > 0) {
+    b["pct_peak"] = 100.0 * gflops / peak;
+    // Faster than the machine can multiply: skipped work, a wrong FLOP count or a stale peak.
+    if (gflops > 1.02 * peak)
+      b["suspect"] = fmt::format("{:.0f} GFLOP/s exceeds the measured peak {:.0f} of path {}", gflops, peak,
+                                 b["kernel_path"].get<std::string>());
+  }
   return b;
 }
 

@@ -33,7 +33,15 @@ struct RunOptions {
   double max_oracle_gflop = 0;  // > 0: skip checks (with a reason) for cases costing more
   BenchSettings bench_settings;
   nlohmann::json property_options = nlohmann::json::object();  // name -> options
-  double peak_gflops = 0;  // for pct_peak; 0 = unknown
+  double peak_gflops = 0;  // for pct_peak; 0 = unknown (FP32 FMA: the f32 paths)
+  double bf16_dot_gflops = 0;  // the avx512bf16 path's peak (0: FP32's)
+  double amx_bf16_gflops = 0;  // the amx-bf16 path's peak (0: FP32's)
+  /// The peak pct_peak of a record on kernel path `path` is computed against.
+  double peak_for(const std::string& path) const {
+    if (path == "amx-bf16" && amx_bf16_gflops > 0) return amx_bf16_gflops;
+    if (path == "avx512bf16" && bf16_dot_gflops > 0) return bf16_dot_gflops;
+    return peak_gflops;
+  }
 };
 
 /// Runs cases, keeping the oracle of the last (inputs, dtype) so that the
@@ -41,6 +49,10 @@ struct RunOptions {
 class CaseRunner {
  public:
   explicit CaseRunner(RunOptions o) : o_(std::move(o)) {}
+  /// New peaks for pct_peak (a re-measured roofline).
+  void set_peaks(double f32, double bf16_dot, double amx) {
+    o_.peak_gflops = f32, o_.bf16_dot_gflops = bf16_dot, o_.amx_bf16_gflops = amx;
+  }
   /// The record for one case; never throws for a failing implementation (the
   /// record says `failed` with a reason) but throws InputError for bad specs.
   nlohmann::json run(const CaseSpec& c);

@@ -6,12 +6,14 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
 #include <fmt/format.h>
 
 #include "harness/errors.hpp"
+#include "impls/cpu/cpu_features.hpp"
 
 namespace attnbench {
 
@@ -79,6 +81,24 @@ int resolve_threads(int requested, const std::string& flag) {
     std::fprintf(stderr, "attnbench: warning: %s %d is more than the %d cores here; timings will be unreliable\n",
                  flag.c_str(), requested, cores);
   return requested;
+}
+
+void apply_cpu_path(const std::string& flag_value) {
+  const char* env = std::getenv("ATTNBENCH_CPU_PATH");
+  const bool from_flag = !flag_value.empty();
+  const std::string value = from_flag ? flag_value : (env ? std::string(env) : std::string());
+  try {
+    cpu::set_cpu_path_limit(value);
+  } catch (const std::invalid_argument& e) {
+    throw InputError(std::string(from_flag ? "--cpu-path" : "ATTNBENCH_CPU_PATH") + ": " + e.what());
+  }
+}
+
+LoadAverage load_average() {
+  LoadAverage l;
+  std::ifstream f("/proc/loadavg");
+  if (!(f >> l.m1 >> l.m5 >> l.m15)) l = LoadAverage{};
+  return l;
 }
 
 }  // namespace attnbench

@@ -24,4 +24,16 @@ int core_count();                  // online processors
 /// per core is allowed with a warning on stderr (timings will be unreliable).
 int resolve_threads(int requested, const std::string& flag);
 
+/// `--cpu-path` (or, when the flag is empty, the environment variable
+/// ATTNBENCH_CPU_PATH): limits the CPU kernels to that path and below
+/// (impls/cpu/cpu_features.hpp). A path the machine lacks is an InputError
+/// naming the flag (or the variable) and the paths there are. Empty both: no limit.
+void apply_cpu_path(const std::string& flag_value);
+
+/// The 1-, 5- and 15-minute load averages (/proc/loadavg; -1 where unreadable).
+struct LoadAverage {
+  double m1 = -1, m5 = -1, m15 = -1;
+};
+LoadAverage load_average();
+
 }  // namespace attnbench

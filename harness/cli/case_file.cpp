@@ -75,7 +75,7 @@ void export_case(const ExportArgs& a) {
 }
 
 struct VerifyArgs {
-  std::string variant, file, impls = "all", dtype = "f32", shape;
+  std::string variant, file, impls = "all", dtype = "f32", shape, cpu_path;
   double file_floor_ulps = 1024;
 };
 
@@ -144,6 +144,7 @@ void check_tensors(const Variant& v, const Params& p, const TensorMap& inputs, c
 
 int verify(const VerifyArgs& a) {
   const Variant& v = find_variant(a.variant, "verify");
+  apply_cpu_path(a.cpu_path);
   // What was asked for must exist: an unknown name is bad input, not an empty pass.
   const DType dtype = parse_dtype(a.dtype, "--dtype");
   const std::vector<Impl> impls = v.impls();
@@ -270,6 +271,8 @@ void add_verify(CLI::App& app, int& exit_code) {
                 "Shape parameters the tensors cannot tell, e.g. starting=false (over __metadata__.params)");
   c->add_option("--file-floor-ulps", args->file_floor_ulps,
                 "Ulps of the stored dtype (at the output's magnitude) allowed between the file's outputs and ours");
+  c->add_option("--cpu-path", args->cpu_path,
+                "Limit CPU kernels to this path and below (default: $ATTNBENCH_CPU_PATH, else the best there is)");
   c->callback([args, &exit_code] { exit_code = verify(*args); });
 }
 

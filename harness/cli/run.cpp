@@ -90,7 +90,7 @@ std::string row(const nlohmann::json& r) {
 }
 
 struct RunArgs {
-  std::string suite, impls, dtypes, passes, filter, out, shard, resume;
+  std::string suite, impls, dtypes, passes, filter, out, shard, resume, cpu_path;
   bool quick = false, no_bench = false, no_check = false;
   int threads = 0;
   int64_t seed = -1;
@@ -242,6 +242,7 @@ int run(const RunArgs& a) {
   if (a.no_check) suite.options.check = false;
   if (a.seed >= 0) suite.options.seed = uint64_t(a.seed);
   const int threads = resolve_threads(a.threads, "--threads");
+  apply_cpu_path(a.cpu_path);
   set_memory_limit(a.max_memory);
   omp_set_num_threads(threads);
 
@@ -344,6 +345,9 @@ int run(const RunArgs& a) {
   nlohmann::json& doc = progress.doc;
   for (auto& r : earlier.records) doc["records"].push_back(std::move(r));
   suite.options.peak_gflops = doc["context"]["peak_gflops"].get<double>();
+  suite.options.bf16_dot_gflops = doc["context"]["bf16_dot_gflops"].get<double>();
+  suite.options.amx_bf16_gflops = doc["context"]["amx_bf16_gflops"].get<double>();
+  bool remeasured = false;  // at most once per run
   std::printf("machine: %s, measured FMA peak %.0f GFLOP/s, triad %.1f GB/s; results -> %s\n",
               doc["context"]["cpu_model"].get<std::string>().c_str(), suite.options.peak_gflops,
               doc["context"]["mem_bandwidth_gbs"].get<double>(), out.c_str());
@@ -389,6 +393,34 @@ int run(const RunArgs& a) {
           // One case that cannot run (bad shape, out of memory) is a failed
           // record with its message; the run goes on.
           rec = failed_record(c, e.what());
+        }
+        // A record faster than its path's cached peak: the peak was measured on a
+        // busy machine (or the path's is missing). Re-measure once, warn, and put
+        // this record and the rest against the new peak.
+        if (!remeasured && rec.contains("bench") && rec["bench"].contains("kernel_path") &&
+            rec["bench"]["pct_peak"].is_number() && rec["bench"]["pct_peak"].get<double>() > 102.0) {
+          remeasured = true;
+          const std::string path = rec["bench"]["kernel_path"].get<std::string>();
+          const double achieved = rec["bench"]["gflops"].get<double>();
+          const Roofline r = remeasure_after(threads, path, achieved);
+          suite.options.peak_gflops = r.peak_gflops;
+          suite.options.bf16_dot_gflops = r.bf16_dot_gflops;
+          suite.options.amx_bf16_gflops = r.amx_bf16_gflops;
+          runner.set_peaks(r.peak_gflops, r.bf16_dot_gflops, r.amx_bf16_gflops);
+          std::lock_guard lock(progress.m);
+          auto& ctx = doc["context"];
+          ctx["peak_gflops"] = r.peak_gflops, ctx["bf16_dot_gflops"] = r.bf16_dot_gflops;
+          ctx["amx_bf16_gflops"] = r.amx_bf16_gflops, ctx["mem_bandwidth_gbs"] = r.bandwidth_gbs;
+          ctx["roofline_load_average"] = r.load_average, ctx["roofline_measured_at"] = r.measured_at;
+          for (const auto& w : r.warnings) ctx["roofline_warnings"].push_back(w);
+          const double peak = suite.options.peak_for(path);
+          rec["bench"]["pct_peak"] = 100.0 * achieved / peak;
+          if (achieved <= 1.02 * peak) rec["bench"].erase("suspect");
+          for (auto& earlier_rec : doc["records"])  // the records so far, against the new peaks
+            if (earlier_rec.contains("bench") && earlier_rec["bench"].contains("kernel_path") &&
+                earlier_rec["bench"]["pct_peak"].is_number())
+              earlier_rec["bench"]["pct_peak"] = 100.0 * earlier_rec["bench"]["gflops"].get<double>() /
+                                                 suite.options.peak_for(earlier_rec["bench"]["kernel_path"]);
         }
       }
       ++done;
@@ -452,6 +484,9 @@ void add_run(CLI::App& app, int& exit_code) {
                 "an allocation past it fails the case")
       ->transform(CLI::AsSizeValue(false))
       ->check(CLI::PositiveNumber);
+  c->add_option("--cpu-path", args->cpu_path,
+                "Limit CPU kernels to this path and below (amx-bf16, avx512bf16, avx512-f32, AVX2, ...; "
+                "default: $ATTNBENCH_CPU_PATH, else the best the machine has)");
   c->callback([args, &exit_code] { exit_code = run(*args); });
 }
 

@@ -27,6 +27,7 @@
 #include "harness/errors.hpp"
 #include "harness/masks.hpp"
 #include "harness/variant.hpp"
+#include "impls/cpu/cpu_features.hpp"
 #include "impls/cpu/masked.hpp"
 #include "reference/masked.hpp"
 
@@ -185,7 +186,14 @@ class MaskedCpuInstance final : public Instance {
     if (runs_forward(pass_)) cpu::masked_forward_block_sparse(p_, scratch_, threads_);
     if (runs_backward(pass_)) cpu::masked_backward_block_sparse(b_, scratch_, threads_);
   }
-  nlohmann::json info() const override { return m_.info(); }
+  /// The block map's counts and bench.kernel_path: the forward's path, the
+  /// backward's f32 ("forward+backward" for fwd_bwd when they differ).
+  nlohmann::json info() const override {
+    nlohmann::json j = m_.info();
+    const std::string f32 = cpu::f32_kernel_path(), fwd = cpu::masked_forward_path(p_);
+    j["kernel_path"] = pass_ == Pass::fwd ? fwd : (pass_ == Pass::bwd || fwd == f32) ? f32 : fwd + "+" + f32;
+    return j;
+  }
 
  private:
   Pass pass_;

@@ -10,6 +10,7 @@
 // for every input dtype (all kernels accumulate in f32 and store f32; the bf16/f16
 // reference rounds its stages to the dtype and stores the rounded values), f64
 // for the f64 oracle.
+#include "impls/cpu/cpu_features.hpp"
 #include "impls/cpu/sdpa.hpp"
 
 #include <omp.h>
@@ -131,6 +132,14 @@ class SdpaCpuInstance final : public Instance {
   void run() override {
     if (runs_forward(pass_)) cpu::sdpa_forward_fused(p_, scratch_, threads_);
     if (runs_backward(pass_)) cpu::sdpa_backward_fused(b_, scratch_, threads_);
+  }
+  /// bench.kernel_path: the forward's path; the backward runs the f32 path
+  /// (fwd_bwd: "forward+backward" when they differ).
+  nlohmann::json info() const override {
+    const std::string f32 = cpu::f32_kernel_path(), fwd = cpu::sdpa_forward_path(p_);
+    if (pass_ == Pass::fwd) return {{"kernel_path", fwd}};
+    if (pass_ == Pass::bwd || fwd == f32) return {{"kernel_path", f32}};
+    return {{"kernel_path", fwd + "+" + f32}};
   }
 
  private:

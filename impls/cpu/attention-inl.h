@@ -38,6 +38,7 @@
 #include <limits>
 
 #include "harness/dtype.hpp"
+#include "impls/cpu/bf16_kernels.hpp"
 
 namespace attnbench::cpu::attn {
 
@@ -47,6 +48,15 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+/// How a forward tile's products run (impls/cpu/cpu_features.hpp): f32 (inputs
+/// widened), Q·Kᵀ on VDPBF16PS with P·V in f32, or both on AMX tiles.
+enum class Bf16Mode : uint8_t { off, dpbf16, amx };
+
+/// The kernel path name of a mode ("" for off: the f32 path's name).
+inline const char* bf16_mode_path(Bf16Mode m) {
+  return m == Bf16Mode::amx ? "amx-bf16" : m == Bf16Mode::dpbf16 ? "avx512bf16" : "";
+}
 
 /// RoPE pairing (the values of SdpaRope): none, (i, i + D/2) or (2i, 2i + 1).
 enum class RopePairs : uint8_t { none, half, interleaved };
@@ -459,6 +469,15 @@ struct ForwardTile {
   float* vmax;   // (rows, kMaxLanes) lane-wise row maxima of the current score tile
   bool* stale;   // (rows,) the row's vmax no longer holds (the mask or a score mod changed it)
   int64_t s_ld, o_ld;
+  // Native bf16 products (mode not off; set by the kernel after carve): the raw
+  // bf16 query rows (not rotated, not scaled: S is scaled by qscale after the
+  // product, so nothing but the inputs is rounded to bf16), rows padded to 16
+  // and D to dk (a multiple of 32) with zeros; pb: AMX's P·V scratch.
+  Bf16Mode mode = Bf16Mode::off;
+  uint16_t* qb = nullptr;  // (round_up(rows, 16), dk)
+  uint16_t* pb = nullptr;  // 3 × (round_up(rows, 16), s_ld)
+  int64_t dk = 0;
+  float qscale = 1.0f;
 
   /// Carves the scratch (64-byte aligned, forward_tile_floats) for `rows` rows.
   static ForwardTile carve(float* at, int64_t rows, int64_t D, int64_t s_ld, int64_t o_ld) {
@@ -484,6 +503,8 @@ struct KeyTileView {
   int64_t kt_ld;
   const float* v;  // (span, v_ld) value rows (packed, or f32 input read in place)
   int64_t v_ld;
+  const uint16_t* kb = nullptr;  // bf16 modes: (dk/2, kt_ld, 2) key pairs along D
+  const uint16_t* vb = nullptr;  // AMX mode: (kt_ld/2, o_ld, 2) value pairs along keys
 };
 
 /// Scores of a key tile for the `rows` query rows of w: w.s[r][0:ncols) with the
@@ -491,7 +512,27 @@ struct KeyTileView {
 /// Returns ncols (the span rounded up to BlockCols).
 HWY_INLINE int64_t ForwardScores(DF df, const ForwardTile& w, int64_t rows, int64_t D, const KeyTileView& t) {
   const int64_t ncols = round_up(t.span, BlockCols(df));
-  TileProduct<true>(df, rows, D, w.q, D, t.kt, t.kt_ld, ncols, w.s, w.s_ld, w.vmax);
+  if (w.mode == Bf16Mode::off) {
+    TileProduct<true>(df, rows, D, w.q, D, t.kt, t.kt_ld, ncols, w.s, w.s_ld, w.vmax);
+  } else {
+    // Raw bf16 dot products (f32 accumulation), then × qscale and the lane-wise row maxima.
+    if (w.mode == Bf16Mode::amx)
+      bf16k::scores_amx(round_up(rows, 16), w.dk, w.qb, t.kb, t.kt_ld, ncols, w.s, w.s_ld);
+    else
+      bf16k::scores_dpbf16(rows, w.dk, w.qb, t.kb, t.kt_ld, ncols, w.s, w.s_ld);
+    const int64_t L = int64_t(hn::Lanes(df));
+    const VF scale = hn::Set(df, w.qscale);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = w.s + r * w.s_ld;
+      VF mx = hn::Set(df, kNegInf);
+      for (int64_t j = 0; j < ncols; j += L) {
+        const VF x = hn::Mul(hn::Load(df, sr + j), scale);
+        hn::Store(x, df, sr + j);
+        mx = hn::Max(mx, x);
+      }
+      hn::Store(mx, df, w.vmax + r * L);
+    }
+  }
   for (int64_t r = 0; r < rows; ++r) {
     std::fill(w.s + r * w.s_ld + t.span, w.s + r * w.s_ld + ncols, kNegInf);
     w.stale[r] = t.span < ncols;
@@ -509,7 +550,10 @@ HWY_INLINE void ForwardRows(DF df, const ForwardTile& w, int64_t rows, int64_t D
                             Mask&& mask) {
   const int64_t L = int64_t(hn::Lanes(df));
   for (int64_t r = 0; r < rows; ++r) w.m[r] = kNegInf, w.l[r] = 0.0f;
-  std::fill_n(w.o, rows * w.o_ld, 0.0f);
+  // AMX works on 16-row blocks: the pad rows (zero queries, so zero P) stay zero.
+  const int64_t rows16 = round_up(rows, 16);
+  std::fill_n(w.o, (w.mode == Bf16Mode::amx ? rows16 : rows) * w.o_ld, 0.0f);
+  if (w.mode == Bf16Mode::amx) std::fill(w.alpha + rows, w.alpha + rows16, 0.0f);
   for_each_tile([&](const KeyTileView& t) {
     const int64_t ncols = ForwardScores(df, w, rows, D, t);
     mask(t, ncols);
@@ -520,7 +564,10 @@ HWY_INLINE void ForwardRows(DF df, const ForwardTile& w, int64_t rows, int64_t D
     // scripts/mutation-test.sh: probabilities rounded to bf16 before P·V (the script runs the bf16 cases only).
     for (int64_t x = 0; x < rows * w.s_ld; ++x) w.s[x] = to_float(to_bf16(w.s[x]));
 #endif
-    TileAccumulate(df, rows, w.o_ld, t.span, w.s, w.s_ld, t.v, t.v_ld, w.alpha, w.o, w.o_ld);
+    if (w.mode == Bf16Mode::amx)
+      bf16k::accumulate_amx(rows16, ncols, w.s, w.s_ld, t.vb, w.o_ld, w.alpha, w.o, w.o_ld, w.pb);
+    else
+      TileAccumulate(df, rows, w.o_ld, t.span, w.s, w.s_ld, t.v, t.v_ld, w.alpha, w.o, w.o_ld);
   });
 }
 

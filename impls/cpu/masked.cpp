@@ -52,6 +52,8 @@
 
 #include <omp.h>
 
+#include "impls/cpu/cpu_features.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -96,6 +98,12 @@ struct Layout {
   int64_t Dp, Tkp;
   int64_t kpack, vpack, rope, per_thread;
   bool direct_v;  // f32 V with D a multiple of 16 is read in place, not packed
+  // Native bf16 products (bf16 inputs without RoPE; SDPA's, attention-inl.h):
+  // K tiles in pairs along D (dk = D rounded up to 32), V tiles in pairs along
+  // keys, per thread the raw query tile and AMX's P parts; the forward tile has
+  // its rows rounded up to 16 (AMX blocks). Sizes in floats.
+  bool bf16_ok;
+  int64_t dk, rows_tile, kbpack, vbpack, bf16_thread;
   explicit Layout(const MaskedParams& p) {
     Dp = round_up(p.D, 16);
     Tkp = round_up(p.tile_k, kKeyAlign);
@@ -103,8 +111,21 @@ struct Layout {
     kpack = p.B * p.H * p.n_kt * p.D * Tkp;
     vpack = direct_v ? 0 : p.B * p.H * p.Nkv * Dp;
     rope = RopeSpan(p).floats;
+    bf16_ok = p.dtype == DType::bf16 && !p.q_pos;
+    dk = round_up(p.D, 32);
+    rows_tile = bf16_ok ? round_up(p.tile_q, 16) : p.tile_q;
+    kbpack = bf16_ok ? round_up(p.B * p.H * p.n_kt * dk * Tkp / 2, 16) : 0;
+    vbpack = bf16_ok ? round_up(p.B * p.H * p.n_kt * Tkp * Dp / 2, 16) : 0;
+    bf16_thread = bf16_ok ? round_up(rows_tile * dk / 2, 16) + round_up(3 * rows_tile * Tkp / 2, 16) : 0;
     // The forward tile and 16 key rows (packing).
-    per_thread = round_up(forward_tile_floats(p.tile_q, p.D, Tkp, Dp), 16) + 16 * round_up(p.D, 16);
+    per_thread = round_up(forward_tile_floats(rows_tile, p.D, Tkp, Dp), 16) + 16 * round_up(p.D, 16) + bf16_thread;
+  }
+  /// The mode a call takes now (the machine, the path limit, the Highway target).
+  Bf16Mode mode(bool avx3) const {
+    if (!bf16_ok || !avx3) return Bf16Mode::off;
+    if (amx_bf16_enabled()) return Bf16Mode::amx;
+    if (avx512bf16_enabled()) return Bf16Mode::dpbf16;
+    return Bf16Mode::off;
   }
 };
 
@@ -234,6 +255,9 @@ namespace attnbench::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using namespace masked_detail;
 
+// The native bf16 products need AVX-512 register tiles (64-column score blocks).
+inline constexpr bool kAvx3 = HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3;
+
 /// RoPE of the queries and keys at the mask's position ids (half-split pairs), or none.
 struct MaskedRopes {
   Rope q, k;
@@ -261,16 +285,42 @@ void PackTile(const MaskedParams& p, const Rope& krope, int64_t bh, int64_t kt, 
 
 /// One forward task: query tile qt of head (b, h) against the key tiles of its block-map row:
 /// S = Q·Kᵀ → score mod (if any, every visited tile) → mask (partial tiles only) → online softmax → O += P·V.
+/// Packs key tile kt of head bh for the bf16 modes: the bf16 bits of K in pairs
+/// along D and (AMX) of V in pairs along keys, pads zero.
+void PackTileBf16(const MaskedParams& p, const Layout& lay, int64_t bh, int64_t kt, Bf16Mode mode, uint16_t* kbpack,
+                  uint16_t* vbpack) {
+  const bf16_t* k = static_cast<const bf16_t*>(p.k) + bh * p.Nkv * p.D;
+  const bf16_t* v = static_cast<const bf16_t*>(p.v) + bh * p.Nkv * p.D;
+  const int64_t j0 = kt * p.tile_k, span = std::min(p.tile_k, p.Nkv - j0);
+  uint16_t* kb = kbpack + (bh * p.n_kt + kt) * lay.dk * lay.Tkp;
+  std::fill_n(kb, lay.dk * lay.Tkp, uint16_t(0));
+  for (int64_t jt = 0; jt < span; ++jt)
+    for (int64_t d = 0; d < p.D; ++d) kb[((d / 2) * lay.Tkp + jt) * 2 + (d & 1)] = k[(j0 + jt) * p.D + d].bits;
+  if (mode != Bf16Mode::amx) return;
+  uint16_t* vb = vbpack + (bh * p.n_kt + kt) * lay.Tkp * lay.Dp;
+  std::fill_n(vb, lay.Tkp * lay.Dp, uint16_t(0));
+  for (int64_t jt = 0; jt < span; ++jt)
+    for (int64_t d = 0; d < p.D; ++d) vb[((jt / 2) * lay.Dp + d) * 2 + (jt & 1)] = v[(j0 + jt) * p.D + d].bits;
+}
+
 template <class T>
 void AttendQueryTile(const MaskedParams& p, const Layout& lay, const MaskedRopes& ropes, const float* kpack,
-                     const float* vpack, const RowIntervals* intervals, const ForwardTile& w, int64_t task) {
+                     const float* vpack, const RowIntervals* intervals, const ForwardTile& w, int64_t task,
+                     const uint16_t* kbpack, const uint16_t* vbpack) {
   const DF df;
   const int64_t qt = task % p.n_qt, bh = task / p.n_qt, b = bh / p.H, h = bh % p.H;
   const int64_t i0 = qt * p.tile_q, rows = std::min(p.tile_q, p.Nq - i0);
   const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
 
   const T* q = static_cast<const T*>(p.q) + (bh * p.Nq + i0) * p.D;
-  for (int64_t r = 0; r < rows; ++r) load_row(w.q + r * p.D, q + r * p.D, p.D, ropes.q, i0 + r, qscale);
+  if (w.mode == Bf16Mode::off) {
+    for (int64_t r = 0; r < rows; ++r) load_row(w.q + r * p.D, q + r * p.D, p.D, ropes.q, i0 + r, qscale);
+  } else if constexpr (std::is_same_v<T, bf16_t>) {
+    // Raw bf16 query rows, D padded to dk and rows to 16 with zeros (S is scaled after the product).
+    std::fill_n(w.qb, round_up(rows, 16) * w.dk, uint16_t(0));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < p.D; ++d) w.qb[r * w.dk + d] = q[r * p.D + d].bits;
+  }
 
   const float* kt_head = kpack + bh * p.n_kt * p.D * lay.Tkp;
   const float* v_head = vpack + bh * p.Nkv * lay.Dp;
@@ -297,7 +347,9 @@ void AttendQueryTile(const MaskedParams& p, const Layout& lay, const MaskedRopes
           partial = mask::Tile(p.tiles[map_row + kt]) == mask::Tile::partial;
 #endif
           f(KeyTileView{j0, std::min(p.tile_k, p.Nkv - j0), kt_head + kt * p.D * lay.Tkp, lay.Tkp,
-                        v_head + j0 * v_stride, v_stride});
+                        v_head + j0 * v_stride, v_stride,
+                        kbpack ? kbpack + (bh * p.n_kt + kt) * lay.dk * lay.Tkp : nullptr,
+                        vbpack ? vbpack + (bh * p.n_kt + kt) * lay.Tkp * lay.Dp : nullptr});
         }
       },
       [&](const KeyTileView& t, int64_t) {
@@ -327,7 +379,10 @@ void ForwardTyped(const MaskedParams& p, float* scratch, int threads) {
   float* vpack = kpack + lay.kpack;
   float* cos_t = vpack + lay.vpack;
   float* sin_t = cos_t + rs.n_pos * rs.half;
-  float* slabs = vpack + lay.vpack + lay.rope;
+  uint16_t* kbpack = reinterpret_cast<uint16_t*>(vpack + lay.vpack + lay.rope);
+  uint16_t* vbpack = reinterpret_cast<uint16_t*>(vpack + lay.vpack + lay.rope + lay.kbpack);
+  float* slabs = vpack + lay.vpack + lay.rope + lay.kbpack + lay.vbpack;
+  const Bf16Mode mode = lay.mode(kAvx3);
 
   if (p.q_pos) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
   const MaskedRopes ropes(p, cos_t, sin_t);
@@ -336,21 +391,36 @@ void ForwardTyped(const MaskedParams& p, float* scratch, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + lay.per_thread * omp_get_thread_num();
-    const ForwardTile w = ForwardTile::carve(slab, p.tile_q, p.D, lay.Tkp, lay.Dp);
-    float* rows = slab + round_up(forward_tile_floats(p.tile_q, p.D, lay.Tkp, lay.Dp), 16);
+    ForwardTile w = ForwardTile::carve(slab, lay.rows_tile, p.D, lay.Tkp, lay.Dp);
+    float* rows = slab + round_up(forward_tile_floats(lay.rows_tile, p.D, lay.Tkp, lay.Dp), 16);
+    if (mode != Bf16Mode::off) {
+      float* b16 = rows + 16 * round_up(p.D, 16);
+      w.mode = mode, w.dk = lay.dk, w.qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
+      w.qb = reinterpret_cast<uint16_t*>(b16);
+      w.pb = reinterpret_cast<uint16_t*>(b16 + round_up(lay.rows_tile * lay.dk / 2, 16));
+    }
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < p.B * p.H * p.n_kt; ++task) {
       const int64_t kt = task % p.n_kt, bh = task / p.n_kt;
+      if (mode != Bf16Mode::off) {
+        PackTileBf16(p, lay, bh, kt, mode, kbpack, vbpack);
+        if (mode == Bf16Mode::amx) continue;  // V in pairs: the f32 rows are not read
+      }
       KeyPack out;
-      out.kt = kpack + (bh * p.n_kt + kt) * p.D * lay.Tkp, out.ld = lay.Tkp;
+      if (mode == Bf16Mode::off) out.kt = kpack + (bh * p.n_kt + kt) * p.D * lay.Tkp;
+      out.ld = lay.Tkp;
       if (!lay.direct_v) out.vrows = vpack + (bh * p.Nkv + kt * p.tile_k) * lay.Dp, out.v_ld = lay.Dp;
       PackTile<T>(p, ropes.k, bh, kt, lay.Tkp, out, rows);
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.B * p.H * p.n_qt; ++task)
-      AttendQueryTile<T>(p, lay, ropes, kpack, vpack, intervals ? &*intervals : nullptr, w, task);
+      AttendQueryTile<T>(p, lay, ropes, kpack, vpack, intervals ? &*intervals : nullptr, w, task,
+                         mode != Bf16Mode::off ? kbpack : nullptr, mode == Bf16Mode::amx ? vbpack : nullptr);
   }
 }
+
+/// The kernel path the forward takes for p now ("" for the f32 path).
+const char* MaskedForwardPath(const MaskedParams& p) { return bf16_mode_path(Layout(p).mode(kAvx3)); }
 
 void MaskedForward(const MaskedParams& p, float* scratch, int threads) {
   if (p.dtype == DType::bf16)
@@ -547,6 +617,7 @@ HWY_AFTER_NAMESPACE();
 namespace attnbench::cpu {
 
 HWY_EXPORT(MaskedForward);
+HWY_EXPORT(MaskedForwardPath);
 HWY_EXPORT(MaskedBackward);
 
 namespace {
@@ -563,7 +634,13 @@ void check_common(const MaskedParams& p, const char* who) {
 
 size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int threads) {
   const masked_detail::Layout lay(p);
-  return size_t(lay.kpack + lay.vpack + lay.rope + lay.per_thread * std::max(1, threads)) * sizeof(float);
+  return size_t(lay.kpack + lay.vpack + lay.rope + lay.kbpack + lay.vbpack + lay.per_thread * std::max(1, threads)) *
+         sizeof(float);
+}
+
+std::string masked_forward_path(const MaskedParams& p) {
+  const char* bf16 = HWY_DYNAMIC_DISPATCH(MaskedForwardPath)(p);
+  return *bf16 ? std::string(bf16) : f32_kernel_path();
 }
 
 void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads) {

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "harness/dtype.hpp"
 #include "impls/mask.hpp"
@@ -60,6 +61,11 @@ size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int thre
 /// and output; q, k, v f32 or bf16. `scratch` (64-byte aligned) holds
 /// masked_forward_block_sparse_scratch_bytes(p, threads) bytes.
 void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads);
+
+/// The CPU path masked_forward_block_sparse takes for p now: "amx-bf16" or
+/// "avx512bf16" for bf16 inputs without RoPE (SDPA's bf16 products, the same
+/// tile loop; nothing but the inputs rounded), else the f32 path's name.
+std::string masked_forward_path(const MaskedParams& p);
 
 /// Bytes of scratch masked_backward_block_sparse needs with `threads` threads.
 size_t masked_backward_block_sparse_scratch_bytes(const MaskedBackwardParams& p, int threads);

@@ -86,6 +86,8 @@
 
 #include <omp.h>
 
+#include "impls/cpu/cpu_features.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -127,6 +129,11 @@ struct Layout {
   int64_t Dp, T, Nkv_p;
   int64_t kpack, vpack, rope, per_thread;
   bool direct_v;  // f32 V with D a multiple of 16 is read in place, not packed
+  // Native bf16 products (bf16 inputs without RoPE or weights): K in pairs along
+  // D (dk = D rounded up to 32), V in pairs along keys, per thread the raw query
+  // tile and AMX's P parts; sizes in floats.
+  bool bf16_ok;
+  int64_t dk, kbpack, vbpack, bf16_thread;
   explicit Layout(const SdpaParams& p) {
     Dp = round_up(p.D, 16);
     direct_v = p.dtype == DType::f32 && Dp == p.D;
@@ -135,8 +142,20 @@ struct Layout {
     kpack = p.B * p.Hkv * T * p.D * kTileK;
     vpack = direct_v ? 0 : p.B * p.Hkv * Nkv_p * Dp;
     rope = RopeSpan(p).floats;
+    bf16_ok = p.dtype == DType::bf16 && p.rope == SdpaRope::none && !p.weights;
+    dk = round_up(p.D, 32);
+    kbpack = bf16_ok ? round_up(p.B * p.Hkv * T * dk * kTileK / 2, 16) : 0;
+    vbpack = bf16_ok ? round_up(p.B * p.Hkv * Nkv_p * Dp / 2, 16) : 0;
+    bf16_thread = bf16_ok ? round_up(kTileQ * dk / 2, 16) + round_up(3 * kTileQ * kTileK / 2, 16) : 0;
     // The forward tile and 16 key rows (packing).
-    per_thread = round_up(forward_tile_floats(kTileQ, p.D, kTileK, Dp), 16) + 16 * round_up(p.D, 16);
+    per_thread = round_up(forward_tile_floats(kTileQ, p.D, kTileK, Dp), 16) + 16 * round_up(p.D, 16) + bf16_thread;
+  }
+  /// The mode a call takes now (the machine, the path limit, the Highway target).
+  Bf16Mode mode(bool avx3) const {
+    if (!bf16_ok || !avx3) return Bf16Mode::off;
+    if (amx_bf16_enabled()) return Bf16Mode::amx;
+    if (avx512bf16_enabled()) return Bf16Mode::dpbf16;
+    return Bf16Mode::off;
   }
 };
 
@@ -186,6 +205,9 @@ namespace attnbench::cpu::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using namespace sdpa_detail;
 
+// The native bf16 products need AVX-512 register tiles (64-column score blocks).
+inline constexpr bool kAvx3 = HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3;
+
 /// RoPE of the queries (at i + Nkv − Nq) and of the keys (at j) over the tables.
 struct SdpaRopes {
   Rope q, k;
@@ -218,13 +240,35 @@ HWY_INLINE bool MaskRowLimits(float* s, int64_t s_ld, int64_t rows, const int64_
 /// V widened to (kTileK, Dp) unless read in place.
 template <class T>
 void PackKV(const SdpaParams& p, const Layout& lay, const SdpaRopes& ropes, float* kpack, float* vpack, float* rows,
-            int64_t task) {
+            int64_t task, Bf16Mode mode, uint16_t* kbpack, uint16_t* vbpack) {
   const int64_t t = task % lay.T, bk = task / lay.T, b = bk / p.Hkv, hk = bk % p.Hkv;
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides.b + hk * p.k_strides.h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_strides.b + hk * p.v_strides.h;
   const int64_t j0 = t * kTileK;
+  if constexpr (std::is_same_v<T, bf16_t>) {
+    if (mode != Bf16Mode::off) {
+      // The bf16 bits as they are: K in pairs along D, (AMX) V in pairs along keys; pads zero.
+      const int64_t span = std::min(kTileK, p.Nkv - j0);
+      uint16_t* kb = kbpack + (bk * lay.T + t) * lay.dk * kTileK;
+      std::fill_n(kb, lay.dk * kTileK, uint16_t(0));
+      for (int64_t jt = 0; jt < span; ++jt) {
+        const bf16_t* kr = k + (j0 + jt) * p.k_strides.n;
+        for (int64_t d = 0; d < p.D; ++d) kb[((d / 2) * kTileK + jt) * 2 + (d & 1)] = kr[d].bits;
+      }
+      if (mode == Bf16Mode::amx) {
+        uint16_t* vb = vbpack + (bk * lay.Nkv_p + j0) * lay.Dp;
+        std::fill_n(vb, kTileK * lay.Dp, uint16_t(0));
+        for (int64_t jt = 0; jt < span; ++jt) {
+          const bf16_t* vr = v + (j0 + jt) * p.v_strides.n;
+          for (int64_t d = 0; d < p.D; ++d) vb[((jt / 2) * lay.Dp + d) * 2 + (jt & 1)] = vr[d].bits;
+        }
+        return;
+      }
+    }
+  }
   KeyPack out;
-  out.kt = kpack + (bk * lay.T + t) * p.D * kTileK, out.ld = kTileK;
+  if (mode == Bf16Mode::off) out.kt = kpack + (bk * lay.T + t) * p.D * kTileK;
+  out.ld = kTileK;
   if (!lay.direct_v) out.vrows = vpack + (bk * lay.Nkv_p + j0) * lay.Dp, out.v_ld = lay.Dp;
   PackKeyTile<T>(
       p.D, std::min(kTileK, p.Nkv - j0), kTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
@@ -262,6 +306,16 @@ HWY_INLINE void WeightsPass(DF df, const SdpaParams& p, const Layout& lay, const
   }
 }
 
+/// The forward's score scale log2(e)/√D (base-2 softmax).
+template <class T>
+float ForwardQScale(int64_t D) {
+#if defined(ATTNBENCH_MUTANT_sdpa_scale_bf16)  // scripts/mutation-test.sh: scale off by 1e-3, bf16 only
+  return float(1.4426950408889634 / std::sqrt(double(D)) * (std::is_same_v<T, bf16_t> ? 1.001 : 1.0));
+#else
+  return float(1.4426950408889634 / std::sqrt(double(D)));
+#endif
+}
+
 /// Number of query tiles of one kv head: its H/Hkv query heads are attended
 /// together, rows ordered (query i, head) so that a tile's row limits are close.
 inline int64_t query_tiles(const SdpaParams& p) { return (p.Nq * (p.H / p.Hkv) + kTileQ - 1) / kTileQ; }
@@ -271,16 +325,13 @@ inline int64_t query_tiles(const SdpaParams& p) { return (p.Nq * (p.H / p.Hkv) +
 /// query heads that share K and V reads each key tile once per tile of rows.
 template <class T>
 void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ropes, const float* kpack,
-                     const float* vpack, const ForwardTile& w, int64_t task) {
+                     const float* vpack, const ForwardTile& w, int64_t task, const uint16_t* kbpack,
+                     const uint16_t* vbpack) {
   const DF df;
   const int64_t G = p.H / p.Hkv, n_qt = query_tiles(p);
   const int64_t qt = task % n_qt, bk = task / n_qt, b = bk / p.Hkv, hk = bk % p.Hkv;
   const int64_t f0 = qt * kTileQ, rows = std::min(kTileQ, p.Nq * G - f0);
-#if defined(ATTNBENCH_MUTANT_sdpa_scale_bf16)  // scripts/mutation-test.sh: scale off by 1e-3, bf16 only
-  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)) * (std::is_same_v<T, bf16_t> ? 1.001 : 1.0));
-#else
-  const float qscale = float(1.4426950408889634 / std::sqrt(double(p.D)));
-#endif
+  const float qscale = ForwardQScale<T>(p.D);
 
   // Query tile: rotate, scale into log2 units; output (and weights, lse) row pointers.
   int64_t lim[kTileQ];
@@ -294,13 +345,21 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ro
     o_rows[r] = p.o + b * p.o_strides.b + h * p.o_strides.h + i * p.o_strides.n;
     w_rows[r] = p.weights ? p.weights + b * p.w_strides.b + h * p.w_strides.h + i * p.w_strides.n : nullptr;
     lse_rows[r] = p.lse ? p.lse + (b * p.H + h) * p.Nq + i : nullptr;
-    load_row(w.q + r * p.D, q, p.D, ropes.q, i, qscale);
+    if constexpr (std::is_same_v<T, bf16_t>) {
+      if (w.mode != Bf16Mode::off) {
+        uint16_t* qr = w.qb + r * w.dk;
+        for (int64_t d = 0; d < p.D; ++d) qr[d] = q[d].bits;
+        std::fill(qr + p.D, qr + w.dk, uint16_t(0));
+      }
+    }
+    if (w.mode == Bf16Mode::off) load_row(w.q + r * p.D, q, p.D, ropes.q, i, qscale);
     lim[r] = row_limit(p, b, i);
 #if defined(ATTNBENCH_MUTANT_sdpa_drop_key)  // scripts/mutation-test.sh: the last visible key is dropped
     lim[r] = std::max<int64_t>(0, lim[r] - 1);
 #endif
     hi = std::max(hi, lim[r]);
   }
+  if (w.mode != Bf16Mode::off) std::fill(w.qb + rows * w.dk, w.qb + round_up(rows, 16) * w.dk, uint16_t(0));
 
   const float* kt_head = kpack + bk * lay.T * p.D * kTileK;
   // V rows: packed (Nkv_p, Dp), or the f32 input itself (rows ≥ lim are never read).
@@ -315,7 +374,9 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ro
       [&](auto&& f) {
         for (int64_t j0 = 0; j0 < hi; j0 += kTileK)
           f(KeyTileView{j0, std::min(kTileK, hi - j0), kt_head + (j0 / kTileK) * p.D * kTileK, kTileK,
-                        v_head + j0 * v_stride, v_stride});
+                        v_head + j0 * v_stride, v_stride,
+                        kbpack ? kbpack + (bk * lay.T + j0 / kTileK) * lay.dk * kTileK : nullptr,
+                        vbpack ? vbpack + (bk * lay.Nkv_p + j0) * lay.Dp : nullptr});
       },
       [&](const KeyTileView& t, int64_t ncols) { MaskRowLimits(w.s, w.s_ld, rows, lim, t.j0, ncols, w.stale); });
   FinishRows(w, rows, p.D, [&](int64_t r) { return o_rows[r]; }, [&](int64_t r) { return lse_rows[r]; });
@@ -330,24 +391,39 @@ void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
   float* vpack = kpack + lay.kpack;
   float* cos_t = lay.rope ? vpack + lay.vpack : nullptr;
   float* sin_t = lay.rope ? cos_t + rs.n_pos * rs.half : nullptr;
-  float* slabs = vpack + lay.vpack + lay.rope;
+  uint16_t* kbpack = reinterpret_cast<uint16_t*>(vpack + lay.vpack + lay.rope);
+  uint16_t* vbpack = reinterpret_cast<uint16_t*>(vpack + lay.vpack + lay.rope + lay.kbpack);
+  float* slabs = vpack + lay.vpack + lay.rope + lay.kbpack + lay.vbpack;
+  const Bf16Mode mode = lay.mode(kAvx3);
 
   if (lay.rope) RopeTables(rs.pos_min, rs.n_pos, p.D, cos_t, sin_t, threads);
   const SdpaRopes ropes(p, cos_t, sin_t);
+  const float qscale = ForwardQScale<T>(p.D);
 
   const int64_t n_qt = query_tiles(p);
 #pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + lay.per_thread * omp_get_thread_num();
-    const ForwardTile w = ForwardTile::carve(slab, kTileQ, p.D, kTileK, lay.Dp);
+    ForwardTile w = ForwardTile::carve(slab, kTileQ, p.D, kTileK, lay.Dp);
     float* rows = slab + round_up(forward_tile_floats(kTileQ, p.D, kTileK, lay.Dp), 16);
+    if (mode != Bf16Mode::off) {
+      float* b16 = rows + 16 * round_up(p.D, 16);
+      w.mode = mode, w.dk = lay.dk, w.qscale = qscale;
+      w.qb = reinterpret_cast<uint16_t*>(b16);
+      w.pb = reinterpret_cast<uint16_t*>(b16 + round_up(kTileQ * lay.dk / 2, 16));
+    }
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task) PackKV<T>(p, lay, ropes, kpack, vpack, rows, task);
+    for (int64_t task = 0; task < p.B * p.Hkv * lay.T; ++task)
+      PackKV<T>(p, lay, ropes, kpack, vpack, rows, task, mode, kbpack, vbpack);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < p.B * p.Hkv * n_qt; ++task)
-      AttendQueryTile<T>(p, lay, ropes, kpack, vpack, w, task);
+      AttendQueryTile<T>(p, lay, ropes, kpack, vpack, w, task, mode != Bf16Mode::off ? kbpack : nullptr,
+                         mode == Bf16Mode::amx ? vbpack : nullptr);
   }
 }
+
+/// The kernel path the forward takes for p now.
+const char* ForwardPath(const SdpaParams& p) { return bf16_mode_path(Layout(p).mode(kAvx3)); }
 
 void SdpaForward(const SdpaParams& p, float* scratch, int threads) {
   if (p.dtype == DType::bf16)
@@ -537,6 +613,7 @@ namespace attnbench::cpu {
 
 HWY_EXPORT(SdpaForward);
 HWY_EXPORT(SdpaBackward);
+HWY_EXPORT(ForwardPath);
 
 namespace {
 void check_common(const SdpaParams& p, const char* who) {
@@ -549,7 +626,13 @@ void check_common(const SdpaParams& p, const char* who) {
 
 size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads) {
   const sdpa_detail::Layout lay(p);
-  return size_t(lay.kpack + lay.vpack + lay.rope + lay.per_thread * std::max(1, threads)) * sizeof(float);
+  return size_t(lay.kpack + lay.vpack + lay.rope + lay.kbpack + lay.vbpack + lay.per_thread * std::max(1, threads)) *
+         sizeof(float);
+}
+
+std::string sdpa_forward_path(const SdpaParams& p) {
+  const char* bf16 = HWY_DYNAMIC_DISPATCH(ForwardPath)(p);
+  return *bf16 ? std::string(bf16) : f32_kernel_path();
 }
 
 void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads) {

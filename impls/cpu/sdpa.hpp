@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "harness/dtype.hpp"
 
@@ -70,6 +71,14 @@ size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads);
 /// (64-byte aligned) holds sdpa_forward_fused_scratch_bytes(p, threads) bytes,
 /// e.g. from a Workspace.
 void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads);
+
+/// The CPU path sdpa_forward_fused takes for p now (impls/cpu/cpu_features.hpp):
+/// "amx-bf16" (bf16 inputs: Q·Kᵀ and P·V on AMX tiles), "avx512bf16" (Q·Kᵀ on
+/// VDPBF16PS, P·V in f32), else the f32 path's name ("avx512-f32", "AVX2", …).
+/// The bf16 paths serve bf16 inputs without RoPE or weights; they round nothing
+/// but the inputs (S is scaled after the product; P·V splits P into three bf16
+/// parts, exact to f32 rounding), so the f32 check bound applies unchanged.
+std::string sdpa_forward_path(const SdpaParams& p);
 
 /// Bytes of scratch sdpa_backward_fused needs with `threads` threads: the
 /// packed query side (rotated q, dO, both transposed, row statistics: 4 × the
