@@ -7,7 +7,9 @@
 // GCC 12 reports the deliberately undefined pass-through operands inside
 // immintrin.h's AVX-512 helpers as uninitialized once they are inlined here.
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)  // GCC's own warning group (clang has none of that name)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #include <cstring>
