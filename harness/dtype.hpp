@@ -83,6 +83,19 @@ inline double round_to(DType t, double x) {
   }
 }
 
+/// bf16 or f16: the storage dtypes the implementations widen to f32 as they read.
+inline bool is_16bit(DType t) { return t == DType::bf16 || t == DType::f16; }
+
+/// Element i of a buffer of f32, bf16 or f16 elements, as a float (the CPU
+/// kernels' scalar loads of their 16-bit inputs; other dtypes are not read).
+inline float load_float(const void* p, DType t, int64_t i) {
+  switch (t) {
+    case DType::bf16: return to_float(static_cast<const bf16_t*>(p)[i]);
+    case DType::f16: return to_float(static_cast<const f16_t*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
 size_t dtype_size(DType t);
 std::string_view dtype_name(DType t);  // "f32", "bf16", ...
 bool is_floating(DType t);

@@ -19,6 +19,7 @@ all=(
   "sdpa_scale_bf16       variant=sdpa,impl=cpu,dtype=bf16"
   "sdpa_drop_key         variant=sdpa,impl=cpu,dtype=f32"
   "sdpa_rope_pair        variant=sdpa,impl=cpu,dtype=f32"
+  "sdpa_f16_lossy        variant=sdpa,impl=cpu,dtype=f16"
   "masked_ignore_mask    variant=masked,impl=cpu,dtype=f32"
   "masked_p_bf16         variant=masked,impl=cpu,dtype=bf16"
   "ipa_ignore_mask       variant=ipa,impl=cpu,dtype=f32"

@@ -149,12 +149,12 @@ TensorMap make_common_inputs(const ref::IpaDims& d, const Params& p, uint64_t se
   return m;
 }
 
-/// f64 → everything f64; f32 → everything f32; bf16 → the pair tensors in bf16, the rest f32
+/// f64 → everything f64; f32 → everything f32; bf16 / f16 → the pair tensors in that dtype, the rest f32
 /// (for IPA "bf16" means a bf16 pair representation; all arithmetic is f32).
 TensorMap cast_inputs(TensorMap in, DType dtype, const std::vector<std::string>& pair_names) {
   for (auto& [name, t] : in) {
     DType want = dtype;
-    if (dtype == DType::bf16 &&
+    if (is_16bit(dtype) &&
         std::find(pair_names.begin(), pair_names.end(), name) == pair_names.end())
       want = DType::f32;
     if (t.dtype() != want) t = t.to(want);  // tensors already in `want` are moved, not copied
@@ -182,12 +182,12 @@ IpaWeightsF32 weights_f32(const Ptr& ptr) {
           ptr("linear_out.weight"), ptr("linear_out.bias")};
 }
 
-/// s, frames and mask as f32 pointers, z (f32 or bf16) from `raw(name)`.
+/// s, frames and mask as f32 pointers, z (f32, bf16 or f16) from `raw(name)`.
 template <class Ptr, class Raw>
 IpaActivations activations(const TensorMap& in, const Ptr& ptr, const Raw& raw) {
   const Tensor& z = require(in, "z", "ipa");
-  if (z.dtype() != DType::f32 && z.dtype() != DType::bf16) throw std::invalid_argument("ipa: z must be f32 or bf16");
-  return {ptr("s"), raw("z"), z.dtype() == DType::bf16, ptr("rotations"), ptr("translations"), ptr("mask")};
+  if (z.dtype() != DType::f32 && !is_16bit(z.dtype())) throw std::invalid_argument("ipa: z must be f32, bf16 or f16");
+  return {ptr("s"), raw("z"), z.dtype(), ptr("rotations"), ptr("translations"), ptr("mask")};
 }
 
 /// Elements of every input but z.
@@ -327,8 +327,8 @@ class IpaVariant final : public Variant {
   std::vector<ParamSpec> params() const override { return ipa_variant::param_specs(128); }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16}));
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16},
+    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
                  [](const ImplArgs& a) { return std::make_unique<IpaCpuInstance>(a); }});
     // Registered in every build so that suites naming it run everywhere: the runner records
     // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
@@ -378,7 +378,7 @@ class IpaVariant final : public Variant {
   double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
     const ref::IpaDims d = dims_of(p);
     const double pair = double(d.N) * double(d.N) * double(d.c_z);
-    const double z_in = pair * (dtype == DType::f64 ? 8.0 : dtype == DType::bf16 ? 2.0 : 4.0);
+    const double z_in = pair * double(dtype_size(dtype));
     const double master = pair * (dtype == DType::f64 ? 8.0 : 4.0);  // make_inputs_as(f32) for benches
     const double small = ipa_variant::small_input_count(d) * 8.0 * 2.0;
     double scratch = 0;  // host scratch; the CUDA impl's device memory is its own
@@ -439,7 +439,7 @@ class IpaFactorizedCpuInstance final : public Instance {
         out_(a.outputs.at("output").data<float>()),
         threads_(omp_get_max_threads()) {
     auto ptr = [&](const char* n) { return ipa_variant::f32(a.inputs, n); };
-    x_ = IpaActivations{ptr("s"), nullptr, false, ptr("rotations"), ptr("translations"), ptr("mask"),
+    x_ = IpaActivations{ptr("s"), nullptr, DType::f32, ptr("rotations"), ptr("translations"), ptr("mask"),
                         ptr("z_factor_1"), ptr("z_factor_2"), a.params.at("rank").get<int64_t>()};
     scratch_ = a.workspace.allocate(ipa_forward_fused_scratch_bytes(shape_, threads_, x_.rank));
   }

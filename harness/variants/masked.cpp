@@ -338,7 +338,7 @@ class MaskedVariant final : public Variant {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f32, DType::bf16, DType::f16}));
     for (bool dense : {false, true}) {
-      v.push_back({dense ? "cpu_dense" : "cpu", Device::cpu, {DType::f32, DType::bf16},
+      v.push_back({dense ? "cpu_dense" : "cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
                    [dense](const ImplArgs& a) { return std::make_unique<MaskedCpuInstance>(a, dense); }});
       v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     }

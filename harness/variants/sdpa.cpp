@@ -244,7 +244,7 @@ class SdpaVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f32, DType::bf16, DType::f16}));
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
                    return std::make_unique<SdpaCpuInstance>(a);
                  }});
     v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};

@@ -185,7 +185,7 @@ class SelectiveVariant final : public Variant {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f32, DType::bf16, DType::f16}));
     for (auto [name, algo] : {std::pair{"cpu_materialized", Algo::materialized}, std::pair{"cpu", Algo::fused}}) {
-      Impl impl{name, Device::cpu, {DType::f32, DType::bf16}, [algo = algo](const ImplArgs& a) {
+      Impl impl{name, Device::cpu, {DType::f32, DType::bf16, DType::f16}, [algo = algo](const ImplArgs& a) {
                   return std::make_unique<SelectiveCpuInstance>(a, algo);
                 }};
       impl.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};

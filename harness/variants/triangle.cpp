@@ -57,11 +57,11 @@ TriangleWeightsF32 weights_f32(const Ptr& ptr) {
           ptr("mha.linear_o.bias")};
 }
 
-bool z_is_bf16(const TensorMap& in) {
+DType z_dtype(const TensorMap& in) {
   const Tensor& z = require(in, "z", "triangle_attention");
-  if (z.dtype() != DType::f32 && z.dtype() != DType::bf16)
-    throw std::invalid_argument("triangle_attention: z must be f32 or bf16");
-  return z.dtype() == DType::bf16;
+  if (z.dtype() != DType::f32 && !is_16bit(z.dtype()))
+    throw std::invalid_argument("triangle_attention: z must be f32, bf16 or f16");
+  return z.dtype();
 }
 
 /// Elements of the weights.
@@ -76,7 +76,7 @@ class TriangleCpuInstance final : public Instance {
   explicit TriangleCpuInstance(const ImplArgs& a)
       : shape_(shape_of(a.params)),
         w_(weights_f32([&](const char* n) { return f32(a.inputs, n); })),
-        x_{require(a.inputs, "z", "triangle_attention").raw(), z_is_bf16(a.inputs), f32(a.inputs, "mask")},
+        x_{require(a.inputs, "z", "triangle_attention").raw(), z_dtype(a.inputs), f32(a.inputs, "mask")},
         out_(a.outputs.at("output").data<float>()),
         threads_(omp_get_max_threads()),
         scratch_(a.workspace.allocate(triangle_attention_forward_fused_scratch_bytes(shape_, threads_))) {}
@@ -101,7 +101,7 @@ class TriangleCudaInstance final : public CudaInstance {
       return static_cast<const float*>(in_.get(n));
     };
     w_ = weights_f32(dev);
-    x_ = TriangleActivations{in_.get("z"), z_is_bf16(a.inputs), dev("mask")};
+    x_ = TriangleActivations{in_.get("z"), z_dtype(a.inputs), dev("mask")};
     scratch_ = scratch(cuda::triangle_attention_forward_cuda_scratch_bytes(shape_));
   }
 
@@ -145,8 +145,8 @@ class TriangleAttentionVariant final : public Variant {
   }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16}));
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16}, [](const ImplArgs& a) {
+    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
                    return std::make_unique<TriangleCpuInstance>(a);
                  }});
     // Registered in every build so that suites naming it run everywhere: the runner records
@@ -215,11 +215,11 @@ class TriangleAttentionVariant final : public Variant {
     return {{"output", dtype == DType::f64 ? DType::f64 : DType::f32, {N, N, p.at("c_z").get<int64_t>()}}};
   }
 
-  /// f64 → everything f64; f32 → everything f32; bf16 → z in bf16, the rest f32 ("bf16" means a
-  /// bf16 pair representation; all arithmetic is f32).
+  /// f64 → everything f64; f32 → everything f32; bf16 / f16 → z in that dtype, the rest f32
+  /// ("bf16" means a bf16 pair representation; all arithmetic is f32).
   TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
     for (auto& [name, t] : in) {
-      const DType want = dtype == DType::bf16 && name != "z" ? DType::f32 : dtype;
+      const DType want = is_16bit(dtype) && name != "z" ? DType::f32 : dtype;
       if (t.dtype() != want) t = t.to(want);
     }
     return in;
@@ -254,7 +254,7 @@ class TriangleAttentionVariant final : public Variant {
     const ref::TriangleDims d = dims_of(p);
     const double NN = double(d.N) * double(d.N);
     const double pair = NN * double(d.c_z);
-    const double z_in = pair * (dtype == DType::f64 ? 8.0 : dtype == DType::bf16 ? 2.0 : 4.0);
+    const double z_in = pair * double(dtype_size(dtype));
     const double master = (pair + NN) * 8.0;                            // f64 inputs (z, mask)
     const double out = pair * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;  // output + the oracle's
     const double small = weight_count(d) * 8.0 * 2.0 + NN * 8.0;

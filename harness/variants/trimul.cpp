@@ -85,9 +85,10 @@ class TrimulCpuInstance final : public Instance {
           f(n.o + ".weight"),
           bias(n.o)};
     const Tensor& z = require(a.inputs, "z", who);
-    if (z.dtype() != DType::f32 && z.dtype() != DType::bf16) throw std::invalid_argument(who + ": z must be f32 or bf16");
+    if (z.dtype() != DType::f32 && !is_16bit(z.dtype()))
+      throw std::invalid_argument(who + ": z must be f32, bf16 or f16");
     x_.z = z.raw();
-    x_.z_bf16 = z.dtype() == DType::bf16;
+    x_.z_dtype = z.dtype();
     x_.mask = f("mask");
     x_.out = a.outputs.at("output").data<float>();
     threads_ = omp_get_max_threads();
@@ -159,8 +160,8 @@ class TrimulVariant : public Variant {
   }
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
-    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16}));
-    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16}, [form = form_](const ImplArgs& a) {
+    v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
+    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [form = form_](const ImplArgs& a) {
                return std::make_unique<TrimulCpuInstance>(a, form);
              }};
     cpu.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
@@ -222,12 +223,12 @@ class TrimulVariant : public Variant {
     return {{"output", dtype == DType::f64 ? DType::f64 : DType::f32, {d.N, d.N, d.c_z}}};
   }
 
-  /// f64 → everything f64; f32 → f32; bf16 → z and its cotangent in bf16, the rest f32 ("bf16"
+  /// f64 → everything f64; f32 → f32; bf16 / f16 → z and its cotangent in that dtype, the rest f32 ("bf16"
   /// means a bf16 pair representation; all arithmetic is f32).
   TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
     for (auto& [name, t] : in) {
       const bool pair = name == "z" || name == "doutput";
-      const DType want = dtype == DType::bf16 && !pair ? DType::f32 : dtype;
+      const DType want = is_16bit(dtype) && !pair ? DType::f32 : dtype;
       if (t.dtype() != want) t = t.to(want);
     }
     return in;
@@ -284,7 +285,7 @@ class TrimulVariant : public Variant {
   double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
     const ref::TrimulDims d = dims_of(p, form_);
     const double NN = double(d.N) * double(d.N), pair = NN * double(d.c_z);
-    const double es = dtype == DType::f64 ? 8.0 : dtype == DType::bf16 ? 2.0 : 4.0;
+    const double es = double(dtype_size(dtype));
     const double master = (pair + NN) * 8.0;                            // f64 inputs
     const double io = pair * es + pair * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;  // z, output, oracle's
     double scratch = 0;

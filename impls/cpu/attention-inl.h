@@ -78,6 +78,11 @@ struct Rope {
 
 inline float load_elem(const float* x, int64_t i) { return x[i]; }
 inline float load_elem(const bf16_t* x, int64_t i) { return to_float(x[i]); }
+#if defined(ATTNBENCH_MUTANT_sdpa_f16_lossy)  // scripts/mutation-test.sh: f16 inputs widened through bf16
+inline float load_elem(const f16_t* x, int64_t i) { return to_float(to_bf16(to_float(x[i]))); }
+#else
+inline float load_elem(const f16_t* x, int64_t i) { return to_float(x[i]); }
+#endif
 
 /// Rotates the RoPE pairs of x (D) by the angles with cosines c and sines s,
 /// or by their negatives (`inverse`: the transpose, which carries gradients back).

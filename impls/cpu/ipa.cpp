@@ -173,6 +173,11 @@ HWY_INLINE VF LoadBF16(DF d, const bf16_t* p) {
   return hn::BitCast(d, hn::ShiftLeft<16>(bits));
 }
 
+HWY_INLINE VF LoadF16(DF d, const f16_t* p) {
+  const hn::Rebind<hwy::float16_t, DF> d16;
+  return hn::PromoteTo(d, hn::LoadU(d16, reinterpret_cast<const hwy::float16_t*>(p)));
+}
+
 /// y[r, o] = Σ_k x[r, k] w[o, k] + b[o] for one block of rows × outputs (indices past the
 /// end are clamped for loading and skipped for storing).
 static HWY_INLINE void LinearBlock(const float* x, int64_t ldx, int64_t rows, int64_t in, const float* w,
@@ -218,12 +223,16 @@ void IpaLinear(const float* x, int64_t ldx, int64_t rows, int64_t in, const floa
   }
 }
 
-/// zf (n) = the bf16 values widened to f32.
-static HWY_INLINE void WidenRows(const bf16_t* z, int64_t n, float* zf) {
+HWY_INLINE VF Load16(DF d, const bf16_t* p) { return LoadBF16(d, p); }
+HWY_INLINE VF Load16(DF d, const f16_t* p) { return LoadF16(d, p); }
+
+/// zf (n) = the 16-bit values (bf16_t or f16_t) widened to f32.
+template <class Z>
+static HWY_INLINE void WidenRows(const Z* z, int64_t n, float* zf) {
   const DF d;
   const int64_t L = int64_t(hn::Lanes(d));
   int64_t k = 0;
-  for (; k + L <= n; k += L) hn::StoreU(LoadBF16(d, z + k), d, zf + k);
+  for (; k + L <= n; k += L) hn::StoreU(Load16(d, z + k), d, zf + k);
   for (; k < n; ++k) zf[k] = to_float(z[k]);
 }
 
@@ -324,7 +333,7 @@ static void AttendRows(const AttendArgs& a, int64_t i0, int64_t nr, float* slab,
 
   float* lg = slab + lay.work_lg;      // (H, kTile) logits, then probabilities
   float* bias = slab + lay.work_bias;  // (kTile, Hp)
-  float* zf = slab + lay.work_zf;      // (kTile, c_z) widened bf16 tile
+  float* zf = slab + lay.work_zf;      // (kTile, c_z) widened 16-bit tile
   // Per-row state: accv (H, Wv), accp (H, c_z), running max (H), running sum (H).
   auto state = [&](int64_t r) { return slab + lay.work_state + r * lay.row_state; };
   for (int64_t r = 0; r < nr; ++r) {
@@ -350,7 +359,7 @@ static void AttendRows(const AttendArgs& a, int64_t i0, int64_t nr, float* slab,
       float* lrow = mrow + H;
       const float mi = a.mask[i];
       const float* zt;
-      if constexpr (std::is_same_v<ZT, bf16_t>) {
+      if constexpr (!std::is_same_v<ZT, float>) {
         WidenRows(zi + j0 * c_z, nj * c_z, zf);
         zt = zf;
       } else {
@@ -487,7 +496,14 @@ static void MaterializeRow(const AttendArgs& a, int64_t i, float* zr) {
   }
 }
 
-void IpaAttend(const AttendArgs& a, bool z_bf16, int threads) {
+template <class ZT>
+static void AttendPairRows(const AttendArgs& a, float* slab, int64_t i0, int64_t nr) {
+  const ZT* rows[kRowBlock];
+  for (int64_t r = 0; r < nr; ++r) rows[r] = static_cast<const ZT*>(a.z) + (i0 + r) * a.d->N * a.d->c_z;
+  AttendRows<ZT>(a, i0, nr, slab, rows);
+}
+
+void IpaAttend(const AttendArgs& a, DType zt, int threads) {
   const int64_t N = a.d->N, c_z = a.d->c_z;
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel num_threads(threads)
@@ -504,14 +520,12 @@ void IpaAttend(const AttendArgs& a, bool z_bf16, int threads) {
           rows[r] = zr;
         }
         AttendRows<float>(a, i0, nr, slab, rows);
-      } else if (z_bf16) {
-        const bf16_t* rows[kRowBlock];
-        for (int64_t r = 0; r < nr; ++r) rows[r] = static_cast<const bf16_t*>(a.z) + (i0 + r) * N * c_z;
-        AttendRows<bf16_t>(a, i0, nr, slab, rows);
+      } else if (zt == DType::bf16) {
+        AttendPairRows<bf16_t>(a, slab, i0, nr);
+      } else if (zt == DType::f16) {
+        AttendPairRows<f16_t>(a, slab, i0, nr);
       } else {
-        const float* rows[kRowBlock];
-        for (int64_t r = 0; r < nr; ++r) rows[r] = static_cast<const float*>(a.z) + (i0 + r) * N * c_z;
-        AttendRows<float>(a, i0, nr, slab, rows);
+        AttendPairRows<float>(a, slab, i0, nr);
       }
     }
   }
@@ -608,7 +622,7 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
 #endif
   }
 #if defined(ATTNBENCH_MUTANT_ipa_pair_scale_bf16)  // scripts/mutation-test.sh: pair-bias scale off by 1e-3, bf16 z only
-  const float beta = std::sqrt(1.0f / 3.0f) * (x.z_bf16 ? 1.001f : 1.0f);
+  const float beta = std::sqrt(1.0f / 3.0f) * (x.z_dtype == DType::bf16 ? 1.001f : 1.0f);
 #else
   const float beta = std::sqrt(1.0f / 3.0f);
 #endif
@@ -625,7 +639,7 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
   // Attention: the concatenation (N, F) reuses the raw region (the projections are packed).
   cpu_ipa::AttendArgs args{&d, &lay, base, base + lay.slab, raw, x.z, x.z_factor_1, x.z_factor_2, x.rank,
                            x.rotations, x.mask};
-  HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaAttend)(args, x.z_bf16, threads);
+  HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaAttend)(args, x.z_dtype, threads);
   linear(raw, lay.F, N, lay.F, w.linear_out_w, w.linear_out_b, d.c_s, out, d.c_s, threads);
 }
 

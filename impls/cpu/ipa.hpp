@@ -3,6 +3,7 @@
 
 #include <cstddef>
 
+#include "harness/dtype.hpp"
 #include "impls/cuda/ipa_math.hpp"
 
 namespace attnbench {
@@ -24,12 +25,12 @@ struct IpaWeightsF32 {
   const float* linear_out_b;   // (c_s)
 };
 
-/// Activations. z is f32 or bf16 (raw bf16 bits); everything else f32. For the factorized
+/// Activations. z is f32, bf16 or f16 (raw 16-bit patterns; f16 on the CPU only); everything else f32. For the factorized
 /// model (ipa_factorized) z is null and z_ij = Σ_r z_factor_1[i, r] ⊙ z_factor_2[j, r].
 struct IpaActivations {
   const float* s;             // (N, c_s)
   const void* z;              // (N, N, c_z)
-  bool z_bf16;
+  DType z_dtype;
   const float* rotations;     // (N, 3, 3)
   const float* translations;  // (N, 3)
   const float* mask;          // (N)

@@ -425,6 +425,8 @@ const char* MaskedForwardPath(const MaskedParams& p) { return bf16_mode_path(Lay
 void MaskedForward(const MaskedParams& p, float* scratch, int threads) {
   if (p.dtype == DType::bf16)
     ForwardTyped<bf16_t>(p, scratch, threads);
+  else if (p.dtype == DType::f16)
+    ForwardTyped<f16_t>(p, scratch, threads);
   else
     ForwardTyped<float>(p, scratch, threads);
 }
@@ -606,6 +608,8 @@ void BackwardTyped(const MaskedBackwardParams& bp, float* scratch, int threads) 
 void MaskedBackward(const MaskedBackwardParams& p, float* scratch, int threads) {
   if (p.fwd.dtype == DType::bf16)
     BackwardTyped<bf16_t>(p, scratch, threads);
+  else if (p.fwd.dtype == DType::f16)
+    BackwardTyped<f16_t>(p, scratch, threads);
   else
     BackwardTyped<float>(p, scratch, threads);
 }
@@ -623,7 +627,8 @@ HWY_EXPORT(MaskedBackward);
 namespace {
 void check_common(const MaskedParams& p, const char* who) {
   const std::string w(who);
-  if (p.dtype != DType::f32 && p.dtype != DType::bf16) throw std::invalid_argument(w + ": q, k, v must be f32 or bf16");
+  if (p.dtype != DType::f32 && p.dtype != DType::bf16 && p.dtype != DType::f16)
+    throw std::invalid_argument(w + ": q, k, v must be f32, bf16 or f16");
   if (p.q_pos && (p.D % 2 != 0 || !p.k_pos))
     throw std::invalid_argument(w + ": RoPE needs an even D and both position arrays");
   if (p.tile_q > masked_detail::kMaxTileQ) throw std::invalid_argument(w + ": tile_q above 1024");

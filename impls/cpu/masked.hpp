@@ -18,7 +18,7 @@ namespace attnbench {
 /// Tensors are dense row-major.
 struct MaskedParams {
   int64_t B = 1, H = 1, Nq = 1, Nkv = 1, D = 1;
-  DType dtype = DType::f32;  // of q, k, v (f32, bf16; f16 on CUDA)
+  DType dtype = DType::f32;  // of q, k, v (f32, bf16, f16)
   mask::MaskData mask;
   mask::ScoreMod mod;
 
@@ -58,7 +58,7 @@ size_t masked_forward_block_sparse_scratch_bytes(const MaskedParams& p, int thre
 /// o_i = Σ_j softmax_j(mod(q_i·k_j/√D) over the allowed j) v_j, 0 for a row
 /// without allowed keys; only the non-empty tiles of the block map are
 /// computed and the mask is evaluated on partial tiles only. f32 accumulation
-/// and output; q, k, v f32 or bf16. `scratch` (64-byte aligned) holds
+/// and output; q, k, v f32, bf16 or f16. `scratch` (64-byte aligned) holds
 /// masked_forward_block_sparse_scratch_bytes(p, threads) bytes.
 void masked_forward_block_sparse(const MaskedParams& p, void* scratch, int threads);
 

@@ -428,6 +428,8 @@ const char* ForwardPath(const SdpaParams& p) { return bf16_mode_path(Layout(p).m
 void SdpaForward(const SdpaParams& p, float* scratch, int threads) {
   if (p.dtype == DType::bf16)
     ForwardTyped<bf16_t>(p, scratch, threads);
+  else if (p.dtype == DType::f16)
+    ForwardTyped<f16_t>(p, scratch, threads);
   else
     ForwardTyped<float>(p, scratch, threads);
 }
@@ -601,6 +603,8 @@ void BackwardTyped(const SdpaBackwardParams& bp, float* scratch, int threads) {
 void SdpaBackward(const SdpaBackwardParams& p, float* scratch, int threads) {
   if (p.fwd.dtype == DType::bf16)
     BackwardTyped<bf16_t>(p, scratch, threads);
+  else if (p.fwd.dtype == DType::f16)
+    BackwardTyped<f16_t>(p, scratch, threads);
   else
     BackwardTyped<float>(p, scratch, threads);
 }
@@ -617,8 +621,8 @@ HWY_EXPORT(ForwardPath);
 
 namespace {
 void check_common(const SdpaParams& p, const char* who) {
-  if (p.dtype != DType::f32 && p.dtype != DType::bf16)
-    throw std::invalid_argument(std::string(who) + ": q, k, v must be f32 or bf16");
+  if (p.dtype != DType::f32 && p.dtype != DType::bf16 && p.dtype != DType::f16)
+    throw std::invalid_argument(std::string(who) + ": q, k, v must be f32, bf16 or f16");
   if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument(std::string(who) + ": RoPE needs an even D");
   if (p.Hkv < 1 || p.H % p.Hkv != 0) throw std::invalid_argument(std::string(who) + ": H must be a multiple of Hkv");
 }

@@ -32,7 +32,7 @@ struct SdpaParams {
   int64_t B = 1, H = 1, Hkv = 1, Nq = 1, Nkv = 1, D = 1;  // H a multiple of Hkv; D even with RoPE
   bool causal = false;                                    // bottom-right aligned: j ≤ i + Nkv − Nq
   SdpaRope rope = SdpaRope::none;                         // query i at position i + Nkv − Nq, key j at j
-  DType dtype = DType::f32;                               // of q, k, v (f32, bf16; f16 on CUDA)
+  DType dtype = DType::f32;                               // of q, k, v (f32, bf16, f16)
 
   float* o = nullptr;  // (B, H, Nq, D) f32
   SdpaStrides o_strides;
@@ -67,7 +67,7 @@ size_t sdpa_forward_fused_scratch_bytes(const SdpaParams& p, int threads);
 
 /// o = softmax(RoPE(q)·RoPE(k)ᵀ/√D + mask)·v with f32 accumulation and f32
 /// output, the probabilities into p.weights and the rows' log-sum-exp into p.lse
-/// when set. q, k, v: f32 or bf16. Runs on `threads` OpenMP threads; `scratch`
+/// when set. q, k, v: f32, bf16 or f16 (widened to f32 as read). Runs on `threads` OpenMP threads; `scratch`
 /// (64-byte aligned) holds sdpa_forward_fused_scratch_bytes(p, threads) bytes,
 /// e.g. from a Workspace.
 void sdpa_forward_fused(const SdpaParams& p, void* scratch, int threads);

@@ -90,14 +90,10 @@ struct Carve {
   }
 };
 
-float load(const void* p, DType t, int64_t i) {
-  return t == DType::bf16 ? to_float(static_cast<const bf16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
-
 /// dst (rows, cols) dense f32 ← src with row stride `ld` (elements of dtype t).
 void load_rows(float* dst, const void* src, DType t, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = load(src, t, r * ld + c);
+    for (int64_t c = 0; c < cols; ++c) dst[r * cols + c] = load_float(src, t, r * ld + c);
 }
 
 /// x or dout (B, T, d) with strides → dense (B·T, d) f32.
@@ -105,7 +101,7 @@ void load_btd(float* dst, const void* src, DType t, const SelectiveParams& p, Se
 #pragma omp parallel for
   for (int64_t bt = 0; bt < p.B * p.T; ++bt) {
     const int64_t b = bt / p.T, i = bt % p.T;
-    for (int64_t c = 0; c < p.d; ++c) dst[bt * p.d + c] = load(src, t, b * s.b + i * s.t + c);
+    for (int64_t c = 0; c < p.d; ++c) dst[bt * p.d + c] = load_float(src, t, b * s.b + i * s.t + c);
   }
 }
 
@@ -670,8 +666,8 @@ HWY_EXPORT(BackwardMaterialized);
 
 namespace {
 void check(const SelectiveParams& p, const char* who) {
-  if (p.dtype != DType::f32 && p.dtype != DType::bf16)
-    throw std::invalid_argument(std::string(who) + ": x and the weights must be f32 or bf16");
+  if (p.dtype != DType::f32 && p.dtype != DType::bf16 && p.dtype != DType::f16)
+    throw std::invalid_argument(std::string(who) + ": x and the weights must be f32, bf16 or f16");
   if (p.H < 1 || p.d % p.H != 0 || (p.rope && (p.d / p.H) % 2 != 0))
     throw std::invalid_argument(std::string(who) + ": d must be a multiple of H (d / H even with RoPE)");
 }

@@ -26,7 +26,7 @@ inline SelectiveStrides selective_dense_strides(int64_t T, int64_t d) { return {
 struct SelectiveParams {
   int64_t B = 1, T = 1, d = 2, H = 1;  // d a multiple of H; d / H even with RoPE
   bool rope = true;                    // half-split RoPE on q_i (position i) and k_ij (position j)
-  DType dtype = DType::f32;            // of x, the weights and dout (f32, bf16); causal always
+  DType dtype = DType::f32;            // of x, the weights and dout (f32, bf16, f16); causal always
 
   float* o = nullptr;  // (B, T, d) f32, forward output
   SelectiveStrides o_strides;

@@ -1,6 +1,6 @@
 // Triangle attention, fused CPU forward (AlphaFold2 Alg. 13/14, OpenFold `TriangleAttention`).
 //
-//   z (N, N, c_z) f32 or bf16, mask m (N, N)  →  out (N, N, c_z) f32         (starting node)
+//   z (N, N, c_z) f32, bf16 or f16, mask m (N, N)  →  out (N, N, c_z) f32         (starting node)
 //   x = LayerNorm(z);  q, k, v, g = x W_{q,k,v,g}ᵀ (+ b_g);  b^h_jk = x_jk · W_b[h]
 //   o^h_ij = sigmoid(g^h_ij) ⊙ Σ_k softmax_k(q^h_ij·k^h_ik/√c + b^h_jk + inf·(m_ik − max_k m_ik)) v^h_ik
 //   out_ij = concat_h(o^h_ij) W_oᵀ + b_o
@@ -104,20 +104,17 @@ struct RowArgs {
   const float* base;  // the scratch (shared, read-only regions)
   float* slabs;
   const void* z;
-  bool z_bf16;
+  DType z_dtype;
   const TriangleWeightsF32* w;
   float* out;
 };
 
-inline float load_z(const void* z, bool bf16, int64_t idx) {
-  return bf16 ? to_float(static_cast<const bf16_t*>(z)[idx]) : static_cast<const float*>(z)[idx];
-}
 
 /// x (c_z) = LayerNorm of pair (a, b) of the problem.
-inline void layer_norm_pair(const triangle::TriangleShape& d, const void* z, bool bf16, const TriangleWeightsF32& w,
+inline void layer_norm_pair(const triangle::TriangleShape& d, const void* z, DType zt, const TriangleWeightsF32& w,
                             int64_t a, int64_t b, float* x) {
   const int64_t off = d.pair(a, b) * d.c_z;
-  for (int64_t k = 0; k < d.c_z; ++k) x[k] = load_z(z, bf16, off + k);
+  for (int64_t k = 0; k < d.c_z; ++k) x[k] = load_float(z, zt, off + k);
   // Vectorized sums (a scalar chain of c_z dependent adds is latency-bound: perf showed the
   // layer norms and the pair bias at ~15 % of the forward).
   float sum = 0.f, sq = 0.f;
@@ -216,7 +213,7 @@ static void TriangleRow(const cpu_triangle::RowArgs& a, int64_t i, float* slab) 
   float* cat = slab + lay.t_cat;
   float* y = slab + lay.t_y;
 
-  for (int64_t b = 0; b < N; ++b) cpu_triangle::layer_norm_pair(d, a.z, a.z_bf16, *a.w, i, b, x + b * c_z);
+  for (int64_t b = 0; b < N; ++b) cpu_triangle::layer_norm_pair(d, a.z, a.z_dtype, *a.w, i, b, x + b * c_z);
   TriangleLinear(x, c_z, N, c_z, a.base + lay.wproj, a.base + lay.bproj, Op, proj);
   const float* mb = a.base + lay.mbias + i * Np;
 
@@ -335,7 +332,7 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
   for (int64_t j = 0; j < N; ++j) {
     float* xr = slabs + int64_t(omp_get_thread_num()) * lay.per_thread + lay.t_x;
     for (int64_t k = 0; k < N; ++k) {
-      cpu_triangle::layer_norm_pair(d, x.z, x.z_bf16, w, j, k, xr);
+      cpu_triangle::layer_norm_pair(d, x.z, x.z_dtype, w, j, k, xr);
       for (int64_t h = 0; h < H; ++h) {
         float acc = 0.f;
         const float* wbh = w.wb + h * c_z;
@@ -356,7 +353,7 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
     std::fill(mbias + j * Np + N, mbias + j * Np + Np, 0.f);
   }
 
-  const cpu_triangle::RowArgs args{&d, &lay, base, slabs, x.z, x.z_bf16, &w, out};
+  const cpu_triangle::RowArgs args{&d, &lay, base, slabs, x.z, x.z_dtype, &w, out};
   HWY_DYNAMIC_DISPATCH(cpu::TriangleAttend)(args, threads);
 }
 

@@ -3,6 +3,7 @@
 
 #include <cstddef>
 
+#include "harness/dtype.hpp"
 #include "impls/cuda/triangle_math.hpp"
 
 namespace attnbench {
@@ -21,10 +22,10 @@ struct TriangleWeightsF32 {
   const float* bo;    // (c_z)        mha.linear_o.bias
 };
 
-/// Activations: z f32 or bf16 (raw bf16 bits), mask f32.
+/// Activations: z f32, bf16 or f16 (raw 16-bit patterns; f16 on the CPU only), mask f32.
 struct TriangleActivations {
   const void* z;  // (N, N, c_z)
-  bool z_bf16;
+  DType z_dtype;
   const float* mask;  // (N, N)
 };
 

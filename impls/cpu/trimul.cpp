@@ -15,7 +15,7 @@
 // Backward: dy, the output gate's gradient → dW_o (a reduction GEMM over the NN pairs,
 // split over threads) and du = dy·W_o → LN_out backward → per channel dA_c, dB_c as two GEMMs
 // → the gates' chain rule into dP → dW = dPᵀ·x (reduction GEMM), dx = dP·W → LN_in backward.
-// z and the cotangent may be bf16: they are widened to f32 where they are read (LN_in, dy);
+// z and the cotangent may be bf16 or f16: they are widened to f32 where they are read (LN_in, dy);
 // every product is f32 with f32 accumulation.
 #include "impls/cpu/trimul.hpp"
 
@@ -88,9 +88,6 @@ struct Layout {
   }
 };
 
-inline float load_act(const void* p, bool bf16, int64_t i) {
-  return bf16 ? to_float(static_cast<const bf16_t*>(p)[i]) : static_cast<const float*>(p)[i];
-}
 
 /// A strided operand: element (r, k) at p[r·rs + k·ks].
 struct Op {
@@ -294,7 +291,7 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < NN; ++r) {
     float* xr = X + r * cz;
-    for (int64_t k = 0; k < cz; ++k) xr[k] = load_act(xa.z, xa.z_bf16, r * cz + k);
+    for (int64_t k = 0; k < cz; ++k) xr[k] = load_float(xa.z, xa.z_dtype, r * cz + k);
     float mean, rstd;
     Moments(xr, cz, mean, rstd);
     mean_in[r] = mean;
@@ -429,7 +426,7 @@ static void LayerNormBackward(float* dy, const float* n_or_null, const TrimulSha
       const float* n = n_or_null ? n_or_null + r * cols : nbuf;
       if (!n_or_null) {  // LN_in: n recomputed from z
         for (int64_t k = 0; k < cols; ++k)
-          nbuf[k] = (load_act(xa.z, xa.z_bf16, r * cols + k) - mean_in[r]) * rstd[r];
+          nbuf[k] = (load_float(xa.z, xa.z_dtype, r * cols + k) - mean_in[r]) * rstd[r];
       }
       float s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
@@ -496,7 +493,7 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
     float* dyr = dy + r * cz;
     float* dg = dP + r * M + 4 * h;
     for (int64_t k = 0; k < cz; ++k) {
-      const float d = load_act(xa.dout, xa.z_bf16, r * cz + k);
+      const float d = load_float(xa.dout, xa.z_dtype, r * cz + k);
       dyr[k] = d * g[k];
       dg[k] = d * yr[k] * g[k] * (1.0f - g[k]);
     }

@@ -5,6 +5,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "harness/dtype.hpp"
+
 namespace attnbench {
 
 struct TrimulShape {
@@ -32,13 +34,13 @@ struct TrimulGradsF32 {
       *ln_out_b, *w_o, *b_o;
 };
 
-/// z (N, N, c_z) in f32 or bf16 (raw bits), mask (N, N) f32, out (N, N, c_z) f32.
+/// z (N, N, c_z) in f32, bf16 or f16 (raw bits), mask (N, N) f32, out (N, N, c_z) f32.
 struct TrimulActivations {
   const void* z;
-  bool z_bf16;
+  DType z_dtype;
   const float* mask;
   float* out;
-  // Backward: the cotangent of out (f32 or bf16, like z) and dz (f32, overwritten).
+  // Backward: the cotangent of out (f32, bf16 or f16, like z) and dz (f32, overwritten).
   const void* dout = nullptr;
   float* dz = nullptr;
 };

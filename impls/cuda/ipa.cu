@@ -352,7 +352,7 @@ void ipa_forward_fused_cuda(float* out, const ipa::IpaShape& d, const IpaWeights
   if (smem_bytes > size_t(smem_optin))
     throw std::invalid_argument("ipa cuda: shape needs " + std::to_string(smem_bytes) +
                                 " bytes of shared memory per block, the device allows " + std::to_string(smem_optin));
-  auto attend = x.z_bf16 ? ipa_attend_kernel<uint16_t> : ipa_attend_kernel<float>;
+  auto attend = x.z_dtype == DType::bf16 ? ipa_attend_kernel<uint16_t> : ipa_attend_kernel<float>;
   if (cudaFuncSetAttribute(attend, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem_bytes)) != cudaSuccess)
     throw std::runtime_error("ipa cuda: cannot set the attention kernel's shared memory size");
 

@@ -207,7 +207,7 @@ void triangle_attention_forward_cuda(float* out, const triangle::TriangleShape& 
   const int64_t N = d.N, NN = d.N * d.N, Hc = d.hidden(), c_z = d.c_z;
 
   const unsigned ln_blocks = blocks_for(NN * 32, 128);
-  if (x.z_bf16)
+  if (x.z_dtype == DType::bf16)
     tri_layer_norm_bias_kernel<uint16_t><<<ln_blocks, 128, 0, s>>>(d, static_cast<const uint16_t*>(x.z), w.ln_w, w.ln_b,
                                                                    w.wb, base + lay.x, base + lay.bias);
   else
