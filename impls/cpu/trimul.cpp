@@ -1,9 +1,9 @@
 // Triangle multiplicative update, CPU forward and backward (AF2 Alg. 11/12, AF3 Alg. 12/13;
 // math in reference/trimul.hpp, write-up and FLOP model in docs/trimul.md).
 //
-// Everything heavy is one register-blocked GEMM, C = A·B, with A read through strides (so a
-// transposed A costs nothing) and B packed into panels of NR columns per block of 256 k (so a
-// transposed B costs one strided copy). Layouts (NN = N², M = 4·c_h + c_z):
+// Everything heavy is the kernels' register-blocked GEMM (impls/cpu/gemm.hpp), C = A·B, with A
+// read through strides (so a transposed A costs nothing) and B packed into panels of NR columns
+// per block of 256 k (so a transposed B costs one strided copy). Layouts (NN = N², M = 4·c_h + c_z):
 //   pair-major   [NN, ·]  z, x = LN_in(z), P = x·[W_ap; W_ag; W_bp; W_bg; W_g]ᵀ + b (the gate
 //                         columns hold the sigmoids), n_out, u = LN_out(t), y, out
 //   channel-major [c_h, NN]  a, b and t: channel c is an N × N matrix, and the triangle product
@@ -27,13 +27,12 @@
 #include <cstring>
 
 #include "harness/dtype.hpp"
+#include "impls/cpu/gemm.hpp"
 
 #ifndef ATTNBENCH_IMPLS_CPU_TRIMUL_LAYOUT_
 #define ATTNBENCH_IMPLS_CPU_TRIMUL_LAYOUT_
 namespace attnbench::cpu_trimul {
 
-inline constexpr int64_t kKc = 256;      // k per packed block of B
-inline constexpr int64_t kMaxNr = 48;    // widest panel (3 AVX-512 vectors)
 inline constexpr int64_t kPairTile = 64;  // pairs per blocked transpose tile
 inline constexpr double kLnEps = 1e-5;
 
@@ -49,7 +48,7 @@ struct Layout {
   Layout(const TrimulShape& s, int threads) {
     NN = s.N * s.N;
     M = 4 * s.c_h + s.c_z;
-    pack = kKc * round_up(std::max({M, s.N, s.c_z, s.c_h}), kMaxNr);
+    pack = cpu::gemm_pack_floats(std::max({M, s.N, s.c_z, s.c_h}));
     tile = std::max(s.c_h, s.c_z) * kPairTile;
     per_thread = round_up(pack + tile, 16);
     int64_t at = 0;
@@ -89,11 +88,6 @@ struct Layout {
 };
 
 
-/// A strided operand: element (r, k) at p[r·rs + k·ks].
-struct Op {
-  const float* p;
-  int64_t rs, ks;
-};
 
 }  // namespace attnbench::cpu_trimul
 #endif  // ATTNBENCH_IMPLS_CPU_TRIMUL_LAYOUT_
@@ -110,128 +104,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
-
-// Register block: kMr rows × kNv vectors of accumulators.
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
-inline constexpr int kMr = 8;
-inline constexpr int kNv = 3;
-#else
-inline constexpr int kMr = 6;
-inline constexpr int kNv = 2;
-#endif
-
-/// C[rows, cols] (+)= A[rows, kc] · Bp[kc, NR] for one register block (rows ≤ kMr, cols ≤ NR).
-static HWY_INLINE void Micro(int64_t kc, const Op& a, int64_t rows, const float* HWY_RESTRICT bp, float* c,
-                             int64_t ldc, int64_t cols, bool acc) {
-  const DF d;
-  const int64_t L = int64_t(hn::Lanes(d)), NR = kNv * L;
-  const float* ar[kMr];
-  for (int r = 0; r < kMr; ++r) ar[r] = a.p + std::min<int64_t>(r, rows - 1) * a.rs;
-  VF cv[kMr][kNv];
-  for (auto& row : cv)
-    for (auto& v : row) v = hn::Zero(d);
-  const int64_t ks = a.ks;
-  for (int64_t k = 0; k < kc; ++k) {
-    VF b[kNv];
-    for (int v = 0; v < kNv; ++v) b[v] = hn::LoadU(d, bp + k * NR + v * L);
-    for (int r = 0; r < kMr; ++r) {
-      const VF av = hn::Set(d, ar[r][k * ks]);
-      for (int v = 0; v < kNv; ++v) cv[r][v] = hn::MulAdd(av, b[v], cv[r][v]);
-    }
-  }
-  if (rows == kMr && cols == NR) {
-    for (int r = 0; r < kMr; ++r)
-      for (int v = 0; v < kNv; ++v) {
-        float* p = c + r * ldc + v * L;
-        hn::StoreU(acc ? hn::Add(cv[r][v], hn::LoadU(d, p)) : cv[r][v], d, p);
-      }
-    return;
-  }
-  HWY_ALIGN float tmp[kMaxNr];
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int v = 0; v < kNv; ++v) hn::Store(cv[r][v], d, tmp + v * L);
-    float* p = c + r * ldc;
-    for (int64_t j = 0; j < cols; ++j) p[j] = acc ? p[j] + tmp[j] : tmp[j];
-  }
-}
-
-/// C[M, Nn] (ldc) (+)= A[M, K] · B[K, Nn], B(k, j) = b[k·b_ks + j·b_js]; one thread; `pack`
-/// holds kKc × round_up(Nn, NR) floats.
-static void GemmSerial(int64_t M, int64_t Nn, int64_t K, const Op& a, const float* b, int64_t b_ks, int64_t b_js,
-                       float* c, int64_t ldc, bool accumulate, float* pack) {
-  const DF d;
-  const int64_t L = int64_t(hn::Lanes(d)), NR = kNv * L, np = (Nn + NR - 1) / NR;
-  if (K == 0) {
-    if (!accumulate)
-      for (int64_t i = 0; i < M; ++i) std::fill(c + i * ldc, c + i * ldc + Nn, 0.0f);
-    return;
-  }
-  for (int64_t k0 = 0; k0 < K; k0 += kKc) {
-    const int64_t kc = std::min(kKc, K - k0);
-    for (int64_t p = 0; p < np; ++p) {
-      float* dst = pack + p * kc * NR;
-      const int64_t j0 = p * NR, w = std::min(NR, Nn - j0);
-      if (b_js == 1) {
-        for (int64_t k = 0; k < kc; ++k) {
-          const float* src = b + (k0 + k) * b_ks + j0;
-          float* row = dst + k * NR;
-          std::memcpy(row, src, size_t(w) * sizeof(float));
-          for (int64_t j = w; j < NR; ++j) row[j] = 0.0f;
-        }
-      } else {
-        for (int64_t j = 0; j < NR; ++j) {
-          if (j < w) {
-            const float* src = b + (j0 + j) * b_js + k0 * b_ks;
-            for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = src[k * b_ks];
-          } else {
-            for (int64_t k = 0; k < kc; ++k) dst[k * NR + j] = 0.0f;
-          }
-        }
-      }
-    }
-    const bool acc = accumulate || k0 > 0;
-    for (int64_t i0 = 0; i0 < M; i0 += kMr) {
-      const Op ai{a.p + i0 * a.rs + k0 * a.ks, a.rs, a.ks};
-      const int64_t rows = std::min<int64_t>(kMr, M - i0);
-      for (int64_t p = 0; p < np; ++p)
-        Micro(kc, ai, rows, pack + p * kc * NR, c + i0 * ldc + p * NR, ldc, std::min(NR, Nn - p * NR), acc);
-    }
-  }
-}
-
-/// The same over row chunks in parallel (B small: each chunk packs it again).
-static void GemmRows(int64_t M, int64_t Nn, int64_t K, const Op& a, const float* b, int64_t b_ks, int64_t b_js,
-                     float* c, int64_t ldc, float* slabs, int64_t slab, int threads) {
-  const int64_t chunk = int64_t(kMr) * 48, n = (M + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t i0 = t * chunk;
-    const Op ai{a.p + i0 * a.rs, a.rs, a.ks};
-    GemmSerial(std::min(chunk, M - i0), Nn, K, ai, b, b_ks, b_js, c + i0 * ldc, ldc, false,
-               slabs + omp_get_thread_num() * slab);
-  }
-}
-
-/// C[M, Nn] (dense) = A · B with a long K (a sum over the pairs), K split over the threads:
-/// each sums its range into `partials` (threads × M·Nn), then the partials are added.
-static void GemmReduce(int64_t M, int64_t Nn, int64_t K, const Op& a, const float* b, int64_t b_ks, int64_t b_js,
-                       float* c, float* partials, float* slabs, int64_t slab, int threads) {
-  const int64_t MN = M * Nn;
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t k0 = K * t / nt, k1 = K * (t + 1) / nt;
-    const Op at{a.p + k0 * a.ks, a.rs, a.ks};
-    GemmSerial(M, Nn, k1 - k0, at, b + k0 * b_ks, b_ks, b_js, partials + t * MN, Nn, false, slabs + t * slab);
-#pragma omp barrier
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < MN; ++i) {
-      float s = 0;
-      for (int u = 0; u < nt; ++u) s += partials[u * MN + i];
-      c[i] = s;
-    }
-  }
-}
 
 /// x[i] = sigmoid(x[i]) for n contiguous floats.
 static HWY_INLINE void SigmoidInPlace(float* x, int64_t n) {
@@ -301,7 +173,7 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
   }
 
   // P = x · Wcatᵀ, then biases and the sigmoids of the gate columns.
-  GemmRows(NN, M, cz, Op{X, cz, 1}, wcat, 1, cz, P, M, slabs, lay.per_thread, threads);
+  cpu::gemm_rows(NN, M, cz, {X, cz, 1}, {wcat, 1, cz}, P, M, false, slabs, lay.per_thread, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < NN; ++r) {
     float* pr = P + r * M;
@@ -339,9 +211,9 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
     const float* A = Ac + c * NN;
     const float* B = Bc + c * NN;
     if (s.outgoing)  // T = A Bᵀ
-      GemmSerial(N, N, N, Op{A, N, 1}, B, 1, N, Tc + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {A, N, 1}, {B, 1, N}, Tc + c * NN, N, false, pack);
     else  // T = Aᵀ B
-      GemmSerial(N, N, N, Op{A, 1, N}, B, N, 1, Tc + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {A, 1, N}, {B, N, 1}, Tc + c * NN, N, false, pack);
   }
 
   // LN_out: a tile of pairs transposed back to pair-major.
@@ -369,7 +241,7 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
   }
 
   // y = u · W_oᵀ + b_o; out = sigmoid(g) ⊙ y.
-  GemmRows(NN, cz, h, Op{U, h, 1}, w.w_o, 1, h, Y, cz, slabs, lay.per_thread, threads);
+  cpu::gemm_rows(NN, cz, h, {U, h, 1}, {w.w_o, 1, h}, Y, cz, false, slabs, lay.per_thread, threads);
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < NN; ++r) {
     float* yr = Y + r * cz;
@@ -499,11 +371,11 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
     }
   }
   // dW_o = dyᵀ u (c_z, c_h); db_o = Σ dy; du = dy W_o.
-  GemmReduce(cz, h, NN, Op{dy, 1, cz}, U, h, 1, dwo, wpart, slabs, lay.per_thread, threads);
+  cpu::gemm_reduce(cz, h, NN, {dy, 1, cz}, {U, h, 1}, dwo, h, wpart, slabs, lay.per_thread, threads);
   ColumnSums(dy, NN, cz, cz, cpart, csum, threads);
   if (gr.w_o) std::memcpy(gr.w_o, dwo, size_t(cz * h) * sizeof(float));
   if (gr.b_o) std::memcpy(gr.b_o, csum, size_t(cz) * sizeof(float));
-  GemmRows(NN, h, cz, Op{dy, cz, 1}, w.w_o, h, 1, dU, h, slabs, lay.per_thread, threads);
+  cpu::gemm_rows(NN, h, cz, {dy, cz, 1}, {w.w_o, h, 1}, dU, h, false, slabs, lay.per_thread, threads);
   // LN_out backward (dU becomes dt, pair-major), then dt to channel-major.
   LayerNormBackward(dU, nout, s, xa, nullptr, rstd_out, w.ln_out_w, NN, h, cpart, gr.ln_out_w, gr.ln_out_b, slabs,
                     lay.per_thread, lay.pack, threads);
@@ -523,11 +395,11 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
     const float* B = Bc + c * NN;
     const float* dT = dTc + c * NN;
     if (s.outgoing) {  // T = A Bᵀ: dA = dT B, dB = dTᵀ A
-      GemmSerial(N, N, N, Op{dT, N, 1}, B, N, 1, dA + c * NN, N, false, pack);
-      GemmSerial(N, N, N, Op{dT, 1, N}, A, N, 1, dB + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {dT, N, 1}, {B, N, 1}, dA + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {dT, 1, N}, {A, N, 1}, dB + c * NN, N, false, pack);
     } else {  // T = Aᵀ B: dA = B dTᵀ, dB = A dT
-      GemmSerial(N, N, N, Op{B, N, 1}, dT, 1, N, dA + c * NN, N, false, pack);
-      GemmSerial(N, N, N, Op{A, N, 1}, dT, N, 1, dB + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {B, N, 1}, {dT, 1, N}, dA + c * NN, N, false, pack);
+      cpu::gemm_serial(N, N, N, {A, N, 1}, {dT, N, 1}, dB + c * NN, N, false, pack);
     }
   }
 
@@ -553,7 +425,7 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
   }
 
   // dWcat = dPᵀ x (M, c_z); dbcat = Σ dP; dx = dP Wcat.
-  GemmReduce(M, cz, NN, Op{dP, 1, M}, X, cz, 1, dwcat, wpart, slabs, lay.per_thread, threads);
+  cpu::gemm_reduce(M, cz, NN, {dP, 1, M}, {X, cz, 1}, dwcat, cz, wpart, slabs, lay.per_thread, threads);
   ColumnSums(dP, NN, M, M, cpart, csum, threads);
   float* gw[5] = {gr.w_ap, gr.w_ag, gr.w_bp, gr.w_bg, gr.w_g};
   float* gb[5] = {gr.b_ap, gr.b_ag, gr.b_bp, gr.b_bg, gr.b_g};
@@ -562,7 +434,7 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
     if (gw[q]) std::memcpy(gw[q], dwcat + r0 * cz, size_t(rows * cz) * sizeof(float));
     if (gb[q]) std::memcpy(gb[q], csum + r0, size_t(rows) * sizeof(float));
   }
-  GemmRows(NN, cz, M, Op{dP, M, 1}, wcat, cz, 1, dX, cz, slabs, lay.per_thread, threads);
+  cpu::gemm_rows(NN, cz, M, {dP, M, 1}, {wcat, cz, 1}, dX, cz, false, slabs, lay.per_thread, threads);
   // LN_in backward: dx → dz.
   LayerNormBackward(dX, nullptr, s, xa, mean_in, rstd_in, w.ln_in_w, NN, cz, cpart, gr.ln_in_w, gr.ln_in_b, slabs,
                     lay.per_thread, lay.pack, threads);
