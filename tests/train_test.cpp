@@ -1,6 +1,7 @@
 // attnbench train: the GPT layers' backward against finite differences (f64),
 // the whole model's loss gradient (f64), one f32 training step against the f64
 // step, the tokenizer, bad data files, suites, resume equivalence and sampling.
+#include <array>
 #include <catch2/catch.hpp>
 
 #include <unistd.h>
@@ -103,6 +104,47 @@ TEST_CASE("gpt layers: linear backward matches finite differences (f64)", "[trai
   std::vector<double> dx2(x.size(), 1.0);
   gpt::linear_backward<double>(dx2.data(), nullptr, w.data(), x.data(), W.data(), N, in, out, true, 3);
   for (size_t i = 0; i < dx.size(); ++i) CHECK(dx2[i] == Approx(dx[i] + 1.0).epsilon(1e-12));
+}
+
+TEST_CASE("gpt layers: the f32 linear (the kernels' GEMM) matches the f64 one on odd shapes", "[train][layers]") {
+  // Inputs rounded to f32 first, so the f64 products are exact references for the same
+  // operands; each f32 element must then be within the rigorous dot-product bound
+  // K · 2^-24 · Σ_k |a_k b_k| (+ one rounding of the accumulated 0.5 in dx).
+  auto to_f32 = [](std::vector<double> v) {
+    for (double& e : v) e = double(float(e));
+    return v;
+  };
+  auto abs_of = [](std::vector<double> v) {
+    for (double& e : v) e = std::abs(e);
+    return v;
+  };
+  auto as_float = [](const std::vector<double>& v) { return std::vector<float>(v.begin(), v.end()); };
+  for (auto [N, in, out] : {std::array<int64_t, 3>{1, 1, 1}, {37, 19, 53}, {300, 64, 257}, {5, 260, 3}}) {
+    INFO("N " << N << " in " << in << " out " << out);
+    const auto x = to_f32(randn(N * in, 7)), W = to_f32(randn(out * in, 8)), dy = to_f32(randn(N * out, 9));
+    std::vector<double> y(size_t(N * out)), dx(x.size(), 0.5), dW(W.size());
+    std::vector<double> ya(y.size()), dxa(dx.size(), 0.0), dWa(dW.size());
+    gpt::linear_forward(y.data(), x.data(), W.data(), N, in, out, 2);
+    gpt::linear_backward(dx.data(), dW.data(), dy.data(), x.data(), W.data(), N, in, out, true, 2);
+    const auto xa = abs_of(x), Wa = abs_of(W), dya = abs_of(dy);
+    gpt::linear_forward(ya.data(), xa.data(), Wa.data(), N, in, out, 2);
+    gpt::linear_backward(dxa.data(), dWa.data(), dya.data(), xa.data(), Wa.data(), N, in, out, false, 2);
+    const auto xf = as_float(x), Wf = as_float(W), dyf = as_float(dy);
+    std::vector<float> yf(y.size(), 123.0f), dxf(dx.size(), 0.5f), dWf(dW.size(), 123.0f);
+    gpt::linear_forward(yf.data(), xf.data(), Wf.data(), N, in, out, 2);
+    gpt::linear_backward(dxf.data(), dWf.data(), dyf.data(), xf.data(), Wf.data(), N, in, out, true, 2);
+    auto check = [](const char* what, const std::vector<double>& want, const std::vector<float>& got,
+                    const std::vector<double>& abs_sum, int64_t K, double extra) {
+      int64_t bad = 0;
+      for (size_t i = 0; i < want.size(); ++i)
+        if (!(std::abs(double(got[i]) - want[i]) <= double(K + 1) * 0x1.0p-24 * abs_sum[i] + extra)) ++bad;
+      INFO(what);
+      CHECK(bad == 0);
+    };
+    check("y", y, yf, ya, in, 0.0);
+    check("dx", dx, dxf, dxa, out, 0x1.0p-24 * 2.0);
+    check("dW", dW, dWf, dWa, N, 0.0);
+  }
 }
 
 TEST_CASE("gpt layers: layernorm backward matches finite differences (f64)", "[train][layers]") {

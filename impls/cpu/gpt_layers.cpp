@@ -1,10 +1,12 @@
 // The tiny GPT's layers: impls/cpu/gpt_layers.hpp has the contracts.
 //
-// Linear layers use Eigen's GEMM kernel on one fixed, contiguous partition per
-// OpenMP thread (rows of x for y and dx, rows of W for dW, so each output
-// element is summed by one thread in one order). Inside our parallel region
-// Eigen does not start threads of its own. Measured against a plain
-// `omp simd` dot-product loop on the seed's shapes in docs/train.md.
+// Linear layers in f32 run on the kernels' register-blocked GEMM
+// (impls/cpu/gemm.hpp, dispatched to the machine's widest SIMD target): y and
+// dx over chunks of rows, dW with the sum over rows split over the threads and
+// added in a fixed order, so the result depends only on the shapes and the
+// thread count. The f64 oracle's use Eigen's GEMM on one fixed, contiguous
+// partition per OpenMP thread (this build compiles Eigen for the baseline
+// x86-64 target, SSE2: 22 GFLOP/s on the seed's FFN shape, docs/train.md).
 #include "impls/cpu/gpt_layers.hpp"
 
 #include <omp.h>
@@ -13,6 +15,8 @@
 #include <algorithm>
 #include <cmath>
 #include <vector>
+
+#include "impls/cpu/gemm.hpp"
 
 namespace attnbench::gpt {
 namespace {
@@ -78,6 +82,27 @@ void linear_backward(Real* dx, Real* dW, const Real* dy, const Real* x, const Re
       }
     }
   }
+}
+
+template <>
+void linear_forward<float>(float* y, const float* x, const float* W, int64_t N, int64_t in, int64_t out,
+                           int threads) {
+  const int nt = clamp_threads(threads, N);
+  const int64_t pack = cpu::gemm_pack_floats(out);
+  std::vector<float> packs(size_t(nt * pack));
+  cpu::gemm_rows(N, out, in, {x, in, 1}, {W, 1, in}, y, out, false, packs.data(), pack, nt);
+}
+
+template <>
+void linear_backward<float>(float* dx, float* dW, const float* dy, const float* x, const float* W, int64_t N,
+                            int64_t in, int64_t out, bool accumulate_dx, int threads) {
+  const int nt = clamp_threads(threads, std::max(N, out));
+  const int64_t pack = cpu::gemm_pack_floats(std::max(in, out));
+  std::vector<float> scratch(size_t(nt * (pack + out * in)));
+  if (dx) cpu::gemm_rows(N, in, out, {dy, out, 1}, {W, in, 1}, dx, in, accumulate_dx, scratch.data(), pack, nt);
+  if (dW)
+    cpu::gemm_reduce(out, in, N, {dy, 1, out}, {x, in, 1}, dW, in, scratch.data() + nt * pack, scratch.data(), pack,
+                     nt);
 }
 
 template <class Real>
