@@ -13,8 +13,8 @@
 
 namespace attnbench::gpt {
 
-/// y (N, out) = x (N, in) · Wᵀ, W (out, in) in PyTorch's layout. GEMM: Eigen's
-/// kernel per thread on a fixed row partition of x.
+/// y (N, out) = x (N, in) · Wᵀ, W (out, in) in PyTorch's layout. GEMM: f32 on
+/// impls/cpu/gemm.hpp, f64 on Eigen's kernel per thread on a fixed row partition of x.
 template <class Real>
 void linear_forward(Real* y, const Real* x, const Real* W, int64_t N, int64_t in, int64_t out, int threads);
 
