@@ -39,6 +39,7 @@
 
 #include "harness/dtype.hpp"
 #include "impls/cpu/bf16_kernels.hpp"
+#include "impls/cpu/cpu_features.hpp"
 
 namespace attnbench::cpu::attn {
 
@@ -56,6 +57,15 @@ enum class Bf16Mode : uint8_t { off, dpbf16, amx };
 /// The kernel path name of a mode ("" for off: the f32 path's name).
 inline const char* bf16_mode_path(Bf16Mode m) {
   return m == Bf16Mode::amx ? "amx-bf16" : m == Bf16Mode::dpbf16 ? "avx512bf16" : "";
+}
+
+/// The mode a forward call takes now: `bf16_ok` (bf16 inputs the native products
+/// can serve), the machine and the path limit, and whether this Highway target is AVX-512.
+inline Bf16Mode bf16_mode(bool bf16_ok, bool avx3) {
+  if (!bf16_ok || !avx3) return Bf16Mode::off;
+  if (amx_bf16_enabled()) return Bf16Mode::amx;
+  if (avx512bf16_enabled()) return Bf16Mode::dpbf16;
+  return Bf16Mode::off;
 }
 
 /// RoPE pairing (the values of SdpaRope): none, (i, i + D/2) or (2i, 2i + 1).
@@ -117,6 +127,15 @@ void load_row(float* out, const T* in, int64_t D, const Rope& rope, int64_t r, f
 inline int64_t forward_tile_floats(int64_t rows, int64_t D, int64_t s_ld, int64_t o_ld) {
   const int64_t r16 = round_up(rows, 16);
   return round_up(rows * D, 16) + rows * s_ld + rows * o_ld + 3 * r16 + rows * kMaxLanes + r16;
+}
+
+/// Floats of one forward thread's scratch: its tile (ForwardTile for `rows` rows,
+/// `cols` keys), 16 key rows for packing and, with the native bf16 products, the
+/// raw bf16 query tile (dk = D rounded up to 32) and AMX's three bf16 parts of P.
+inline int64_t forward_thread_floats(int64_t rows, int64_t D, int64_t cols, int64_t Dp, bool bf16) {
+  const int64_t dk = round_up(D, 32);
+  const int64_t b16 = bf16 ? round_up(rows * dk / 2, 16) + round_up(3 * rows * cols / 2, 16) : 0;
+  return round_up(forward_tile_floats(rows, D, cols, Dp), 16) + 16 * round_up(D, 16) + b16;
 }
 
 /// Natural-log log-sum-exp of a row from its online-softmax state (base-2 max m,

@@ -103,7 +103,7 @@ struct Layout {
   // keys, per thread the raw query tile and AMX's P parts; the forward tile has
   // its rows rounded up to 16 (AMX blocks). Sizes in floats.
   bool bf16_ok;
-  int64_t dk, rows_tile, kbpack, vbpack, bf16_thread;
+  int64_t dk, rows_tile, kbpack, vbpack;
   explicit Layout(const MaskedParams& p) {
     Dp = round_up(p.D, 16);
     Tkp = round_up(p.tile_k, kKeyAlign);
@@ -116,17 +116,10 @@ struct Layout {
     rows_tile = bf16_ok ? round_up(p.tile_q, 16) : p.tile_q;
     kbpack = bf16_ok ? round_up(p.B * p.H * p.n_kt * dk * Tkp / 2, 16) : 0;
     vbpack = bf16_ok ? round_up(p.B * p.H * p.n_kt * Tkp * Dp / 2, 16) : 0;
-    bf16_thread = bf16_ok ? round_up(rows_tile * dk / 2, 16) + round_up(3 * rows_tile * Tkp / 2, 16) : 0;
-    // The forward tile and 16 key rows (packing).
-    per_thread = round_up(forward_tile_floats(rows_tile, p.D, Tkp, Dp), 16) + 16 * round_up(p.D, 16) + bf16_thread;
+    per_thread = forward_thread_floats(rows_tile, p.D, Tkp, Dp, bf16_ok);
   }
   /// The mode a call takes now (the machine, the path limit, the Highway target).
-  Bf16Mode mode(bool avx3) const {
-    if (!bf16_ok || !avx3) return Bf16Mode::off;
-    if (amx_bf16_enabled()) return Bf16Mode::amx;
-    if (avx512bf16_enabled()) return Bf16Mode::dpbf16;
-    return Bf16Mode::off;
-  }
+  Bf16Mode mode(bool avx3) const { return bf16_mode(bf16_ok, avx3); }
 };
 
 /// Sizes of the backward's query sides, accumulators, transposed block map and per-thread tiles, in floats.

@@ -133,7 +133,7 @@ struct Layout {
   // D (dk = D rounded up to 32), V in pairs along keys, per thread the raw query
   // tile and AMX's P parts; sizes in floats.
   bool bf16_ok;
-  int64_t dk, kbpack, vbpack, bf16_thread;
+  int64_t dk, kbpack, vbpack;
   explicit Layout(const SdpaParams& p) {
     Dp = round_up(p.D, 16);
     direct_v = p.dtype == DType::f32 && Dp == p.D;
@@ -146,17 +146,10 @@ struct Layout {
     dk = round_up(p.D, 32);
     kbpack = bf16_ok ? round_up(p.B * p.Hkv * T * dk * kTileK / 2, 16) : 0;
     vbpack = bf16_ok ? round_up(p.B * p.Hkv * Nkv_p * Dp / 2, 16) : 0;
-    bf16_thread = bf16_ok ? round_up(kTileQ * dk / 2, 16) + round_up(3 * kTileQ * kTileK / 2, 16) : 0;
-    // The forward tile and 16 key rows (packing).
-    per_thread = round_up(forward_tile_floats(kTileQ, p.D, kTileK, Dp), 16) + 16 * round_up(p.D, 16) + bf16_thread;
+    per_thread = forward_thread_floats(kTileQ, p.D, kTileK, Dp, bf16_ok);
   }
   /// The mode a call takes now (the machine, the path limit, the Highway target).
-  Bf16Mode mode(bool avx3) const {
-    if (!bf16_ok || !avx3) return Bf16Mode::off;
-    if (amx_bf16_enabled()) return Bf16Mode::amx;
-    if (avx512bf16_enabled()) return Bf16Mode::dpbf16;
-    return Bf16Mode::off;
-  }
+  Bf16Mode mode(bool avx3) const { return bf16_mode(bf16_ok, avx3); }
 };
 
 /// Sizes of the backward's packed query side, accumulators and per-thread tiles, in floats.
