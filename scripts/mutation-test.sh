@@ -22,6 +22,7 @@ all=(
   "sdpa_f16_lossy        variant=sdpa,impl=cpu,dtype=f16"
   "masked_ignore_mask    variant=masked,impl=cpu,dtype=f32"
   "masked_p_bf16         variant=masked,impl=cpu,dtype=bf16"
+  "masked_key_mask_batch0 variant=masked,impl=cpu,dtype=f32"
   "ipa_ignore_mask       variant=ipa,impl=cpu,dtype=f32"
   "ipa_no_point_term     variant=ipa,impl=cpu,dtype=f32"
   "ipa_pair_scale_bf16   variant=ipa,impl=cpu,dtype=bf16"

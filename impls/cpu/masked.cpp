@@ -212,7 +212,11 @@ inline void MaskRow(const mask::MaskAttn& m, int64_t b, int64_t i, int64_t j0, i
 
 /// Key mask: a select against the batch entry's kept keys (contiguous).
 inline void MaskRow(const mask::KeyMask& m, int64_t b, int64_t, int64_t j0, int64_t span, float* s) {
+#if defined(ATTNBENCH_MUTANT_masked_key_mask_batch0)  // scripts/mutation-test.sh: every batch entry gets entry 0's keys
+  const uint8_t* keep = m.keys + 0 * b + j0;
+#else
   const uint8_t* keep = m.keys + b * m.Nkv + j0;
+#endif
   for (int64_t j = 0; j < span; ++j) s[j] = keep[j] ? s[j] : kNegInf;
 }
 
