@@ -56,6 +56,30 @@ Tensor to_tensor(const ref::Matrix<T>& m, DType dtype, const Shape& shape) {
   return t;
 }
 
+/// The kernel's weight (or weight-gradient) pointers in its order, `at(name)` giving a
+/// tensor's data; AF3's b projections are the second halves (`off`) of the fused weights.
+template <class Set, class At>
+Set weight_pointers(const ref::TrimulNames& n, int64_t off, const At& at) {
+  using Ptr = decltype(at(std::string()));
+  auto bias = [&](const std::string& name) { return n.biases ? at(name + ".bias") : Ptr(nullptr); };
+  return {at(n.ln_in_w),
+          at(n.ln_in_b),
+          at(n.ap + ".weight"),
+          bias(n.ap),
+          at(n.ag + ".weight"),
+          bias(n.ag),
+          at(n.bp + ".weight") + off,
+          bias(n.bp),
+          at(n.bg + ".weight") + off,
+          bias(n.bg),
+          at(n.g + ".weight"),
+          bias(n.g),
+          at(n.ln_out_w),
+          at(n.ln_out_b),
+          at(n.o + ".weight"),
+          bias(n.o)};
+}
+
 /// The CPU kernel over the variant's tensors, every pass: the forward keeps its activations in
 /// the scratch, so bwd runs the forward at setup and times the backward alone.
 class TrimulCpuInstance final : public Instance {
@@ -66,24 +90,8 @@ class TrimulCpuInstance final : public Instance {
     const ref::TrimulNames n = ref::trimul_names(form);
     const std::string who = "trimul cpu";
     auto f = [&](const std::string& name) { return require_f32(a.inputs, name, who); };
-    auto bias = [&](const std::string& name) { return n.biases ? f(name + ".bias") : nullptr; };
     const int64_t off = n.split ? d.c_h * d.c_z : 0;
-    w_ = {f(n.ln_in_w),
-          f(n.ln_in_b),
-          f(n.ap + ".weight"),
-          bias(n.ap),
-          f(n.ag + ".weight"),
-          bias(n.ag),
-          f(n.bp + ".weight") + off,
-          bias(n.bp),
-          f(n.bg + ".weight") + off,
-          bias(n.bg),
-          f(n.g + ".weight"),
-          bias(n.g),
-          f(n.ln_out_w),
-          f(n.ln_out_b),
-          f(n.o + ".weight"),
-          bias(n.o)};
+    w_ = weight_pointers<TrimulWeightsF32>(n, off, f);
     const Tensor& z = require(a.inputs, "z", who);
     if (z.dtype() != DType::f32 && !is_16bit(z.dtype()))
       throw std::invalid_argument(who + ": z must be f32, bf16 or f16");
@@ -98,23 +106,7 @@ class TrimulCpuInstance final : public Instance {
       x_.dout = dout.raw();
       x_.dz = a.outputs.at("dz").data<float>();
       auto g = [&](const std::string& name) { return a.outputs.at("d" + name).data<float>(); };
-      auto gbias = [&](const std::string& name) { return n.biases ? g(name + ".bias") : nullptr; };
-      g_ = {g(n.ln_in_w),
-            g(n.ln_in_b),
-            g(n.ap + ".weight"),
-            gbias(n.ap),
-            g(n.ag + ".weight"),
-            gbias(n.ag),
-            g(n.bp + ".weight") + off,
-            gbias(n.bp),
-            g(n.bg + ".weight") + off,
-            gbias(n.bg),
-            g(n.g + ".weight"),
-            gbias(n.g),
-            g(n.ln_out_w),
-            g(n.ln_out_b),
-            g(n.o + ".weight"),
-            gbias(n.o)};
+      g_ = weight_pointers<TrimulGradsF32>(n, off, g);
     }
     const size_t bytes = runs_backward(pass_) ? trimul_backward_scratch_bytes(shape_, threads_)
                                               : trimul_forward_scratch_bytes(shape_, threads_);
