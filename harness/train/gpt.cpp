@@ -97,8 +97,11 @@ SdpaParams sdpa_params(const GptConfig& c, int64_t B) {
   return p;
 }
 
-SelectiveParams selective_params(const GptConfig& c, int64_t B) {
+/// The selective kernels' parameters for a batch of B; with `x` and a layer, its input and weights.
+SelectiveParams selective_params(const GptConfig& c, int64_t B, const float* x = nullptr, const float* wq = nullptr,
+                                 const float* wk = nullptr, const float* wv = nullptr) {
   SelectiveParams p;
+  p.x = x, p.wq = wq, p.wk = wk, p.wv = wv;
   p.B = B;
   p.T = c.context;
   p.d = c.d;
@@ -260,11 +263,7 @@ void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
     return;
   }
   if constexpr (std::is_same_v<Real, float>) {
-    SelectiveParams p = selective_params(c, B_);
-    p.x = x;
-    p.wq = ly.wq;
-    p.wk = ly.wk;
-    p.wv = ly.wv;
+    SelectiveParams p = selective_params(c, B_, x, ly.wq, ly.wk, ly.wv);
     p.o = ly.att;
     if (c.attention == AttentionKind::selective)
       cpu::selective_forward_fused(p, scratch_, threads_);
@@ -334,11 +333,7 @@ void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
     return;
   }
   if constexpr (std::is_same_v<Real, float>) {
-    SelectiveParams p = selective_params(c, B_);
-    p.x = x;
-    p.wq = ly.wq;
-    p.wk = ly.wk;
-    p.wv = ly.wv;
+    SelectiveParams p = selective_params(c, B_, x, ly.wq, ly.wk, ly.wv);
     p.dout = dA_;
     p.dx = dq_;
     p.dwq = ly.dwq;
