@@ -79,7 +79,7 @@ struct Layout {
     dP = take(NN * M);
     dx = take(NN * s.c_z);
     wpart = take(int64_t(threads) * (M * s.c_z + s.c_z * s.c_h));
-    cpart = take(int64_t(threads) * (M + 3 * s.c_z + 2 * s.c_h));
+    cpart = take(2 * int64_t(threads) * (M + 3 * s.c_z + 2 * s.c_h));  // doubles
     dwcat = take(M * s.c_z);
     dwo = take(s.c_z * s.c_h);
     csum = take(M + 3 * s.c_z + 2 * s.c_h);
@@ -257,13 +257,13 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
 
 /// Column sums of a [rows, cols] pair-major matrix into out (cols), using per-thread rows of
 /// `part` (threads × cols).
-static void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, float* part, float* out,
+static void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, double* part, float* out,
                        int threads) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* p = part + t * cols;
-    std::fill(p, p + cols, 0.0f);
+    double* p = part + t * cols;
+    std::fill(p, p + cols, 0.0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const float* xr = x + r * ld;
@@ -272,25 +272,27 @@ static void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, f
     }
 #pragma omp single
     for (int64_t k = 0; k < cols; ++k) {
-      float s = 0;
+      double s = 0;
       for (int u = 0; u < nt; ++u) s += part[u * cols + k];
-      out[k] = s;
+      out[k] = float(s);
     }
   }
 }
 
 /// LayerNorm backward over the rows of dy (in place: dy becomes dx), with n = normalized input,
-/// rstd per row; dw, db = Σ dy ⊙ n, Σ dy. `part`: threads × 2·cols floats.
+/// rstd per row; dw, db = Σ dy ⊙ n, Σ dy, summed in double (a sum over the N² pairs in f32
+/// lost up to ~14 ulps at N 33, more than the f32 reference's pairwise sums). `part`:
+/// threads × 2·cols doubles.
 static void LayerNormBackward(float* dy, const float* n_or_null, const TrimulShape& s, const TrimulActivations& xa,
                               const float* mean_in, const float* rstd, const float* gamma, int64_t rows,
-                              int64_t cols, float* part, float* dw, float* db, float* slabs, int64_t slab,
+                              int64_t cols, double* part, float* dw, float* db, float* slabs, int64_t slab,
                               int64_t tile_offset, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    float* pw = part + t * 2 * cols;
-    float* pb = pw + cols;
-    std::fill(pw, pw + 2 * cols, 0.0f);
+    double* pw = part + t * 2 * cols;
+    double* pb = pw + cols;
+    std::fill(pw, pw + 2 * cols, 0.0);
     float* nbuf = slabs + t * slab + tile_offset;  // one row of n (LN_in)
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
@@ -303,8 +305,8 @@ static void LayerNormBackward(float* dy, const float* n_or_null, const TrimulSha
       float s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t k = 0; k < cols; ++k) {
-        pw[k] += g[k] * n[k];
-        pb[k] += g[k];
+        pw[k] += double(g[k]) * double(n[k]);
+        pb[k] += double(g[k]);
         const float dn = g[k] * gamma[k];
         s1 += dn;
         s2 += dn * n[k];
@@ -315,13 +317,13 @@ static void LayerNormBackward(float* dy, const float* n_or_null, const TrimulSha
     }
 #pragma omp single
     for (int64_t k = 0; k < cols; ++k) {
-      float a = 0, b = 0;
+      double a = 0, b = 0;
       for (int u = 0; u < nt; ++u) {
         a += part[u * 2 * cols + k];
         b += part[u * 2 * cols + cols + k];
       }
-      dw[k] = a;
-      db[k] = b;
+      dw[k] = float(a);
+      db[k] = float(b);
     }
   }
   (void)s;
@@ -352,7 +354,7 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
   float* dB = base + lay.dB;
   float* dP = base + lay.dP;
   float* wpart = base + lay.wpart;
-  float* cpart = base + lay.cpart;
+  double* cpart = reinterpret_cast<double*>(base + lay.cpart);
   float* dwcat = base + lay.dwcat;
   float* dwo = base + lay.dwo;
   float* csum = base + lay.csum;
