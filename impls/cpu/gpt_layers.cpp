@@ -237,10 +237,12 @@ void adam_update(Real* p, const Real* g, Real* m, Real* v, int64_t n, const Adam
   }
 }
 
+// The f32 linear layers are the explicit specializations above.
+template void linear_forward<double>(double*, const double*, const double*, int64_t, int64_t, int64_t, int);
+template void linear_backward<double>(double*, double*, const double*, const double*, const double*, int64_t,
+                                      int64_t, int64_t, bool, int);
+
 #define ATTNBENCH_GPT_INSTANTIATE(Real)                                                                          \
-  template void linear_forward<Real>(Real*, const Real*, const Real*, int64_t, int64_t, int64_t, int);          \
-  template void linear_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, int64_t, int64_t,   \
-                                      int64_t, bool, int);                                                     \
   template void layernorm_forward<Real>(Real*, Real*, Real*, const Real*, const Real*, int64_t, int64_t, Real, \
                                         int);                                                                  \
   template void layernorm_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, const Real*,     \
