@@ -7,7 +7,7 @@
 // `round_inplace(x, dtype)` after each stage.
 #pragma once
 
-#include <Eigen/Core>
+#include <Eigen/Dense>
 
 #include <cmath>
 #include <limits>
@@ -57,6 +57,42 @@ void masked_softmax_rows(Matrix<Scalar>& S) {
     }
     S.row(i) /= sum;
   }
+}
+
+inline constexpr double kLayerNormEps = 1e-5;  // OpenFold, Boltz (torch.nn.LayerNorm default)
+
+/// LayerNorm over the columns of each row (biased variance, eps inside the square root, as
+/// torch.nn.LayerNorm); `n` gets the normalized rows, `rstd` 1/σ; w, b are (1, cols).
+template <class T>
+Matrix<T> layer_norm_rows(const Matrix<T>& x, const Matrix<T>& w, const Matrix<T>& b, Matrix<T>& n, Vector<T>& rstd) {
+  n.resize(x.rows(), x.cols());
+  rstd.resize(x.rows());
+  for (int64_t r = 0; r < x.rows(); ++r) {
+    const T mean = x.row(r).mean();
+    const T var = (x.row(r).array() - mean).square().mean();
+    rstd(r) = T(1) / std::sqrt(var + T(kLayerNormEps));
+    n.row(r) = ((x.row(r).array() - mean) * rstd(r)).matrix();
+  }
+  Matrix<T> y = (n.array().rowwise() * w.row(0).array()).matrix();
+  y.rowwise() += b.row(0);
+  return y;
+}
+
+/// LayerNorm backward: dx from dy and the forward's n, rstd; sets the gradients dw, db (1, cols).
+template <class T>
+Matrix<T> layer_norm_rows_backward(const Matrix<T>& dy, const Matrix<T>& n, const Vector<T>& rstd, const Matrix<T>& w,
+                                   Matrix<T>& dw, Matrix<T>& db) {
+  dw = (dy.array() * n.array()).colwise().sum().matrix();
+  db = dy.colwise().sum();
+  const Matrix<T> dn = (dy.array().rowwise() * w.row(0).array()).matrix();
+  Matrix<T> dx(dy.rows(), dy.cols());
+  const T inv_c = T(1) / T(dy.cols());
+  for (int64_t r = 0; r < dy.rows(); ++r) {
+    const T m1 = dn.row(r).sum() * inv_c;
+    const T m2 = dn.row(r).dot(n.row(r)) * inv_c;
+    dx.row(r) = (rstd(r) * (dn.row(r).array() - m1 - n.row(r).array() * m2)).matrix();
+  }
+  return dx;
 }
 
 }  // namespace attnbench::ref

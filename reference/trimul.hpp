@@ -51,8 +51,6 @@ struct TrimulDims {
   TrimulForm form = TrimulForm::af2;
 };
 
-inline constexpr double kTrimulLnEps = 1e-5;
-
 /// The state_dict names of one form. For af3 the a/b projections are the two row halves of one
 /// tensor (`p_in`, `g_in`); `a_row0`/`b_row0` say where each half starts.
 struct TrimulNames {
@@ -183,40 +181,6 @@ Matrix<T> trimul_sigmoid(const Matrix<T>& x) {
   return (T(1) / (T(1) + (-x.array()).exp())).matrix();
 }
 
-/// LayerNorm over the columns of each row; `n` gets the normalized rows, `rstd` 1/σ.
-template <class T>
-Matrix<T> trimul_layer_norm(const Matrix<T>& x, const Matrix<T>& w, const Matrix<T>& b, Matrix<T>& n,
-                            Vector<T>& rstd) {
-  n.resize(x.rows(), x.cols());
-  rstd.resize(x.rows());
-  for (int64_t r = 0; r < x.rows(); ++r) {
-    const T mean = x.row(r).mean();
-    const T var = (x.row(r).array() - mean).square().mean();
-    rstd(r) = T(1) / std::sqrt(var + T(kTrimulLnEps));
-    n.row(r) = ((x.row(r).array() - mean) * rstd(r)).matrix();
-  }
-  Matrix<T> y = (n.array().rowwise() * w.row(0).array()).matrix();
-  y.rowwise() += b.row(0);
-  return y;
-}
-
-/// LayerNorm backward: dx from dy, n, rstd; accumulates dw, db.
-template <class T>
-Matrix<T> trimul_layer_norm_backward(const Matrix<T>& dy, const Matrix<T>& n, const Vector<T>& rstd,
-                                     const Matrix<T>& w, Matrix<T>& dw, Matrix<T>& db) {
-  dw = (dy.array() * n.array()).colwise().sum().matrix();
-  db = dy.colwise().sum();
-  const Matrix<T> dn = (dy.array().rowwise() * w.row(0).array()).matrix();
-  Matrix<T> dx(dy.rows(), dy.cols());
-  const T inv_c = T(1) / T(dy.cols());
-  for (int64_t r = 0; r < dy.rows(); ++r) {
-    const T m1 = dn.row(r).sum() * inv_c;
-    const T m2 = dn.row(r).dot(n.row(r)) * inv_c;
-    dx.row(r) = (rstd(r) * (dn.row(r).array() - m1 - n.row(r).array() * m2)).matrix();
-  }
-  return dx;
-}
-
 /// Per channel c the [N, N] matrix M_c[i][k] = x[(i·N + k), c] of a pair-major [N², c] matrix.
 template <class T>
 Matrix<T> trimul_channel(const Matrix<T>& x, int64_t N, int64_t c) {
@@ -240,7 +204,7 @@ void trimul_forward_state(const TrimulDims& d, const TrimulWeights<T>& w, const 
   const int64_t N = d.N, NN = N * N;
   const Matrix<T> z = trimul_matrix<T>(require(in, "z", "trimul reference"), 0, NN, d.c_z, z_round);
   s.m = trimul_matrix<T>(require(in, "mask", "trimul reference"), 0, NN, 1, tr);
-  s.x = trimul_layer_norm<T>(z, w.ln_in_w, w.ln_in_b, s.n_in, s.rstd_in);
+  s.x = layer_norm_rows<T>(z, w.ln_in_w, w.ln_in_b, s.n_in, s.rstd_in);
   auto lin = [&](const Matrix<T>& W, const Matrix<T>& bias) {
     Matrix<T> y = s.x * W.transpose();
     y.rowwise() += bias.row(0);
@@ -258,7 +222,7 @@ void trimul_forward_state(const TrimulDims& d, const TrimulWeights<T>& w, const 
     const Matrix<T> Tc = d.outgoing ? Matrix<T>(A * B.transpose()) : Matrix<T>(A.transpose() * B);
     for (int64_t i = 0; i < NN; ++i) s.t(i, c) = Tc.data()[i];
   }
-  s.u = trimul_layer_norm<T>(s.t, w.ln_out_w, w.ln_out_b, s.n_out, s.rstd_out);
+  s.u = layer_norm_rows<T>(s.t, w.ln_out_w, w.ln_out_b, s.n_out, s.rstd_out);
   s.y = s.u * w.Wo.transpose();
   s.y.rowwise() += w.bo.row(0);
   s.g = trimul_sigmoid<T>(lin(w.Wg, w.bg));
@@ -291,7 +255,7 @@ std::vector<std::pair<std::string, Matrix<T>>> trimul_backward_reference(const T
   const Matrix<T> dWo = dy.transpose() * s.u, dbo = dy.colwise().sum();
   const Matrix<T> du = dy * w.Wo;
   Matrix<T> dln_out_w, dln_out_b;
-  const Matrix<T> dt = trimul_layer_norm_backward<T>(du, s.n_out, s.rstd_out, w.ln_out_w, dln_out_w, dln_out_b);
+  const Matrix<T> dt = layer_norm_rows_backward<T>(du, s.n_out, s.rstd_out, w.ln_out_w, dln_out_w, dln_out_b);
 
   Matrix<T> da(NN, h), db(NN, h);
   for (int64_t c = 0; c < h; ++c) {
@@ -318,7 +282,7 @@ std::vector<std::pair<std::string, Matrix<T>>> trimul_backward_reference(const T
   const Matrix<T> dsbg = ((db.array() * s.sbp.array() * sig_bg.array() * (T(1) - sig_bg.array())).colwise() * m).matrix();
   const Matrix<T> dx = dsap * w.Wap + dsag * w.Wag + dsbp * w.Wbp + dsbg * w.Wbg + dsg * w.Wg;
   Matrix<T> dln_in_w, dln_in_b;
-  const Matrix<T> dz = trimul_layer_norm_backward<T>(dx, s.n_in, s.rstd_in, w.ln_in_w, dln_in_w, dln_in_b);
+  const Matrix<T> dz = layer_norm_rows_backward<T>(dx, s.n_in, s.rstd_in, w.ln_in_w, dln_in_w, dln_in_b);
 
   const TrimulNames n = trimul_names(d.form);
   std::vector<std::pair<std::string, Matrix<T>>> g;
