@@ -75,8 +75,10 @@ pid_t spawn_run(const std::vector<std::string>& args) {
   return pid;
 }
 
+/// Waits (up to 5 min: a loaded machine — ctest -j, a first run measuring the roofline — once
+/// took over the old 60 s) until `jsonl` has n lines.
 void wait_for_lines(const fs::path& jsonl, int n) {
-  for (int i = 0; i < 1200 && (!fs::exists(jsonl) || count_lines(jsonl) < n); ++i)
+  for (int i = 0; i < 6000 && (!fs::exists(jsonl) || count_lines(jsonl) < n); ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
 }
 
