@@ -1,5 +1,5 @@
 // Triangle attention (AlphaFold2 Alg. 13/14, OpenFold `TriangleAttention`) — the plain
-// Eigen reference.
+// Eigen reference, forward and hand-written backward (triangle_backward_reference).
 //
 //   z [N, N, c_z], mask m [N, N]  →  out [N, N, c_z]          (starting node)
 //   x = LayerNorm(z)                                   eps 1e-5, affine
@@ -45,7 +45,6 @@ struct TriangleDims {
 };
 
 inline constexpr double kTriangleInf = 1e9;
-inline constexpr double kTriangleLnEps = 1e-5;
 
 /// Dims from the OpenFold weight shapes (PyTorch [out, in]) and the inputs. `starting`
 /// cannot be told from tensors: it is left true.
@@ -96,77 +95,174 @@ Matrix<T> triangle_matrix(const Tensor& t, int64_t rows, int64_t cols, DType rou
   return m;
 }
 
-/// The triangle attention forward in arithmetic type T (double: the oracle; float: the f32
-/// baseline). `z_round` is the dtype z is stored in (bf16 for the bf16 baseline); every other
-/// input is rounded to T. Returns out [N·N, c_z] (row i·N + j = pair (i, j)).
-/// `openfold_mask`: add OpenFold's literal inf·(m_ik − 1) instead (to reproduce an
-/// OpenFold dump's arithmetic: in a fully masked row the −1e9 offset costs the
-/// logits their low bits).
+/// Everything the forward computes, in the problem's pair order (row a·N + b = pair (a, b) of
+/// the problem: (a, b) of z for the starting node, (b, a) for the ending node).
 template <class T>
-Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in, DType z_round,
-                                     bool openfold_mask = false) {
+struct TriangleForwardState {
+  Matrix<T> n, x, q, k, v, g, b, o, gated, mask;  // q scaled by 1/√c; g = sigmoid(gate); o ungated
+  Vector<T> rstd;
+  Matrix<T> mmax;  // (N, 1): the mask bias offset of each row (see the file comment)
+};
+
+/// Problem pair (a, b)'s row in z's layout.
+inline int64_t triangle_src(const TriangleDims& d, int64_t a, int64_t b) {
+  return d.starting ? a * d.N + b : b * d.N + a;
+}
+
+/// A [N·N, cols] tensor in z's layout as a matrix in the problem's pair order, rounded to `round`.
+template <class T>
+Matrix<T> triangle_pairs(const TriangleDims& d, const Tensor& t, int64_t cols, DType round) {
+  const int64_t N = d.N;
+  const Matrix<T> m = triangle_matrix<T>(t, N * N, cols, round);
+  Matrix<T> p(N * N, cols);
+  for (int64_t a = 0; a < N; ++a)
+    for (int64_t b = 0; b < N; ++b) p.row(a * N + b) = m.row(triangle_src(d, a, b));
+  return p;
+}
+
+/// The attention probabilities [N (j), N (k)] of row i, head h.
+template <class T>
+Matrix<T> triangle_probs(const TriangleDims& d, const TriangleForwardState<T>& s, int64_t i, int64_t h) {
+  const int64_t N = d.N, c = d.c;
+  Matrix<T> a = s.q.block(i * N, h * c, N, c) * s.k.block(i * N, h * c, N, c).transpose();
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t kk = 0; kk < N; ++kk)
+      a(j, kk) += s.b(j * N + kk, h) + T(kTriangleInf) * (s.mask(i * N + kk, 0) - s.mmax(i, 0));
+  for (int64_t j = 0; j < N; ++j) {
+    const T mx = a.row(j).maxCoeff();
+    a.row(j) = (a.row(j).array() - mx).exp().matrix();
+    a.row(j) /= a.row(j).sum();
+  }
+  return a;
+}
+
+/// The forward in arithmetic type T (double: the oracle; float: the f32 baseline). `z_round` is
+/// the dtype z is stored in (bf16 for the bf16 baseline); every other input is rounded to T.
+/// `openfold_mask`: add OpenFold's literal inf·(m_ik − 1) instead (to reproduce an OpenFold
+/// dump's arithmetic: in a fully masked row the −1e9 offset costs the logits their low bits).
+template <class T>
+void triangle_forward_state(const TriangleDims& d, const TensorMap& in, DType z_round, bool openfold_mask,
+                            TriangleForwardState<T>& s) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t N = d.N, H = d.H, c = d.c, c_z = d.c_z, Hc = d.H * d.c;
   auto mat = [&](const char* name, int64_t rows, int64_t cols) {
     return triangle_matrix<T>(require(in, name, "triangle reference"), rows, cols, tr);
   };
-  // Pair (a, b) of the problem is pair (a, b) of z (starting) or (b, a) (ending: zᵀ).
-  auto src = [&](int64_t a, int64_t b) { return d.starting ? a * N + b : b * N + a; };
-  const Matrix<T> z_in = triangle_matrix<T>(require(in, "z", "triangle reference"), N * N, c_z, z_round);
-  const Matrix<T> m_in = mat("mask", N * N, 1);
-  Matrix<T> z(N * N, c_z), mask(N, N);
-  for (int64_t a = 0; a < N; ++a)
-    for (int64_t b = 0; b < N; ++b) {
-      z.row(a * N + b) = z_in.row(src(a, b));
-      mask(a, b) = m_in(src(a, b), 0);
-    }
+  const Matrix<T> z = triangle_pairs<T>(d, require(in, "z", "triangle reference"), c_z, z_round);
+  s.mask = triangle_pairs<T>(d, require(in, "mask", "triangle reference"), 1, tr);
+  s.mmax.resize(N, 1);
+  for (int64_t i = 0; i < N; ++i) s.mmax(i, 0) = openfold_mask ? T(1) : s.mask.block(i * N, 0, N, 1).maxCoeff();
 
-  // x = LayerNorm(z) over channels (biased variance, eps inside the square root).
-  const Matrix<T> ln_w = mat("layer_norm.weight", 1, c_z), ln_b = mat("layer_norm.bias", 1, c_z);
-  Matrix<T> x(N * N, c_z);
-  for (int64_t r = 0; r < N * N; ++r) {
-    const T mean = z.row(r).mean();
-    const T var = (z.row(r).array() - mean).square().mean();
-    const T inv = T(1) / std::sqrt(var + T(kTriangleLnEps));
-    x.row(r) = ((z.row(r).array() - mean) * inv * ln_w.row(0).array() + ln_b.row(0).array()).matrix();
-  }
-
+  s.x = layer_norm_rows<T>(z, mat("layer_norm.weight", 1, c_z), mat("layer_norm.bias", 1, c_z), s.n, s.rstd);
   // Projections (OpenFold Attention: q /= √c after the linear; gate sigmoid(linear_g)).
-  const Matrix<T> q = (x * mat("mha.linear_q.weight", Hc, c_z).transpose()) / std::sqrt(T(c));
-  const Matrix<T> k = x * mat("mha.linear_k.weight", Hc, c_z).transpose();
-  const Matrix<T> v = x * mat("mha.linear_v.weight", Hc, c_z).transpose();
-  Matrix<T> g = x * mat("mha.linear_g.weight", Hc, c_z).transpose();
-  g.rowwise() += mat("mha.linear_g.bias", 1, Hc).row(0);
-  g = (T(1) / (T(1) + (-g.array()).exp())).matrix();
-  const Matrix<T> b = x * mat("linear.weight", H, c_z).transpose();  // [N·N, H]: b(j·N + k, h)
+  s.q = (s.x * mat("mha.linear_q.weight", Hc, c_z).transpose()) / std::sqrt(T(c));
+  s.k = s.x * mat("mha.linear_k.weight", Hc, c_z).transpose();
+  s.v = s.x * mat("mha.linear_v.weight", Hc, c_z).transpose();
+  s.g = s.x * mat("mha.linear_g.weight", Hc, c_z).transpose();
+  s.g.rowwise() += mat("mha.linear_g.bias", 1, Hc).row(0);
+  s.g = (T(1) / (T(1) + (-s.g.array()).exp())).matrix();
+  s.b = s.x * mat("linear.weight", H, c_z).transpose();  // [N·N, H]: b(j·N + k, h)
 
-  Matrix<T> o(N * N, Hc);
-  for (int64_t i = 0; i < N; ++i) {
-    // Mask bias of row i: inf·(m_ik − max_k m_ik) (see the file comment).
-    const T mmax = openfold_mask ? T(1) : mask.row(i).maxCoeff();
+  s.o.resize(N * N, Hc);
+  for (int64_t i = 0; i < N; ++i)
+    for (int64_t h = 0; h < H; ++h)
+      s.o.block(i * N, h * c, N, c) = triangle_probs<T>(d, s, i, h) * s.v.block(i * N, h * c, N, c);
+  s.gated = (s.o.array() * s.g.array()).matrix();
+}
+
+/// A problem-order [N·N, cols] matrix back in z's layout (a transposition for the ending node).
+template <class T>
+Matrix<T> triangle_unpairs(const TriangleDims& d, const Matrix<T>& p) {
+  Matrix<T> m(p.rows(), p.cols());
+  for (int64_t a = 0; a < d.N; ++a)
+    for (int64_t b = 0; b < d.N; ++b) m.row(triangle_src(d, a, b)) = p.row(a * d.N + b);
+  return m;
+}
+
+/// The forward's output [N·N, c_z] in z's layout (row a·N + b = pair (a, b) of z).
+template <class T>
+Matrix<T> triangle_forward_reference(const TriangleDims& d, const TensorMap& in, DType z_round,
+                                     bool openfold_mask = false) {
+  const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
+  TriangleForwardState<T> s;
+  triangle_forward_state<T>(d, in, z_round, openfold_mask, s);
+  Matrix<T> out = s.gated * triangle_matrix<T>(require(in, "mha.linear_o.weight", "triangle reference"), d.c_z,
+                                               d.H * d.c, tr)
+                                .transpose();
+  out.rowwise() += triangle_matrix<T>(require(in, "mha.linear_o.bias", "triangle reference"), 1, d.c_z, tr).row(0);
+  return triangle_unpairs<T>(d, out);
+}
+
+/// Names of the weights and biases (the differentiable tensors besides z; the mask is not).
+inline std::vector<std::string> triangle_weight_names() {
+  return {"layer_norm.weight",   "layer_norm.bias",     "linear.weight",       "mha.linear_q.weight",
+          "mha.linear_k.weight", "mha.linear_v.weight", "mha.linear_g.weight", "mha.linear_g.bias",
+          "mha.linear_o.weight", "mha.linear_o.bias"};
+}
+
+/// Gradients of Σ doutput ⊙ out by name ("z" and every weight name), each [rows, cols] in T
+/// (z's gradient [N·N, c_z] in z's layout). Written by hand from the forward's stages, in reverse:
+///   dW_o = doutᵀ·gated, db_o = Σ dout, dgated = dout·W_o;  do = dgated ⊙ g, dg' = dgated ⊙ o ⊙ g(1 − g)
+///   per row i, head h (P the probabilities, D_j = Σ_k P_jk dP_jk = do_j · o_j):
+///     dP = do·vᵀ, dS = P ⊙ (dP − D);  dq = dS·k/√c, dk = dSᵀ·q/√c, dv = Pᵀ·do;  db^h_jk += dS_jk
+///     (q, k the projections before the 1/√c scale)
+///   (the pair bias is shared by every row i, so its gradient sums over them);
+///   dx = Σ_p dy_p·W_p over q, k, v, g', b;  dW_p = dy_pᵀ·x;  the layer norm's backward gives dz.
+template <class T>
+std::vector<std::pair<std::string, Matrix<T>>> triangle_backward_reference(const TriangleDims& d, const TensorMap& in,
+                                                                           DType z_round) {
+  const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
+  const int64_t N = d.N, H = d.H, c = d.c, c_z = d.c_z, Hc = d.H * d.c;
+  auto mat = [&](const char* name, int64_t rows, int64_t cols) {
+    return triangle_matrix<T>(require(in, name, "triangle reference"), rows, cols, tr);
+  };
+  TriangleForwardState<T> s;
+  triangle_forward_state<T>(d, in, z_round, false, s);
+  const Matrix<T> dout = triangle_pairs<T>(d, require(in, "doutput", "triangle reference"), c_z, z_round);
+
+  const Matrix<T> Wo = mat("mha.linear_o.weight", c_z, Hc);
+  const Matrix<T> dWo = dout.transpose() * s.gated, dbo = dout.colwise().sum();
+  const Matrix<T> dgated = dout * Wo;
+  const Matrix<T> dov = (dgated.array() * s.g.array()).matrix();
+  const Matrix<T> dgp = (dgated.array() * s.o.array() * s.g.array() * (T(1) - s.g.array())).matrix();
+
+  Matrix<T> dq = Matrix<T>::Zero(N * N, Hc), dk = dq, dv = dq, db = Matrix<T>::Zero(N * N, H);
+  const T inv_sqrt_c = T(1) / std::sqrt(T(c));
+  for (int64_t i = 0; i < N; ++i)
     for (int64_t h = 0; h < H; ++h) {
-      // Logits [N (j), N (k)] of row i, head h: q_ij·k_ik + b_jk + mask bias.
-      const Matrix<T> qh = q.block(i * N, h * c, N, c), kh = k.block(i * N, h * c, N, c);
-      const Matrix<T> vh = v.block(i * N, h * c, N, c);
-      Matrix<T> a = qh * kh.transpose();
-      for (int64_t j = 0; j < N; ++j)
-        for (int64_t kk = 0; kk < N; ++kk) a(j, kk) += b(j * N + kk, h) + T(kTriangleInf) * (mask(i, kk) - mmax);
+      const Matrix<T> P = triangle_probs<T>(d, s, i, h);
+      const Matrix<T> doh = dov.block(i * N, h * c, N, c);
+      const Matrix<T> dP = doh * s.v.block(i * N, h * c, N, c).transpose();
+      Matrix<T> dS(N, N);
       for (int64_t j = 0; j < N; ++j) {
-        const T mx = a.row(j).maxCoeff();
-        a.row(j) = (a.row(j).array() - mx).exp().matrix();
-        a.row(j) /= a.row(j).sum();
+        const T D = doh.row(j).dot(s.o.block(i * N + j, h * c, 1, c).row(0));
+        dS.row(j) = (P.row(j).array() * (dP.row(j).array() - D)).matrix();
       }
-      o.block(i * N, h * c, N, c) = a * vh;
+      dq.block(i * N, h * c, N, c) = dS * s.k.block(i * N, h * c, N, c) * inv_sqrt_c;
+      dk.block(i * N, h * c, N, c) = dS.transpose() * s.q.block(i * N, h * c, N, c);  // q holds q/√c
+      dv.block(i * N, h * c, N, c) = P.transpose() * doh;
+      for (int64_t j = 0; j < N; ++j)
+        for (int64_t kk = 0; kk < N; ++kk) db(j * N + kk, h) += dS(j, kk);
     }
-  }
-  o = (o.array() * g.array()).matrix();
-  Matrix<T> out_p = o * mat("mha.linear_o.weight", c_z, Hc).transpose();
-  out_p.rowwise() += mat("mha.linear_o.bias", 1, c_z).row(0);
-  // Back to z's layout (a transposition for the ending node).
-  Matrix<T> out(N * N, c_z);
-  for (int64_t a = 0; a < N; ++a)
-    for (int64_t bb = 0; bb < N; ++bb) out.row(src(a, bb)) = out_p.row(a * N + bb);
-  return out;
+
+  const Matrix<T> Wq = mat("mha.linear_q.weight", Hc, c_z), Wk = mat("mha.linear_k.weight", Hc, c_z);
+  const Matrix<T> Wv = mat("mha.linear_v.weight", Hc, c_z), Wg = mat("mha.linear_g.weight", Hc, c_z);
+  const Matrix<T> Wb = mat("linear.weight", H, c_z);
+  const Matrix<T> dx = dq * Wq + dk * Wk + dv * Wv + dgp * Wg + db * Wb;
+  Matrix<T> dln_w, dln_b;
+  const Matrix<T> dz = layer_norm_rows_backward<T>(dx, s.n, s.rstd, mat("layer_norm.weight", 1, c_z), dln_w, dln_b);
+
+  return {{"z", triangle_unpairs<T>(d, dz)},
+          {"layer_norm.weight", dln_w},
+          {"layer_norm.bias", dln_b},
+          {"linear.weight", db.transpose() * s.x},
+          {"mha.linear_q.weight", dq.transpose() * s.x},
+          {"mha.linear_k.weight", dk.transpose() * s.x},
+          {"mha.linear_v.weight", dv.transpose() * s.x},
+          {"mha.linear_g.weight", dgp.transpose() * s.x},
+          {"mha.linear_g.bias", dgp.colwise().sum()},
+          {"mha.linear_o.weight", dWo},
+          {"mha.linear_o.bias", dbo}};
 }
 
 /// Bytes the reference allocates beyond its inputs, in an arithmetic type of `elem` bytes:

@@ -28,6 +28,7 @@ all=(
   "ipa_pair_scale_bf16   variant=ipa,impl=cpu,dtype=bf16"
   "triangle_ignore_mask  variant=triangle_attention,impl=cpu,dtype=f32"
   "triangle_no_gate_bias variant=triangle_attention,impl=cpu,dtype=f32"
+  "triangle_bwd_no_bias_grad variant=triangle_attention,impl=cpu,dtype=f32,pass=bwd"
   "trimul_ignore_mask    variant=trimul,impl=cpu,dtype=f32"
 )
 selected=()

@@ -17,6 +17,7 @@
 #include "harness/variant.hpp"
 #include "impls/cuda/triangle_math.hpp"
 #include "reference/triangle.hpp"
+#include "tests/backward_support.hpp"
 #include "tests/support.hpp"
 
 using namespace attnbench;
@@ -281,6 +282,42 @@ TEST_CASE("triangle fused CPU scratch is O(N²·H), not O(N³)", "[triangle][mem
   Workspace ws;
   v.find_impl("cpu")->make(ImplArgs{p, DType::f32, in, out, ws})->run();
   CHECK(ws.peak_bytes() == triangle_attention_forward_fused_scratch_bytes({20, 13, 5, 3, true}, omp_get_max_threads()));
+}
+
+TEST_CASE("triangle reference backward equals finite differences beyond the test shapes", "[triangle][gradient]") {
+  test::check_reference_gradients_fd(tri_variant(), tri_params(5, true, 0.3, 6, 3, 2));
+  test::check_reference_gradients_fd(tri_variant(), tri_params(4, false, 0.25, 7, 4, 3));
+}
+
+TEST_CASE("triangle cpu backward holds the rule: odd shapes, both nodes, masks, tile edges, every dtype",
+          "[triangle][gradient]") {
+  // N 70: a key tile of 64 and a partial one, query tiles of 48 and 22; N 130: three of each.
+  const std::vector<Params> shapes = {
+      tri_params(1, true, 0.0),           tri_params(7, false, 0.25),         tri_params(33, true, 0.3),
+      tri_params(70, false, 0.2, 16, 8, 2), tri_params(130, true, 0.1, 8, 5, 1),
+      tri_params(9, true, 1.0),  // every key masked: each row attends as if unmasked (finite gradients)
+  };
+  for (const Params& s : shapes)
+    for (DType d : {DType::f32, DType::bf16, DType::f16})
+      for (Pass pass : {Pass::bwd, Pass::fwd_bwd}) test::require_pass_ok(tri_variant(), "cpu", d, s, pass);
+}
+
+TEST_CASE("triangle backward at AF2 dims (c_z 128, c 32, H 4) holds the rule", "[triangle][gradient]") {
+  test::require_pass_ok(tri_variant(), "cpu", DType::f32, tri_params(21, true, 0.1, 128, 32, 4), Pass::fwd_bwd, 1);
+  test::require_pass_ok(tri_variant(), "cpu", DType::bf16, tri_params(21, false, 0.1, 128, 32, 4), Pass::fwd_bwd, 1);
+}
+
+TEST_CASE("triangle fused CPU backward scratch is O(N²·H), not O(N³)", "[triangle][memory]") {
+  // Per thread H·N² doubles (the pair bias's gradient) and O(N) rows; the forward saves
+  // N²·(H·c + H) floats. At AF2 dims and N 512 all of it is far below the issue's 2 GB.
+  const auto bytes = [](int64_t N) {
+    const triangle::TriangleShape s{N, 128, 32, 4, true};
+    const double saved = 4.0 * double(N) * double(N) * (128.0 + 4.0);
+    return double(triangle_attention_backward_fused_scratch_bytes(s, 2)) + saved;
+  };
+  INFO("N 512: " << bytes(512) << " bytes, N 1024: " << bytes(1024));
+  CHECK(bytes(512) < 0.2e9);
+  CHECK(bytes(1024) < 4.2 * bytes(512));  // quadratic in N (cubic would be 8×)
 }
 
 TEST_CASE("triangle per-element helpers (shared with the CUDA kernels)", "[triangle][cuda-math]") {

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -70,25 +71,62 @@ double weight_count(const ref::TriangleDims& d) {
   return double(d.c_z) * (2.0 + double(d.H) + 5.0 * Hc + 1.0) + Hc;
 }
 
-/// The fused CPU forward: weights and z read in place; scratch taken once at setup.
+/// The fused CPU kernels, every pass: weights and z read in place; scratch taken once at setup.
+/// With a backward the forward saves its output and log-sum-exp (bwd runs it at setup, so
+/// run() times the backward alone).
 class TriangleCpuInstance final : public Instance {
  public:
   explicit TriangleCpuInstance(const ImplArgs& a)
-      : shape_(shape_of(a.params)),
+      : pass_(a.pass),
+        shape_(shape_of(a.params)),
         w_(weights_f32([&](const char* n) { return f32(a.inputs, n); })),
         x_{require(a.inputs, "z", "triangle_attention").raw(), z_dtype(a.inputs), f32(a.inputs, "mask")},
         out_(a.outputs.at("output").data<float>()),
         threads_(omp_get_max_threads()),
-        scratch_(a.workspace.allocate(triangle_attention_forward_fused_scratch_bytes(shape_, threads_))) {}
-  void run() override { triangle_attention_forward_fused(out_, shape_, w_, x_, scratch_, threads_); }
+        scratch_(a.workspace.allocate(triangle_attention_forward_fused_scratch_bytes(shape_, threads_))) {
+    if (!runs_backward(pass_)) return;
+    const Tensor& dout = require(a.inputs, "doutput", "triangle_attention");
+    if (dout.dtype() != x_.z_dtype) throw std::invalid_argument("triangle_attention: doutput must have z's dtype");
+    dout_ = dout.raw();
+    auto grad = [&](const char* n) { return a.outputs.at(std::string("d") + n).data<float>(); };
+    g_ = {grad("z"),
+          grad("layer_norm.weight"),
+          grad("layer_norm.bias"),
+          grad("linear.weight"),
+          grad("mha.linear_q.weight"),
+          grad("mha.linear_k.weight"),
+          grad("mha.linear_v.weight"),
+          grad("mha.linear_g.weight"),
+          grad("mha.linear_g.bias"),
+          grad("mha.linear_o.weight"),
+          grad("mha.linear_o.bias")};
+    const int64_t NN = shape_.N * shape_.N;
+    saved_.lse = static_cast<float*>(a.workspace.allocate(size_t(NN * shape_.H) * sizeof(float)));
+    saved_.o = static_cast<float*>(a.workspace.allocate(size_t(NN * shape_.hidden()) * sizeof(float)));
+    bwd_scratch_ = a.workspace.allocate(triangle_attention_backward_fused_scratch_bytes(shape_, threads_));
+    if (pass_ == Pass::bwd) forward();
+  }
+  void run() override {
+    if (runs_forward(pass_)) forward();
+    if (runs_backward(pass_))
+      triangle_attention_backward_fused(g_, shape_, w_, x_, dout_, saved_, bwd_scratch_, threads_);
+  }
 
  private:
+  void forward() {
+    triangle_attention_forward_fused(out_, shape_, w_, x_, scratch_, threads_, runs_backward(pass_) ? &saved_ : nullptr);
+  }
+  Pass pass_;
   triangle::TriangleShape shape_;
   TriangleWeightsF32 w_;
   TriangleActivations x_;
   float* out_;
   int threads_;
   void* scratch_;
+  const void* dout_ = nullptr;
+  TriangleGradsF32 g_{};
+  TriangleSaved saved_{};
+  void* bwd_scratch_ = nullptr;
 };
 
 #if ATTNBENCH_HAVE_CUDA
@@ -119,8 +157,9 @@ class TriangleCudaInstance final : public CudaInstance {
 #endif
 
 template <class T>
-Tensor to_tensor(const ref::Matrix<T>& m, DType dtype, int64_t N) {
-  Tensor t(dtype, {N, N, int64_t(m.cols())});
+Tensor to_tensor(const ref::Matrix<T>& m, DType dtype, const Shape& shape) {
+  Tensor t(dtype, shape);
+  if (t.numel() != m.size()) throw std::logic_error("triangle_attention: result size mismatch");
   for (int64_t i = 0; i < t.numel(); ++i) t.set(i, double(m.data()[i]));
   return t;
 }
@@ -146,9 +185,10 @@ class TriangleAttentionVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
-                   return std::make_unique<TriangleCpuInstance>(a);
-                 }});
+    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
+             [](const ImplArgs& a) { return std::make_unique<TriangleCpuInstance>(a); }};
+    cpu.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
+    v.push_back(std::move(cpu));
     // Registered in every build so that suites naming it run everywhere: the runner records
     // it as skipped (cuda_unusable_reason) where no device is usable or CUDA is not built.
     v.push_back({"cuda", Device::cuda, {DType::f32, DType::bf16}, [](const ImplArgs& a) -> std::unique_ptr<Instance> {
@@ -215,11 +255,12 @@ class TriangleAttentionVariant final : public Variant {
     return {{"output", dtype == DType::f64 ? DType::f64 : DType::f32, {N, N, p.at("c_z").get<int64_t>()}}};
   }
 
-  /// f64 → everything f64; f32 → everything f32; bf16 / f16 → z in that dtype, the rest f32
+  /// f64 → everything f64; f32 → everything f32; bf16 / f16 → z and its cotangent in that dtype, the rest f32
   /// ("bf16" means a bf16 pair representation; all arithmetic is f32).
   TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
     for (auto& [name, t] : in) {
-      const DType want = is_16bit(dtype) && name != "z" ? DType::f32 : dtype;
+      const bool pair = name == "z" || name == "doutput";
+      const DType want = is_16bit(dtype) && !pair ? DType::f32 : dtype;
       if (t.dtype() != want) t = t.to(want);
     }
     return in;
@@ -229,15 +270,36 @@ class TriangleAttentionVariant final : public Variant {
     const ref::TriangleDims d = dims_of(p);
     TensorMap out;
     if (dtype == DType::f64)
-      out.emplace("output", to_tensor(ref::triangle_forward_reference<double>(d, in, DType::f64), DType::f64, d.N));
+      out.emplace("output", to_tensor(ref::triangle_forward_reference<double>(d, in, DType::f64), DType::f64, {d.N, d.N, d.c_z}));
     else
-      out.emplace("output", to_tensor(ref::triangle_forward_reference<float>(d, in, dtype), DType::f32, d.N));
+      out.emplace("output", to_tensor(ref::triangle_forward_reference<float>(d, in, dtype), DType::f32, {d.N, d.N, d.c_z}));
     return out;
   }
+  std::vector<std::string> differentiable() const override {
+    std::vector<std::string> v = {"z"};
+    for (const std::string& n : ref::triangle_weight_names()) v.push_back(n);
+    return v;
+  }
+
+  TensorMap reference_backward(const Params& p, const TensorMap& in, DType dtype) const override {
+    const ref::TriangleDims d = dims_of(p);
+    std::map<std::string, Shape> shape;
+    for (const auto& [name, t] : in) shape[name] = t.shape();
+    TensorMap r;
+    auto put = [&](const auto& grads, DType out) {
+      for (const auto& [name, g] : grads) r.emplace("d" + name, to_tensor(g, out, shape.at(name)));
+    };
+    if (dtype == DType::f64)
+      put(ref::triangle_backward_reference<double>(d, in, DType::f64), DType::f64);
+    else
+      put(ref::triangle_backward_reference<float>(d, in, dtype), DType::f32);
+    return r;
+  }
+
   /// OpenFold's TriangleAttention adds 1e9 · (m_ik − 1): reproduce it for its dumps (docs/case-files.md).
   TensorMap file_reference(const Params& p, const TensorMap& in) const override {
     const ref::TriangleDims d = dims_of(p);
-    return {{"output", to_tensor(ref::triangle_forward_reference<double>(d, in, DType::f64, true), DType::f64, d.N)}};
+    return {{"output", to_tensor(ref::triangle_forward_reference<double>(d, in, DType::f64, true), DType::f64, {d.N, d.N, d.c_z})}};
   }
 
   /// Dense FLOPs of one forward (docs/triangle.md): the attention 4·H·c·N³ (q·k and a·v) plus
@@ -248,6 +310,32 @@ class TriangleAttentionVariant final : public Variant {
     const double N = double(d.N), NN = N * N, Hc = double(d.H * d.c), cz = double(d.c_z);
     return 4.0 * Hc * NN * N + 5.0 * double(d.H) * NN * N + 2.0 * NN * cz * (4.0 * Hc + double(d.H)) +
            2.0 * NN * Hc * cz + 10.0 * NN * cz + 4.0 * NN * Hc;
+  }
+
+  /// Backward FLOPs: the attention's 2.5 × its forward (FlashAttention's convention: dS, dQ,
+  /// dK, dV and the recomputed S), every projection GEMM twice (the input's and the weight's
+  /// gradient), the element-wise stages (layer norm, gate, bias) twice.
+  double backward_flops(const Params& p) const override {
+    const ref::TriangleDims d = dims_of(p);
+    const double N = double(d.N), NN = N * N, Hc = double(d.H * d.c), cz = double(d.c_z);
+    const double attention = 4.0 * Hc * NN * N + 5.0 * double(d.H) * NN * N;
+    const double gemms = 2.0 * NN * cz * (4.0 * Hc + double(d.H)) + 2.0 * NN * Hc * cz;
+    return 2.5 * attention + 2.0 * gemms + 2.0 * (10.0 * NN * cz + 4.0 * NN * Hc);
+  }
+
+  /// Beyond the forward: the gradients (z's f32 and the oracle's f64, the weights'), the
+  /// cotangent (f64 master and in the case's dtype), what the forward saves (output and
+  /// log-sum-exp) and the backward's scratch — or, for the reference, its recomputed forward and
+  /// the materialized gradients of every stage.
+  double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
+    const ref::TriangleDims d = dims_of(p);
+    const double NN = double(d.N) * double(d.N), pair = NN * double(d.c_z);
+    const double grads = pair * (dtype == DType::f64 ? 16.0 : 12.0) + weight_count(d) * 12.0;
+    const double cot = pair * (8.0 + double(dtype_size(dtype)));
+    if (impl == "cpu")
+      return grads + cot + 4.0 * NN * double(d.H + d.H * d.c) +
+             double(triangle_attention_backward_fused_scratch_bytes(shape_of(p), omp_get_max_threads()));
+    return grads + cot + 2.0 * ref::triangle_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
   }
 
   double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
