@@ -633,15 +633,15 @@ HWY_INLINE void PackQueryRow(const QuerySide& qs, int64_t r, int64_t D, const T*
   load_row(qs.qs + r * D, q, D, rope, rope_row, qscale);
   float* dr = qs.dout + r * D;
   for (int64_t d = 0; d < D; ++d) dr[d] = load_elem(dout, d);
-  // Δ = Σ_d dO·O in lanes (a scalar chain of dependent adds is latency-bound).
-  const DF df;
-  const int64_t L = int64_t(hn::Lanes(df));
-  VF acc = hn::Zero(df);
-  int64_t d = 0;
-  for (; d + L <= D; d += L) acc = hn::MulAdd(hn::LoadU(df, dr + d), hn::LoadU(df, o + d), acc);
-  float delta = hn::GetLane(hn::SumOfLanes(df, acc));
-  for (; d < D; ++d) delta += dr[d] * o[d];
-  qs.delta[r] = delta;
+  // Δ = Σ_d dO·O as one MulAdd chain over d from zero: exactly the arithmetic by which
+  // ScoresBlock forms each dP = dO·vᵀ. Where P sits on a single key, O = v (bitwise) and
+  // dP − Δ must cancel; a lane-parallel sum left a few ulps of |dO|·|v| there, and a row with
+  // one key got dq ≈ 1e-6 instead of 0 (sdpa N 1 in ci.json failed the rule on AVX2). The
+  // chain costs D dependent FMAs per row, against the row's D·Nkv·8 of the backward.
+  const hn::CappedTag<float, 1> d1;
+  auto acc = hn::Zero(d1);
+  for (int64_t d = 0; d < D; ++d) acc = hn::MulAdd(hn::Set(d1, dr[d]), hn::Set(d1, o[d]), acc);
+  qs.delta[r] = hn::GetLane(acc);
   backward_lse2(lse, qs.lse2[r], qs.lse2lo[r]);
 }
 
