@@ -295,6 +295,7 @@ TEST_CASE("triangle cpu backward holds the rule: odd shapes, both nodes, masks, 
   const std::vector<Params> shapes = {
       tri_params(1, true, 0.0),           tri_params(7, false, 0.25),         tri_params(33, true, 0.3),
       tri_params(70, false, 0.2, 16, 8, 2), tri_params(130, true, 0.1, 8, 5, 1),
+      tri_params(33, false, 0.3, 24, 16, 2), tri_params(7, true, 0.2, 16, 24, 3),  // c 16, 24 (c 32: below)
       tri_params(9, true, 1.0),  // every key masked: each row attends as if unmasked (finite gradients)
   };
   for (const Params& s : shapes)

@@ -160,7 +160,7 @@ inline void layer_norm_pair_backward(int64_t c_z, const float* dx, const float* 
   }
 }
 
-inline constexpr int64_t kBwdTileK = 64;  // backward: keys per tile (as the forward's, so S is its bitwise twin)
+inline constexpr int64_t kBwdTileK = 64;  // backward: keys per tile (a multiple of every register block width)
 inline constexpr int64_t kBwdTileQ = 48;  // backward: query rows per pair
 
 /// The backward's scratch: the forward's shared regions (packed weights, biases; Layout with
