@@ -4,8 +4,10 @@
 # each. A mutant lives in its kernel's source behind `#if defined(ATTNBENCH_MUTANT_<name>)`
 # and is switched on by the CMake cache variable ATTNBENCH_MUTANT, which defines it on
 # that one file (CMakeLists.txt): shipped builds never compile it, and switching
-# mutants rebuilds one object. Each mutant runs only its variant's ci.json group
-# (--filter), so the whole test costs one CPU-only build plus a few minutes.
+# mutants rebuilds an object or two (a mutant build compiles the kernels for this machine's
+# Highway target alone). Each mutant runs
+# only its variant's ci.json group (--filter), so the whole test costs one build (none when
+# MUTANT_BUILD names an existing one, as in .ci/run) plus a few minutes.
 #
 # Usage: scripts/mutation-test.sh [mutant ...]   (default: all; build dir $MUTANT_BUILD)
 set -euo pipefail
@@ -45,12 +47,18 @@ fi
 launcher=()
 command -v ccache >/dev/null && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 configure() {
-  cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNBENCH_CUDA=OFF "${launcher[@]}" \
-    -DATTNBENCH_MUTANT="$1" >/dev/null
-  cmake --build "$build" --target attnbench >/dev/null
+  if [[ -f $build/CMakeCache.txt ]]; then  # an existing build (CI passes the release one): keep its settings
+    cmake -S . -B "$build" -DATTNBENCH_MUTANT="$1" >/dev/null
+  else
+    cmake -S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DATTNBENCH_CUDA=OFF "${launcher[@]}" \
+      -DATTNBENCH_MUTANT="$1" >/dev/null
+  fi
+  [[ ${2:-} == --no-build ]] || cmake --build "$build" --target attnbench >/dev/null
 }
 out=$(mktemp -d)
-trap 'rm -rf "$out"; configure "" || true' EXIT
+# At the end the mutant is switched off; MUTANT_NO_REBUILD=1 (CI, done with the build) leaves
+# the rebuild of the real kernels to the next `cmake --build`.
+trap 'rm -rf "$out"; configure "" ${MUTANT_NO_REBUILD:+--no-build} || true' EXIT
 
 start=$(date +%s)
 configure ""

@@ -553,7 +553,8 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
   const Layout lay(d, threads, x.rank);
   float* base = static_cast<float*>(scratch);
   const int64_t N = d.N, H = d.H, c = d.c, P = d.P, Pv = d.Pv, PP = P + Pv, Np = lay.Np, Wv = lay.Wv;
-  auto linear = HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaLinear);
+  using namespace cpu_ipa;  // HWY_DYNAMIC_DISPATCH names a kernel unqualified (see trimul_forward)
+  auto linear = HWY_DYNAMIC_DISPATCH(IpaLinear);
 
   // Projections into the raw region: [q | kv | q points | kv points] per row.
   float* raw = base + lay.raw;
@@ -639,7 +640,7 @@ void ipa_forward_fused(float* out, const ipa::IpaShape& d, const IpaWeightsF32& 
   // Attention: the concatenation (N, F) reuses the raw region (the projections are packed).
   cpu_ipa::AttendArgs args{&d, &lay, base, base + lay.slab, raw, x.z, x.z_factor_1, x.z_factor_2, x.rank,
                            x.rotations, x.mask};
-  HWY_DYNAMIC_DISPATCH(cpu_ipa::IpaAttend)(args, x.z_dtype, threads);
+  HWY_DYNAMIC_DISPATCH(IpaAttend)(args, x.z_dtype, threads);
   linear(raw, lay.F, N, lay.F, w.linear_out_w, w.linear_out_b, d.c_s, out, d.c_s, threads);
 }
 

@@ -701,7 +701,8 @@ void triangle_attention_forward_fused(float* out, const triangle::TriangleShape&
   float* slabs = base + lay.slab;
   prepare(d, w, x, base, lay, slabs + lay.t_x, lay.per_thread, threads);
   const cpu_triangle::RowArgs args{&d, &lay, base, slabs, x.z, x.z_dtype, &w, out, saved};
-  HWY_DYNAMIC_DISPATCH(cpu::TriangleAttend)(args, threads);
+  using namespace cpu;  // HWY_DYNAMIC_DISPATCH names a kernel unqualified (see trimul_forward)
+  HWY_DYNAMIC_DISPATCH(TriangleAttend)(args, threads);
 }
 
 namespace {
@@ -727,7 +728,8 @@ void triangle_attention_backward_fused(const TriangleGradsF32& g, const triangle
   for (int p = 0; p < 4; ++p) std::copy_n(parts[p], Hc * d.c_z, base + bl.wcat + p * Hc * d.c_z);
   std::fill(base + bl.dblock, base + bl.total, 0.f);  // the double accumulators (0.0 is all-zero bits)
   const cpu_triangle::BackwardArgs args{&d, &bl, base, x.z, x.z_dtype, &w, dout, &saved, &g};
-  HWY_DYNAMIC_DISPATCH(cpu::TriangleBackward)(args, threads);
+  using namespace cpu;
+  HWY_DYNAMIC_DISPATCH(TriangleBackward)(args, threads);
 }
 
 }  // namespace attnbench

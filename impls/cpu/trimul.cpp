@@ -462,11 +462,15 @@ size_t trimul_backward_scratch_bytes(const TrimulShape& s, int threads) {
 
 void trimul_forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActivations& x, void* scratch,
                     int threads) {
-  HWY_DYNAMIC_DISPATCH(cpu_trimul::Forward)(s, w, x, scratch, threads);
+  // Unqualified, from the namespace of its HWY_EXPORT: a build of one Highway target
+  // (ATTNBENCH_HWY_TARGETS=native|baseline) expands this to HWY_NAMESPACE::Forward.
+  using namespace cpu_trimul;
+  HWY_DYNAMIC_DISPATCH(Forward)(s, w, x, scratch, threads);
 }
 void trimul_backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActivations& x,
                      const TrimulGradsF32& g, void* scratch, int threads) {
-  HWY_DYNAMIC_DISPATCH(cpu_trimul::Backward)(s, w, x, g, scratch, threads);
+  using namespace cpu_trimul;
+  HWY_DYNAMIC_DISPATCH(Backward)(s, w, x, g, scratch, threads);
 }
 
 }  // namespace attnbench
