@@ -34,7 +34,6 @@
 namespace attnbench::cpu_trimul {
 
 inline constexpr int64_t kPairTile = 64;  // pairs per blocked transpose tile
-inline constexpr double kLnEps = 1e-5;
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -98,9 +97,12 @@ struct Layout {
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 
+#include "impls/cpu/layer_norm-inl.h"
+
 HWY_BEFORE_NAMESPACE();
 namespace attnbench::cpu_trimul::HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
+using namespace attnbench::cpu_rows::HWY_NAMESPACE;  // Moments, LayerNormRows, ColumnSums, LayerNormBackwardRows
 
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
@@ -116,18 +118,6 @@ static HWY_INLINE void SigmoidInPlace(float* x, int64_t n) {
     hn::StoreU(hn::Div(one, hn::Add(one, hn::Exp(d, hn::Neg(v)))), d, x + i);
   }
   for (; i < n; ++i) x[i] = 1.0f / (1.0f + std::exp(-x[i]));
-}
-
-/// Mean and 1/σ of n floats (two passes, biased variance).
-static HWY_INLINE void Moments(const float* v, int64_t n, float& mean, float& rstd) {
-  float s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += v[k];
-  mean = s / float(n);
-  float q = 0;
-#pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < n; ++k) q += (v[k] - mean) * (v[k] - mean);
-  rstd = 1.0f / std::sqrt(q / float(n) + float(kLnEps));
 }
 
 void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActivations& xa, void* scratch,
@@ -160,17 +150,7 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
   }
 
   // LN_in, pair-major.
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t r = 0; r < NN; ++r) {
-    float* xr = X + r * cz;
-    for (int64_t k = 0; k < cz; ++k) xr[k] = load_float(xa.z, xa.z_dtype, r * cz + k);
-    float mean, rstd;
-    Moments(xr, cz, mean, rstd);
-    mean_in[r] = mean;
-    rstd_in[r] = rstd;
-#pragma omp simd
-    for (int64_t k = 0; k < cz; ++k) xr[k] = (xr[k] - mean) * rstd * w.ln_in_w[k] + w.ln_in_b[k];
-  }
+  LayerNormRows(xa.z, xa.z_dtype, NN, cz, w.ln_in_w, w.ln_in_b, X, mean_in, rstd_in, threads);
 
   // P = x · Wcatᵀ, then biases and the sigmoids of the gate columns.
   cpu::gemm_rows(NN, M, cz, {X, cz, 1}, {wcat, 1, cz}, P, M, false, slabs, lay.per_thread, threads);
@@ -255,80 +235,6 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
   }
 }
 
-/// Column sums of a [rows, cols] pair-major matrix into out (cols), using per-thread rows of
-/// `part` (threads × cols).
-static void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, double* part, float* out,
-                       int threads) {
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* p = part + t * cols;
-    std::fill(p, p + cols, 0.0);
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = x + r * ld;
-#pragma omp simd
-      for (int64_t k = 0; k < cols; ++k) p[k] += xr[k];
-    }
-#pragma omp single
-    for (int64_t k = 0; k < cols; ++k) {
-      double s = 0;
-      for (int u = 0; u < nt; ++u) s += part[u * cols + k];
-      out[k] = float(s);
-    }
-  }
-}
-
-/// LayerNorm backward over the rows of dy (in place: dy becomes dx), with n = normalized input,
-/// rstd per row; dw, db = Σ dy ⊙ n, Σ dy, summed in double (a sum over the N² pairs in f32
-/// lost up to ~14 ulps at N 33, more than the f32 reference's pairwise sums). `part`:
-/// threads × 2·cols doubles.
-static void LayerNormBackward(float* dy, const float* n_or_null, const TrimulShape& s, const TrimulActivations& xa,
-                              const float* mean_in, const float* rstd, const float* gamma, int64_t rows,
-                              int64_t cols, double* part, float* dw, float* db, float* slabs, int64_t slab,
-                              int64_t tile_offset, int threads) {
-#pragma omp parallel num_threads(threads)
-  {
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    double* pw = part + t * 2 * cols;
-    double* pb = pw + cols;
-    std::fill(pw, pw + 2 * cols, 0.0);
-    float* nbuf = slabs + t * slab + tile_offset;  // one row of n (LN_in)
-#pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* g = dy + r * cols;
-      const float* n = n_or_null ? n_or_null + r * cols : nbuf;
-      if (!n_or_null) {  // LN_in: n recomputed from z
-        for (int64_t k = 0; k < cols; ++k)
-          nbuf[k] = (load_float(xa.z, xa.z_dtype, r * cols + k) - mean_in[r]) * rstd[r];
-      }
-      float s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-      for (int64_t k = 0; k < cols; ++k) {
-        pw[k] += double(g[k]) * double(n[k]);
-        pb[k] += double(g[k]);
-        const float dn = g[k] * gamma[k];
-        s1 += dn;
-        s2 += dn * n[k];
-      }
-      const float m1 = s1 / float(cols), m2 = s2 / float(cols), rs = rstd[r];
-#pragma omp simd
-      for (int64_t k = 0; k < cols; ++k) g[k] = rs * (g[k] * gamma[k] - m1 - n[k] * m2);
-    }
-#pragma omp single
-    for (int64_t k = 0; k < cols; ++k) {
-      double a = 0, b = 0;
-      for (int u = 0; u < nt; ++u) {
-        a += part[u * 2 * cols + k];
-        b += part[u * 2 * cols + cols + k];
-      }
-      dw[k] = float(a);
-      db[k] = float(b);
-    }
-  }
-  (void)s;
-}
-
 void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActivations& xa, const TrimulGradsF32& gr,
               void* scratch, int threads) {
   const Layout lay(s, threads);
@@ -379,8 +285,8 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
   if (gr.b_o) std::memcpy(gr.b_o, csum, size_t(cz) * sizeof(float));
   cpu::gemm_rows(NN, h, cz, {dy, cz, 1}, {w.w_o, h, 1}, dU, h, false, slabs, lay.per_thread, threads);
   // LN_out backward (dU becomes dt, pair-major), then dt to channel-major.
-  LayerNormBackward(dU, nout, s, xa, nullptr, rstd_out, w.ln_out_w, NN, h, cpart, gr.ln_out_w, gr.ln_out_b, slabs,
-                    lay.per_thread, lay.pack, threads);
+  LayerNormBackwardRows(dU, {nout}, rstd_out, w.ln_out_w, NN, h, cpart, gr.ln_out_w, gr.ln_out_b, slabs + lay.pack,
+                        lay.per_thread, threads);
   const int64_t tiles = (NN + kPairTile - 1) / kPairTile;
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t t = 0; t < tiles; ++t) {
@@ -438,8 +344,8 @@ void Backward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiv
   }
   cpu::gemm_rows(NN, cz, M, {dP, M, 1}, {wcat, cz, 1}, dX, cz, false, slabs, lay.per_thread, threads);
   // LN_in backward: dx → dz.
-  LayerNormBackward(dX, nullptr, s, xa, mean_in, rstd_in, w.ln_in_w, NN, cz, cpart, gr.ln_in_w, gr.ln_in_b, slabs,
-                    lay.per_thread, lay.pack, threads);
+  LayerNormBackwardRows(dX, {nullptr, xa.z, xa.z_dtype, mean_in}, rstd_in, w.ln_in_w, NN, cz, cpart, gr.ln_in_w,
+                        gr.ln_in_b, slabs + lay.pack, lay.per_thread, threads);
   std::memcpy(xa.dz, dX, size_t(NN * cz) * sizeof(float));
 }
 
