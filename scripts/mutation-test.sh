@@ -32,6 +32,7 @@ all=(
   "triangle_no_gate_bias variant=triangle_attention,impl=cpu,dtype=f32"
   "triangle_bwd_no_bias_grad variant=triangle_attention,impl=cpu,dtype=f32,pass=bwd"
   "trimul_ignore_mask    variant=trimul,impl=cpu,dtype=f32"
+  "transition_no_silu    variant=transition,impl=cpu,dtype=f32"
 )
 selected=()
 if (($#)); then
