@@ -33,6 +33,8 @@ all=(
   "triangle_bwd_no_bias_grad variant=triangle_attention,impl=cpu,dtype=f32,pass=bwd"
   "trimul_ignore_mask    variant=trimul,impl=cpu,dtype=f32"
   "transition_no_silu    variant=transition,impl=cpu,dtype=f32"
+  "pairbias_ignore_mask  variant=attention_pair_bias,impl=cpu,dtype=f32"
+  "pairbias_bwd_delta_gated variant=attention_pair_bias,impl=cpu,dtype=f32,pass=bwd"
 )
 selected=()
 if (($#)); then
