@@ -543,15 +543,22 @@ def sparsity_speedup(ctx, variant, records):
 # --- 8. per-operation breakdown ------------------------------------------------------------
 
 
+def _breakdown(r):
+    """{operation: median seconds per call} in execution order, from bench.breakdown."""
+    rows = (r.bench or {}).get("breakdown")
+    if not isinstance(rows, list):
+        return {}
+    return {row["op"]: float(row["s"]) for row in rows if isinstance(row, dict) and "op" in row and "s" in row}
+
+
 def breakdown(ctx, variant, records):
-    recs = [r for r in records if isinstance(r.info.get("breakdown_s"), dict)
-            and r.info["breakdown_s"]]
+    recs = [r for r in records if _breakdown(r)]
     if not recs:
         return
     lay = layout_mod.choose(recs)
     ops = []
     for r in recs:
-        for op in r.info["breakdown_s"]:
+        for op in _breakdown(r):
             if op not in ops:
                 ops.append(op)
     colours = list(style.OKABE_ITO.values())[1:] + ["#999999", "#000000"]
@@ -566,15 +573,15 @@ def breakdown(ctx, variant, records):
         xs = list(range(len(rs)))
         bottom = [0.0] * len(rs)
         for i, op in enumerate(ops):
-            totals = [sum(r.info["breakdown_s"].values()) for r in rs]
-            frac = [100.0 * r.info["breakdown_s"].get(op, 0.0) / t if t > 0 else 0.0
+            totals = [sum(_breakdown(r).values()) for r in rs]
+            frac = [100.0 * _breakdown(r).get(op, 0.0) / t if t > 0 else 0.0
                     for r, t in zip(rs, totals)]
             ax.bar(xs, frac, bottom=bottom, width=0.7, color=colours[i % len(colours)],
                    hatch=hatches[(i // len(colours)) % len(hatches)], edgecolor="white",
                    linewidth=0.4)
             bottom = [b + f for b, f in zip(bottom, frac)]
         for x, r in zip(xs, rs):
-            total = sum(r.info["breakdown_s"].values())
+            total = sum(_breakdown(r).values())
             ax.text(x, 101.5, style.si_formatter("s")(float(f"{total:.3g}"), None),
                     ha="center", va="bottom", fontsize=6)
         ax.set_xticks(xs, [str(lay.x(r)) for r in rs])
