@@ -8,7 +8,8 @@
 // Reference: each operation's own reference, chained (f64 oracle; f32 baseline; bf16 / f16 round
 // the block's inputs s and z once and keep f32 between the operations, as the kernels do). CPU:
 // each operation's CPU instance, chained, with every operation's time and scratch recorded
-// (bench.breakdown). Forward only so far. docs/pairformer.md.
+// (bench.breakdown). The reference has a backward (the operations' reference backwards in reverse);
+// the cpu block is forward only (docs/pairformer.md says why).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -103,40 +104,41 @@ Tensor add(const Tensor& a, const Tensor& b, DType dtype) {
   return r;
 }
 
-/// The CPU block: every operation's CPU instance with its own inputs (the weights copied at
-/// setup, the running z or s written into the next operation's input tensor by run()), each
-/// operation timed.
+/// The input an operation reads its track from ("z" or "x"; the attention's "s").
+std::string track_input(int k) {
+  const std::string v = kOps[k].variant;
+  if (v == "transition") return "x";
+  return kOps[k].track == Track::single ? "s" : "z";
+}
+
+/// The CPU block: every operation's CPU instance on its own f32 inputs (the weights copied and
+/// 16-bit s and z widened at setup), the running z or s written by run() into the next reader's
+/// input tensor, each operation timed. Forward only (docs/pairformer.md says why).
 class PairformerCpuInstance final : public Instance {
  public:
   explicit PairformerCpuInstance(const ImplArgs& a) : ops_(size_t(kNumOps)) {
     const TensorMap& in = a.inputs;
-    const Tensor pm = pair_mask(require(in, "mask", "pairformer cpu"));
+    const std::string who = "pairformer cpu";
+    const Tensor pm = pair_mask(require(in, "mask", who).to(DType::f32));
+    const Shape z_shape = require(in, "z", who).shape(), s_shape = require(in, "s", who).shape();
     z_out_ = &a.outputs.at("z_out");
     s_out_ = &a.outputs.at("s_out");
     for (int k = 0; k < kNumOps; ++k) {
       OpRun& op = ops_[size_t(k)];
       op.params = op_params(a.params, k);
       op.inputs = op_weights(in, k);
-      const Shape z_shape = require(in, "z", "pairformer cpu").shape(), s_shape = require(in, "s", "pairformer cpu").shape();
       const std::string v = kOps[k].variant;
-      // The first operation of each track reads the block's input (z in its dtype; s widened to
-      // f32 for the attention, which takes s and z in one dtype); the others the running sum.
-      if (k == 0) {
-        op.inputs.emplace("z", in.at("z"));
-      } else if (kOps[k].track == Track::pair) {
-        op.inputs.emplace(v == "transition" ? "x" : "z", Tensor(DType::f32, z_shape));
-      } else if (v == "attention_pair_bias") {
-        op.inputs.emplace("s", in.at("s").to(DType::f32));
-        op.inputs.emplace("z", Tensor(DType::f32, z_shape));
-      } else {
-        op.inputs.emplace("x", Tensor(DType::f32, s_shape));
-      }
-      if (v == "attention_pair_bias") op.inputs.emplace("mask", in.at("mask"));
+      const Shape& shape = kOps[k].track == Track::pair ? z_shape : s_shape;
+      if (k == 0) op.inputs.emplace("z", in.at("z").to(DType::f32));
+      else if (k == kSingle) op.inputs.emplace("s", in.at("s").to(DType::f32));
+      else op.inputs.emplace(track_input(k), Tensor(DType::f32, shape));
+      if (v == "attention_pair_bias") op.inputs.emplace("z", Tensor(DType::f32, z_shape));
+      if (v == "attention_pair_bias") op.inputs.emplace("mask", in.at("mask").to(DType::f32));
       else if (v != "transition") op.inputs.emplace("mask", pm);
-      const DType dt = k == 0 ? a.dtype : DType::f32;
-      for (const auto& spec : op_variant(k).outputs(op.params, dt)) op.outputs.emplace(spec.name, Tensor(spec.dtype, spec.shape));
+      for (const auto& spec : op_variant(k).outputs(op.params, DType::f32))
+        op.outputs.emplace(spec.name, Tensor(spec.dtype, spec.shape));
       const size_t before = a.workspace.current_bytes();
-      op.args = std::make_unique<ImplArgs>(ImplArgs{op.params, dt, op.inputs, op.outputs, a.workspace, Pass::fwd});
+      op.args = std::make_unique<ImplArgs>(ImplArgs{op.params, DType::f32, op.inputs, op.outputs, a.workspace, Pass::fwd});
       op.inst = op_variant(k).find_impl("cpu")->make(*op.args);
       op.bytes = a.workspace.current_bytes() - before;
     }
@@ -144,30 +146,29 @@ class PairformerCpuInstance final : public Instance {
 
   void run() override {
     using Clock = std::chrono::steady_clock;
-    const Tensor* z = &ops_[0].inputs.at("z");
     for (int k = 0; k < kNumOps; ++k) {
       OpRun& op = ops_[size_t(k)];
       const auto t0 = Clock::now();
       op.inst->run();
       op.inst->finish();
+      const Tensor& x = op.inputs.at(track_input(k));
       const Tensor& out = op.outputs.at("output");
       // The residual sum goes where the next reader of this track takes it.
-      if (kOps[k].track == Track::pair) {
-        Tensor* next = k + 1 < kNumOps ? &next_pair_input(k + 1) : z_out_;
-        add_f32(*z, out, *next);
-        if (k + 1 < kNumOps && kOps[k + 1].track == Track::single) add_f32(*z, out, *z_out_);
-        z = next;
+      if (k + 1 == kSingle) {  // the last z operation: z_out, which the attention reads too
+        add_f32(x, out, *z_out_);
+        std::copy(z_out_->data<float>(), z_out_->data<float>() + z_out_->numel(),
+                  ops_[kSingle].inputs.at("z").data<float>());
       } else if (k + 1 < kNumOps) {
-        add_f32(op.inputs.at("s"), out, ops_[size_t(k + 1)].inputs.at("x"));
+        add_f32(x, out, ops_[size_t(k + 1)].inputs.at(track_input(k + 1)));
       } else {
-        add_f32(op.inputs.at("x"), out, *s_out_);
+        add_f32(x, out, *s_out_);
       }
       op.seconds.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     }
   }
 
   /// bench.breakdown: per operation in execution order, the median of its times over every call
-  /// (the residual sum included) and the scratch its instance took (docs/plots.md).
+  /// (its residual sum included) and the scratch its instance took (docs/plots.md).
   nlohmann::json info() const override {
     nlohmann::json rows = nlohmann::json::array();
     for (int k = 0; k < kNumOps; ++k) {
@@ -180,37 +181,72 @@ class PairformerCpuInstance final : public Instance {
   }
 
  private:
+  static constexpr int kSingle = 5;  // the first operation on s (the attention)
   struct OpRun {
     Params params;
     TensorMap inputs, outputs;
     std::unique_ptr<ImplArgs> args;  // the instance keeps references into it
     std::unique_ptr<Instance> inst;
     size_t bytes = 0;
-    std::vector<double> seconds;  // every call's
+    std::vector<double> seconds;  // per call of run()
   };
-  /// Where operation k reads the running z.
-  Tensor& next_pair_input(int k) {
-    TensorMap& in = ops_[size_t(k)].inputs;
-    return in.at(in.count("x") ? "x" : "z");
-  }
-  /// r = a + b (a f32, bf16 or f16; b and r f32), over the rows in parallel.
+
+  /// r = a + b (all f32), in parallel.
   static void add_f32(const Tensor& a, const Tensor& b, Tensor& r) {
+    const float* pa = a.data<float>();
     const float* pb = b.data<float>();
     float* pr = r.data<float>();
     const int64_t n = r.numel();
-    if (a.dtype() == DType::f32) {
-      const float* pa = a.data<float>();
 #pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) pr[i] = pa[i] + pb[i];
-    } else {
-#pragma omp parallel for schedule(static)
-      for (int64_t i = 0; i < n; ++i) pr[i] = load_float(a.raw(), a.dtype(), i) + pb[i];
-    }
+    for (int64_t i = 0; i < n; ++i) pr[i] = pa[i] + pb[i];
   }
+
   std::vector<OpRun> ops_;
   Tensor* z_out_ = nullptr;
   Tensor* s_out_ = nullptr;
 };
+
+/// The reference forward of the block: every operation's inputs on the way (for the backward)
+/// and the final s and z, in f64 (the oracle) or f32 on the block's inputs rounded to `dtype`.
+struct Chain {
+  DType dtype, round;
+  std::vector<TensorMap> inputs;  // operation k's weights and activations
+  Tensor s, z;
+  /// Block input `name`, rounded to the block's dtype (16-bit) once.
+  Tensor rounded(const TensorMap& in, const char* name) const {
+    Tensor t = require(in, name, "pairformer reference");
+    if (is_16bit(round))
+      for (int64_t i = 0; i < t.numel(); ++i) t.set(i, round_to(round, t.get(i)));
+    return t;
+  }
+};
+
+Chain chain(const Params& p, const TensorMap& in, DType dtype) {
+  Chain c{dtype == DType::f64 ? DType::f64 : DType::f32, dtype, {}, {}, {}};
+  c.z = c.rounded(in, "z");
+  c.s = c.rounded(in, "s");
+  const Tensor& mask = require(in, "mask", "pairformer reference");
+  const Tensor pm = pair_mask(mask);
+  for (int k = 0; k < kNumOps; ++k) {
+    TensorMap sub = op_weights(in, k);
+    const std::string v = kOps[k].variant;
+    if (v == "transition") {
+      sub.emplace("x", kOps[k].track == Track::pair ? c.z : c.s);
+    } else if (v == "attention_pair_bias") {
+      sub.emplace("s", c.s);
+      sub.emplace("z", c.z);
+      sub.emplace("mask", mask);
+    } else {
+      sub.emplace("z", c.z);
+      sub.emplace("mask", pm);
+    }
+    const Tensor out = op_variant(k).reference(op_params(p, k), sub, c.dtype).at("output");
+    Tensor& track = kOps[k].track == Track::pair ? c.z : c.s;
+    track = add(track, out, c.dtype);
+    c.inputs.push_back(std::move(sub));
+  }
+  return c;
+}
 
 class PairformerVariant final : public Variant {
  public:
@@ -281,11 +317,12 @@ class PairformerVariant final : public Variant {
     return {{"s_out", o, {N, cs}}, {"z_out", o, {N, N, cz}}};
   }
 
-  /// f64 → everything f64; f32 → f32; bf16 / f16 → s and z in that dtype, the weights and the
-  /// mask f32 (every operation computes in f32).
+  /// f64 → everything f64; f32 → f32; bf16 / f16 → s, z and their cotangents in that dtype, the
+  /// weights and the mask f32 (every operation computes in f32).
   TensorMap cast_inputs(const Params&, TensorMap in, DType dtype) const override {
     for (auto& [name, t] : in) {
-      const DType want = is_16bit(dtype) && name != "s" && name != "z" ? DType::f32 : dtype;
+      const bool activation = name == "s" || name == "z" || name == "ds_out" || name == "dz_out";
+      const DType want = is_16bit(dtype) && !activation ? DType::f32 : dtype;
       if (t.dtype() != want) t = t.to(want);
     }
     return in;
@@ -294,36 +331,40 @@ class PairformerVariant final : public Variant {
   /// The operations' references chained: in f64 for the oracle, else in f32 on the block's
   /// inputs rounded to `dtype` once (the f32 sums between operations, as in the kernels).
   TensorMap reference(const Params& p, const TensorMap& in, DType dtype) const override {
-    const DType op_dtype = dtype == DType::f64 ? DType::f64 : DType::f32;
-    auto rounded = [&](const char* name) {
-      Tensor t = require(in, name, "pairformer reference");
-      if (is_16bit(dtype))
-        for (int64_t i = 0; i < t.numel(); ++i) t.set(i, round_to(dtype, t.get(i)));
-      return t;
-    };
-    Tensor z = rounded("z"), s = rounded("s");
-    const Tensor& mask = require(in, "mask", "pairformer reference");
-    const Tensor pm = pair_mask(mask);
-    for (int k = 0; k < kNumOps; ++k) {
-      TensorMap sub = op_weights(in, k);
-      const std::string v = kOps[k].variant;
-      if (v == "transition") {
-        sub.emplace("x", kOps[k].track == Track::pair ? z : s);
-      } else if (v == "attention_pair_bias") {
-        sub.emplace("s", s);
-        sub.emplace("z", z);
-        sub.emplace("mask", mask);
-      } else {
-        sub.emplace("z", z);
-        sub.emplace("mask", pm);
-      }
-      const Tensor out = op_variant(k).reference(op_params(p, k), sub, op_dtype).at("output");
-      Tensor& track = kOps[k].track == Track::pair ? z : s;
-      track = add(track, out, op_dtype);
-    }
+    const Chain c = chain(p, in, dtype);
     TensorMap r;
-    r.emplace("s_out", s.to(op_dtype));
-    r.emplace("z_out", z.to(op_dtype));
+    r.emplace("s_out", c.s.to(c.dtype));
+    r.emplace("z_out", c.z.to(c.dtype));
+    return r;
+  }
+
+  std::vector<std::string> differentiable() const override {
+    std::vector<std::string> v = {"s", "z"};
+    for (int k = 0; k < kNumOps; ++k)
+      for (const auto& x : op_variant(k).differentiable())
+        if (!is_activation(k, x)) v.push_back(std::string(kOps[k].name) + "." + x);
+    return v;
+  }
+
+  /// The operations' reference backwards in reverse order on the chained forward's inputs; the
+  /// residual sums pass each cotangent on and add the operation's input gradient to it.
+  TensorMap reference_backward(const Params& p, const TensorMap& in, DType dtype) const override {
+    const Chain c = chain(p, in, dtype);
+    Tensor ds = c.rounded(in, "ds_out"), dz = c.rounded(in, "dz_out");
+    TensorMap r;
+    for (int k = kNumOps - 1; k >= 0; --k) {
+      TensorMap sub = c.inputs[size_t(k)];
+      Tensor& dy = kOps[k].track == Track::pair ? dz : ds;
+      sub.emplace("doutput", dy);
+      TensorMap g = op_variant(k).reference_backward(op_params(p, k), sub, c.dtype);
+      const std::string v = kOps[k].variant, x = v == "transition" ? "x" : kOps[k].track == Track::pair ? "z" : "s";
+      dy = add(dy, g.at("d" + x), c.dtype);
+      if (v == "attention_pair_bias") dz = add(dz, g.at("dz"), c.dtype);
+      for (auto& [name, t] : g)
+        if (!is_activation(k, name.substr(1))) r.emplace("d" + std::string(kOps[k].name) + "." + name.substr(1), std::move(t));
+    }
+    r.emplace("ds", ds.to(c.dtype));
+    r.emplace("dz", dz.to(c.dtype));
     return r;
   }
 
@@ -334,11 +375,24 @@ class PairformerVariant final : public Variant {
     const double N = double(p.at("N").get<int64_t>());
     return f + 5.0 * N * N * double(p.at("c_z").get<int64_t>()) + 2.0 * N * double(p.at("c_s").get<int64_t>());
   }
+  double backward_flops(const Params& p) const override {
+    double f = 0;
+    for (int k = 0; k < kNumOps; ++k) f += op_variant(k).backward_flops(op_params(p, k));
+    const double N = double(p.at("N").get<int64_t>());
+    return f + 6.0 * N * N * double(p.at("c_z").get<int64_t>()) + 2.0 * N * double(p.at("c_s").get<int64_t>());
+  }
+  /// The operations' own backward models summed, plus the running cotangents.
+  double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
+    double b = 0.0;
+    for (int k = 0; k < kNumOps; ++k) b += op_variant(k).backward_memory_bytes(op_params(p, k), impl, DType::f32);
+    const double N = double(p.at("N").get<int64_t>());
+    return b + 2.0 * N * N * double(p.at("c_z").get<int64_t>()) * 8.0;
+  }
   /// An upper bound: the operations' own models summed (each counts its own copy of the inputs)
   /// plus the block's running z per pair operation.
   double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
     double b = 0;
-    for (int k = 0; k < kNumOps; ++k) b += op_variant(k).memory_bytes(op_params(p, k), impl, k == 0 ? dtype : DType::f32);
+    for (int k = 0; k < kNumOps; ++k) b += op_variant(k).memory_bytes(op_params(p, k), impl, DType::f32);
     const double N = double(p.at("N").get<int64_t>());
     return b + 6.0 * N * N * double(p.at("c_z").get<int64_t>()) * 4.0;
   }
