@@ -35,6 +35,7 @@ all=(
   "transition_no_silu    variant=transition,impl=cpu,dtype=f32"
   "pairbias_ignore_mask  variant=attention_pair_bias,impl=cpu,dtype=f32"
   "pairbias_bwd_delta_gated variant=attention_pair_bias,impl=cpu,dtype=f32,pass=bwd"
+  "doubleattn_unnormalized_distribute variant=double_attention,impl=cpu,dtype=f32"
 )
 selected=()
 if (($#)); then
