@@ -3,7 +3,9 @@
 // the plain Eigen reference, forward and backward. docs/doubleattn.md.
 //
 //   z [N, N, c_z] → X = z as E = N² edge rows [E, c_z]; D reduced channels (default c_z / 4)
-//   F = X W_fᵀ + b_f,  G = X W_gᵀ + b_g,  K = X W_hᵀ + b_h              [E, D]
+//   F = X W_fᵀ,  G = X W_gᵀ + b_g,  K = X W_hᵀ + b_h                    [E, D]
+//   (F has no bias: a constant per column cancels in the softmax over the edges, so its
+//   gradient would be 0 identically — a parameter no check could test)
 //   A = softmax over the E edges of each column of F                    (gather weights)
 //   V = Aᵀ G                                                            [D, D]  (global context)
 //   Q = softmax over the D channels of each row of K                    (distribute weights)
@@ -17,7 +19,7 @@
 //   row softmax:     dK = Q ⊙ (dQ − rowsum(dQ ⊙ Q))
 //   V = Aᵀ G:        dA = G dVᵀ, dG = A dV
 //   column softmax:  dF = A ⊙ (dA − colsum(dA ⊙ A))
-//   dW_* = d*ᵀ X, db_* = Σ d*,  dz = dF W_f + dG W_g + dK W_h.
+//   dW_* = d*ᵀ X, db_g,h = Σ d*,  dz = dF W_f + dG W_g + dK W_h.
 //
 // One templated code path is the f64 oracle (T = double), the f32 baseline and the bf16 / f16
 // baseline (T = float with z and the cotangent rounded to that dtype; weights and arithmetic f32).
@@ -45,9 +47,9 @@ struct DoubleAttnDims {
 
 /// Every weight with its shape ([out, in]; biases (out)), in the order of the gradients.
 inline std::vector<std::pair<std::string, Shape>> doubleattn_weight_shapes(const DoubleAttnDims& d) {
-  return {{"proj_f.weight", {d.D, d.c_z}}, {"proj_f.bias", {d.D}},     {"proj_g.weight", {d.D, d.c_z}},
-          {"proj_g.bias", {d.D}},          {"proj_h.weight", {d.D, d.c_z}}, {"proj_h.bias", {d.D}},
-          {"proj_o.weight", {d.c_z, d.D}}, {"proj_o.bias", {d.c_z}}};
+  return {{"proj_f.weight", {d.D, d.c_z}}, {"proj_g.weight", {d.D, d.c_z}}, {"proj_g.bias", {d.D}},
+          {"proj_h.weight", {d.D, d.c_z}}, {"proj_h.bias", {d.D}},          {"proj_o.weight", {d.c_z, d.D}},
+          {"proj_o.bias", {d.c_z}}};
 }
 
 /// N, c_z from z and D from proj_f.weight; every other tensor checked against them.
@@ -82,7 +84,7 @@ Matrix<T> doubleattn_matrix(const TensorMap& in, const std::string& name, int64_
 
 template <class T>
 struct DoubleAttnState {
-  Matrix<T> X, Wf, bf, Wg, bg, Wh, bh, Wo, bo;
+  Matrix<T> X, Wf, Wg, bg, Wh, bh, Wo, bo;
   Matrix<T> A, G, Q, V, Y, out;
 };
 
@@ -102,7 +104,6 @@ void doubleattn_forward_state(const DoubleAttnDims& d, const TensorMap& in, DTyp
   const int64_t E = d.N * d.N, cz = d.c_z, D = d.D;
   auto w = [&](const char* name, int64_t rows, int64_t cols) { return doubleattn_matrix<T>(in, name, rows, cols, tr); };
   s.Wf = w("proj_f.weight", D, cz);
-  s.bf = w("proj_f.bias", 1, D);
   s.Wg = w("proj_g.weight", D, cz);
   s.bg = w("proj_g.bias", 1, D);
   s.Wh = w("proj_h.weight", D, cz);
@@ -111,7 +112,6 @@ void doubleattn_forward_state(const DoubleAttnDims& d, const TensorMap& in, DTyp
   s.bo = w("proj_o.bias", 1, cz);
   s.X = doubleattn_matrix<T>(in, "z", E, cz, z_round);
   s.A = s.X * s.Wf.transpose();
-  s.A.rowwise() += s.bf.row(0);
   softmax_columns<T>(s.A);
   s.G = s.X * s.Wg.transpose();
   s.G.rowwise() += s.bg.row(0);
@@ -153,7 +153,7 @@ std::vector<std::pair<std::string, Matrix<T>>> doubleattn_backward_reference(con
   const Matrix<T> dz = dF * s.Wf + dG * s.Wg + dK * s.Wh;
   auto sum = [](const Matrix<T>& x) { return Matrix<T>(x.colwise().sum()); };
   return {{"z", dz},
-          {"proj_f.weight", dF.transpose() * s.X}, {"proj_f.bias", sum(dF)},
+          {"proj_f.weight", dF.transpose() * s.X},
           {"proj_g.weight", dG.transpose() * s.X}, {"proj_g.bias", sum(dG)},
           {"proj_h.weight", dK.transpose() * s.X}, {"proj_h.bias", sum(dK)},
           {"proj_o.weight", dout.transpose() * s.Y}, {"proj_o.bias", sum(dout)}};

@@ -30,7 +30,8 @@ Params shape(int64_t N, int64_t c_z, int64_t D) { return {{"N", N}, {"c_z", c_z}
 std::vector<double> literal(const Params& p, const TensorMap& in) {
   const int64_t N = p["N"], cz = p["c_z"], D = p["D"], E = N * N;
   auto lin = [&](const char* name, int64_t e, int64_t o) {
-    double s = in.at(std::string(name) + ".bias").get(o);
+    const std::string bias = std::string(name) + ".bias";
+    double s = in.count(bias) ? in.at(bias).get(o) : 0.0;
     for (int64_t k = 0; k < cz; ++k) s += in.at(std::string(name) + ".weight").get(o * cz + k) * in.at("z").get(e * cz + k);
     return s;
   };

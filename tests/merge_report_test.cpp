@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -223,4 +224,39 @@ TEST_CASE("report refuses a malformed results file", "[report]") {
   CHECK(r.err.find("bad.json") != std::string::npos);
   CHECK(r.err.find("records[0].status") != std::string::npos);
   CHECK(!fs::exists(dir / "out" / "report.md"));
+}
+
+TEST_CASE("report --budget tabulates how many calls of each fit a step, per N", "[report]") {
+  const fs::path dir = scratch("budget");
+  const Run r = attnbench("report " + quote(kMain) + " --no-plots --budget 2 --out " + quote(dir / "out"), dir);
+  INFO(r.err);
+  REQUIRE(r.rc == 0);
+  const std::string md = read(dir / "out" / "report.md");
+  REQUIRE(md.find("### Blocks per 2 s step") != std::string::npos);
+  // Every benchmarked record's cell is floor(2 s / its median), in its row.
+  const nlohmann::json doc = nlohmann::json::parse(read(kMain));
+  int checked = 0;
+  for (const auto& rec : doc["records"]) {
+    if (!rec.contains("bench") || !rec["bench"].is_object() || !rec["bench"].contains("median_s")) continue;
+    const double m = rec["bench"]["median_s"].get<double>();
+    std::string others;
+    for (const auto& [k, v] : rec["shape"].items())
+      if (k != "N") others += (others.empty() ? "" : ", ") + k + " " + (v.is_string() ? v.get<std::string>() : v.dump());
+    const std::string row = "| " + rec["variant"].get<std::string>() + " | " + rec["impl"].get<std::string>() + " | " +
+                            rec["dtype"].get<std::string>() + " | " + rec.value("pass", std::string("fwd")) + " | " +
+                            others + " |";
+    const size_t at = md.find(row, md.find("### Blocks per"));
+    REQUIRE(at != std::string::npos);
+    const std::string line = md.substr(at, md.find('\n', at) - at);
+    INFO(line);
+    CHECK(line.find(" " + std::to_string(int64_t(std::floor(2.0 / m))) + " (") != std::string::npos);
+    if (++checked == 3) break;
+  }
+  CHECK(checked == 3);
+  // No budget, no table; a budget that is not a positive number is refused.
+  const Run none = attnbench("report " + quote(kMain) + " --no-plots --out " + quote(dir / "plain"), dir);
+  CHECK(none.rc == 0);
+  CHECK(read(dir / "plain" / "report.md").find("Blocks per") == std::string::npos);
+  const Run bad = attnbench("report " + quote(kMain) + " --no-plots --budget 0 --out " + quote(dir / "bad"), dir);
+  CHECK(bad.rc != 0);
 }

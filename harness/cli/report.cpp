@@ -33,6 +33,7 @@ struct ReportArgs {
   std::vector<std::string> inputs;
   std::string out;
   bool no_plots = false;
+  double budget_s = 0;  // > 0: the "blocks per step" table of each suite
 };
 
 // --- formatting -----------------------------------------------------------------
@@ -165,6 +166,50 @@ void variant_table(std::ostringstream& md, const std::string& variant, const std
     } else {
       md << " – | – | – | – |\n";
     }
+  }
+  md << "\n";
+}
+
+/// The seed's question "how many blocks of each kind fit a time budget per step at a given N":
+/// per (variant, impl, dtype, pass and every shape parameter but N) a row, per N a column, each
+/// cell floor(budget / median time) with the time beside it.
+void budget_table(std::ostringstream& md, const std::vector<const json*>& recs, double budget_s) {
+  std::map<std::string, std::map<int64_t, double>> rows;
+  std::set<int64_t> ns;
+  for (const json* rp : recs) {
+    const json& r = *rp;
+    if (!r.contains("bench") || !r["bench"].is_object() || !r["shape"].contains("N")) continue;
+    const auto median = number(r["bench"], "median_s");
+    if (!median || *median <= 0 || !r["shape"]["N"].is_number_integer()) continue;
+    json rest = r["shape"];
+    rest.erase("N");
+    std::string others;
+    for (const auto& [k, v] : rest.items()) others += (others.empty() ? "" : ", ") + k + " " + value_text(v);
+    const std::string key = fmt::format("{} | {} | {} | {} | {}", cell(r["variant"].get<std::string>()),
+                                        cell(r["impl"].get<std::string>()), cell(r["dtype"].get<std::string>()),
+                                        cell(r.value("pass", std::string("fwd"))), cell(others));
+    const int64_t N = r["shape"]["N"].get<int64_t>();
+    rows[key][N] = *median;
+    ns.insert(N);
+  }
+  if (rows.empty()) return;
+  md << "### Blocks per " << seconds(budget_s) << " step\n\n"
+     << "How many calls of each fit the budget at each N (floor(budget / median time); the median in brackets).\n\n"
+     << "| variant | impl | dtype | pass | other parameters |";
+  for (int64_t N : ns) md << " N " << N << " |";
+  md << "\n|---|---|---|---|---|";
+  for (size_t i = 0; i < ns.size(); ++i) md << "---:|";
+  md << "\n";
+  for (const auto& [key, by_n] : rows) {
+    md << "| " << key << " |";
+    for (int64_t N : ns) {
+      const auto it = by_n.find(N);
+      if (it == by_n.end())
+        md << " – |";
+      else
+        md << fmt::format(" {} ({}) |", int64_t(std::floor(budget_s / it->second)), seconds(it->second));
+    }
+    md << "\n";
   }
   md << "\n";
 }
@@ -369,6 +414,7 @@ int report(ReportArgs a) {
       by_variant[v].push_back(r);
     }
     for (const auto& v : variants) variant_table(md, v, by_variant[v]);
+    if (a.budget_s > 0) budget_table(md, sc.cases, a.budget_s);
   }
   md << figures_section(a);
 
@@ -386,6 +432,9 @@ void add_report(CLI::App& app, int& exit_code) {
   c->add_option("results", args->inputs, "Results JSON files")->required();
   c->add_option("--out", args->out, "Output folder (report.md, figures, figures.json)")->required();
   c->add_flag("--no-plots", args->no_plots, "Tables only; do not run plots/plot.py");
+  c->add_option("--budget", args->budget_s,
+                "Seconds per step: add a table of how many calls of each variant fit it per N (e.g. suites/trunk.json)")
+      ->check(CLI::PositiveNumber);
   c->callback([args, &exit_code] { exit_code = report(*args); });
 }
 

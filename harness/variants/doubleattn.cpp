@@ -39,8 +39,8 @@ Tensor to_tensor(const ref::Matrix<T>& m, DType dtype, const Shape& shape) {
 /// The kernel's weight (or gradient) pointers in its order, `at(name)` giving a tensor's data.
 template <class Set, class At>
 Set weight_pointers(const At& at) {
-  return {at("proj_f.weight"), at("proj_f.bias"), at("proj_g.weight"), at("proj_g.bias"),
-          at("proj_h.weight"), at("proj_h.bias"), at("proj_o.weight"), at("proj_o.bias")};
+  return {at("proj_f.weight"), at("proj_g.weight"), at("proj_g.bias"), at("proj_h.weight"),
+          at("proj_h.bias"),   at("proj_o.weight"), at("proj_o.bias")};
 }
 
 /// The CPU kernel, every pass: the forward keeps what the backward reads in the scratch, so bwd

@@ -138,10 +138,10 @@ void Forward(const DoubleAttnShape& s, const DoubleAttnWeightsF32& w, const Doub
   float* P = base + lay.P;
   float* slabs = base + lay.slabs;
   const float* ws[3] = {w.wf, w.wg, w.wh};
-  const float* bs[3] = {w.bf, w.bg, w.bh};
+  const float* bs[3] = {nullptr, w.bg, w.bh};  // F has no bias
   for (int q = 0; q < 3; ++q) {
     std::memcpy(wcat + q * D * cz, ws[q], size_t(D * cz) * sizeof(float));
-    std::memcpy(bcat + q * D, bs[q], size_t(D) * sizeof(float));
+    for (int64_t k = 0; k < D; ++k) bcat[q * D + k] = bs[q] ? bs[q][k] : 0.0f;
   }
   const float* X = static_cast<const float*>(xa.z);
   if (xa.z_dtype != DType::f32) {
@@ -244,10 +244,10 @@ void Backward(const DoubleAttnShape& s, const DoubleAttnWeightsF32& w, const Dou
   cpu::gemm_reduce(P3, cz, E, {dP, 1, P3}, {X, cz, 1}, dwcat, cz, wpart, slabs, lay.per_thread, threads);
   ColumnSums(dP, E, P3, P3, cpart, csum, threads);
   float* gw[3] = {g.wf, g.wg, g.wh};
-  float* gb[3] = {g.bf, g.bg, g.bh};
+  float* gb[3] = {nullptr, g.bg, g.bh};
   for (int q = 0; q < 3; ++q) {
     std::memcpy(gw[q], dwcat + q * D * cz, size_t(D * cz) * sizeof(float));
-    std::memcpy(gb[q], csum + q * D, size_t(D) * sizeof(float));
+    if (gb[q]) std::memcpy(gb[q], csum + q * D, size_t(D) * sizeof(float));
   }
   cpu::gemm_rows(E, cz, P3, {dP, P3, 1}, {base + lay.wcat, cz, 1}, xa.dz, cz, false, slabs, lay.per_thread, threads);
 }

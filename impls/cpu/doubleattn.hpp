@@ -16,7 +16,7 @@ struct DoubleAttnShape {
 
 /// Weights in f32, PyTorch [out, in] layout.
 struct DoubleAttnWeightsF32 {
-  const float *wf, *bf;  // (D, c_z), (D)   proj_f: the gather maps
+  const float* wf;       // (D, c_z)        proj_f: the gather maps (no bias: it would cancel)
   const float *wg, *bg;  // (D, c_z), (D)   proj_g: the features gathered
   const float *wh, *bh;  // (D, c_z), (D)   proj_h: the distribution maps
   const float *wo, *bo;  // (c_z, D), (c_z) proj_o
@@ -24,7 +24,7 @@ struct DoubleAttnWeightsF32 {
 
 /// Gradients (f32, overwritten), the same layout.
 struct DoubleAttnGradsF32 {
-  float *wf, *bf, *wg, *bg, *wh, *bh, *wo, *bo;
+  float *wf, *wg, *bg, *wh, *bh, *wo, *bo;
 };
 
 /// z (N, N, c_z) in f32, bf16 or f16 (raw bits); out (N, N, c_z) f32.
