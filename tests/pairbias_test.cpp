@@ -120,7 +120,7 @@ TEST_CASE("attention_pair_bias reference equals a literal transcription of Boltz
   }
 }
 
-TEST_CASE("attention_pair_bias masks keys: a masked key's values change nothing; all masked = none masked",
+TEST_CASE("attention_pair_bias masks keys: a masked key's values change nothing, and all masked = none masked",
           "[pairbias]") {
   const Params p = apb().complete(shape(9, 8, 4, 2, 0.0), "pairbias_test");
   TensorMap in = apb().make_inputs(p, 5, "mask");
