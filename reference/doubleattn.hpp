@@ -139,7 +139,7 @@ Matrix<T> doubleattn_forward_reference(const DoubleAttnDims& d, const TensorMap&
 /// Gradients of Σ dout ⊙ out by name ("z" and every weight name), each [rows, cols] in T.
 template <class T>
 std::vector<std::pair<std::string, Matrix<T>>> doubleattn_backward_reference(const DoubleAttnDims& d,
-                                                                            const TensorMap& in, DType z_round) {
+                                                                             const TensorMap& in, DType z_round) {
   DoubleAttnState<T> s;
   doubleattn_forward_state<T>(d, in, z_round, s);
   const Matrix<T> dout = doubleattn_matrix<T>(in, "doutput", d.N * d.N, d.c_z, z_round);
@@ -154,9 +154,12 @@ std::vector<std::pair<std::string, Matrix<T>>> doubleattn_backward_reference(con
   auto sum = [](const Matrix<T>& x) { return Matrix<T>(x.colwise().sum()); };
   return {{"z", dz},
           {"proj_f.weight", dF.transpose() * s.X},
-          {"proj_g.weight", dG.transpose() * s.X}, {"proj_g.bias", sum(dG)},
-          {"proj_h.weight", dK.transpose() * s.X}, {"proj_h.bias", sum(dK)},
-          {"proj_o.weight", dout.transpose() * s.Y}, {"proj_o.bias", sum(dout)}};
+          {"proj_g.weight", dG.transpose() * s.X},
+          {"proj_g.bias", sum(dG)},
+          {"proj_h.weight", dK.transpose() * s.X},
+          {"proj_h.bias", sum(dK)},
+          {"proj_o.weight", dout.transpose() * s.Y},
+          {"proj_o.bias", sum(dout)}};
 }
 
 /// Bytes the reference allocates beyond its inputs (arithmetic type of `elem` bytes): per edge

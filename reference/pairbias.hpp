@@ -51,12 +51,10 @@ struct PairBiasDims {
 
 /// Every weight with its shape ([out, in]), in the order of the gradients.
 inline std::vector<std::pair<std::string, Shape>> pair_bias_weight_shapes(const PairBiasDims& d) {
-  return {{"norm_s.weight", {d.c_s}},         {"norm_s.bias", {d.c_s}},
-          {"proj_q.weight", {d.c_s, d.c_s}},  {"proj_q.bias", {d.c_s}},
-          {"proj_k.weight", {d.c_s, d.c_s}},  {"proj_v.weight", {d.c_s, d.c_s}},
-          {"proj_g.weight", {d.c_s, d.c_s}},  {"proj_z.0.weight", {d.c_z}},
-          {"proj_z.0.bias", {d.c_z}},         {"proj_z.1.weight", {d.H, d.c_z}},
-          {"proj_o.weight", {d.c_s, d.c_s}}};
+  return {{"norm_s.weight", {d.c_s}},        {"norm_s.bias", {d.c_s}},          {"proj_q.weight", {d.c_s, d.c_s}},
+          {"proj_q.bias", {d.c_s}},          {"proj_k.weight", {d.c_s, d.c_s}}, {"proj_v.weight", {d.c_s, d.c_s}},
+          {"proj_g.weight", {d.c_s, d.c_s}}, {"proj_z.0.weight", {d.c_z}},      {"proj_z.0.bias", {d.c_z}},
+          {"proj_z.1.weight", {d.H, d.c_z}}, {"proj_o.weight", {d.c_s, d.c_s}}};
 }
 
 /// The inputs (s, z, mask) with their shapes.
@@ -180,8 +178,8 @@ Matrix<T> pair_bias_forward_reference(const PairBiasDims& d, const TensorMap& in
 
 /// Gradients of Σ dout ⊙ out by name ("s", "z" and every weight name), each [rows, cols] in T.
 template <class T>
-std::vector<std::pair<std::string, Matrix<T>>> pair_bias_backward_reference(const PairBiasDims& d,
-                                                                            const TensorMap& in, DType x_round) {
+std::vector<std::pair<std::string, Matrix<T>>> pair_bias_backward_reference(const PairBiasDims& d, const TensorMap& in,
+                                                                            DType x_round) {
   PairBiasState<T> s;
   pair_bias_forward_state<T>(d, in, x_round, s);
   const int64_t N = d.N, cs = d.c_s, H = d.H, hd = d.d();

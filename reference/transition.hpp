@@ -69,10 +69,9 @@ inline TransitionDims transition_dims_from_tensors(const TensorMap& m) {
   for (const auto& [name, shape] : transition_weight_shapes(d)) {
     const Shape& got = require(m, name, where).shape();
     if (got != shape)
-      throw InputError(where + ": tensor '" + name + "': expected shape " + shape_str(shape) + " (c = " +
-                       std::to_string(d.c) + " from 'x' " + shape_str(x.shape()) + ", hidden = " +
-                       std::to_string(d.hidden) + " from 'fc1.weight' " + shape_str(fc1) + "), got " +
-                       shape_str(got));
+      throw InputError(where + ": tensor '" + name + "': expected shape " + shape_str(shape) +
+                       " (c = " + std::to_string(d.c) + " from 'x' " + shape_str(x.shape()) + ", hidden = " +
+                       std::to_string(d.hidden) + " from 'fc1.weight' " + shape_str(fc1) + "), got " + shape_str(got));
   }
   return d;
 }

@@ -32,7 +32,8 @@ std::vector<double> literal(const Params& p, const TensorMap& in) {
   auto lin = [&](const char* name, int64_t e, int64_t o) {
     const std::string bias = std::string(name) + ".bias";
     double s = in.count(bias) ? in.at(bias).get(o) : 0.0;
-    for (int64_t k = 0; k < cz; ++k) s += in.at(std::string(name) + ".weight").get(o * cz + k) * in.at("z").get(e * cz + k);
+    for (int64_t k = 0; k < cz; ++k)
+      s += in.at(std::string(name) + ".weight").get(o * cz + k) * in.at("z").get(e * cz + k);
     return s;
   };
   // Gather: A[e][d] = exp(F[e][d]) / Σ_e' exp(F[e'][d]); V[d][d'] = Σ_e A[e][d] G[e][d'].

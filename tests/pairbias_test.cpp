@@ -104,8 +104,7 @@ double max_diff(const Tensor& got, const std::vector<double>& want, double& mag)
 
 }  // namespace
 
-TEST_CASE("attention_pair_bias reference equals a literal transcription of Boltz's AttentionPairBias",
-          "[pairbias]") {
+TEST_CASE("attention_pair_bias reference equals a literal transcription of Boltz's AttentionPairBias", "[pairbias]") {
   for (double mask : {0.0, 0.4}) {
     const Params p = apb().complete(shape(6, 12, 5, 3, mask), "pairbias_test");
     const TensorMap in = apb().make_inputs(p, 3, "literal");
@@ -146,8 +145,8 @@ TEST_CASE("attention_pair_bias reference backward equals finite differences beyo
 
 TEST_CASE("attention_pair_bias cpu forward and backward hold the rule: odd shapes, tile edges, masks, every dtype",
           "[pairbias]") {
-  const std::vector<Params> shapes = {shape(1, 8, 4, 2, 0.0),     shape(7, 12, 5, 3, 0.3),  shape(64, 10, 7, 5, 0.0),
-                                      shape(65, 24, 9, 3, 0.5),   shape(130, 6, 3, 1, 1.0), shape(33, 40, 16, 8, 0.1)};
+  const std::vector<Params> shapes = {shape(1, 8, 4, 2, 0.0),   shape(7, 12, 5, 3, 0.3),  shape(64, 10, 7, 5, 0.0),
+                                      shape(65, 24, 9, 3, 0.5), shape(130, 6, 3, 1, 1.0), shape(33, 40, 16, 8, 0.1)};
   for (const Params& s : shapes)
     for (DType d : {DType::f32, DType::bf16, DType::f16}) {
       RunOptions o;
@@ -172,8 +171,8 @@ TEST_CASE("attention_pair_bias case files: export and verify round trip, and dis
   const auto dir = std::filesystem::temp_directory_path() / ("pairbias_test_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const std::string file = (dir / "apb.safetensors").string();
-  auto o = test::run_attnbench("export attention_pair_bias --shape N=9,c_s=12,c_z=5,H=3,mask_fraction=0.3 --out " +
-                               file);
+  auto o =
+      test::run_attnbench("export attention_pair_bias --shape N=9,c_s=12,c_z=5,H=3,mask_fraction=0.3 --out " + file);
   INFO(o.text);
   REQUIRE(o.code == 0);
   o = test::run_attnbench("verify attention_pair_bias " + file + " --impl cpu");

@@ -20,8 +20,15 @@ namespace {
 const Variant& block() { return find_variant("pairformer", "pairformer_test"); }
 
 Params small(double mask) {
-  return block().complete({{"N", 11}, {"c_s", 12}, {"c_z", 8}, {"c_hidden_mul", 5}, {"c_tri", 3}, {"H_tri", 2},
-                           {"H_s", 3}, {"transition_n", 2}, {"mask_fraction", mask}},
+  return block().complete({{"N", 11},
+                           {"c_s", 12},
+                           {"c_z", 8},
+                           {"c_hidden_mul", 5},
+                           {"c_tri", 3},
+                           {"H_tri", 2},
+                           {"H_s", 3},
+                           {"transition_n", 2},
+                           {"mask_fraction", mask}},
                           "pairformer_test");
 }
 
@@ -35,10 +42,18 @@ struct OpInfo {
 std::vector<OpInfo> ops() {
   const Params t = {{"N", 11}, {"c_z", 8}, {"c", 3}, {"H", 2}};
   return {
-      {"tri_mul_out", "trimul_af3", {"p_out.weight"}, {{"N", 11}, {"c_z", 8}, {"c_hidden", 5}, {"direction", "outgoing"}}},
-      {"tri_mul_in", "trimul_af3", {"p_out.weight"}, {{"N", 11}, {"c_z", 8}, {"c_hidden", 5}, {"direction", "incoming"}}},
+      {"tri_mul_out",
+       "trimul_af3",
+       {"p_out.weight"},
+       {{"N", 11}, {"c_z", 8}, {"c_hidden", 5}, {"direction", "outgoing"}}},
+      {"tri_mul_in",
+       "trimul_af3",
+       {"p_out.weight"},
+       {{"N", 11}, {"c_z", 8}, {"c_hidden", 5}, {"direction", "incoming"}}},
       {"tri_att_start", "triangle_attention", {"mha.linear_o.weight", "mha.linear_o.bias"}, t},
-      {"tri_att_end", "triangle_attention", {"mha.linear_o.weight", "mha.linear_o.bias"},
+      {"tri_att_end",
+       "triangle_attention",
+       {"mha.linear_o.weight", "mha.linear_o.bias"},
        {{"N", 11}, {"c_z", 8}, {"c", 3}, {"H", 2}, {"starting", false}}},
       {"transition_z", "transition", {"fc3.weight"}, {{"N", 11}, {"c", 8}, {"hidden", 16}, {"track", "pair"}}},
       {"attention", "attention_pair_bias", {"proj_o.weight"}, {{"N", 11}, {"c_s", 12}, {"c_z", 8}, {"H", 3}}},
@@ -115,7 +130,8 @@ TEST_CASE("pairformer routes each operation's weights and masks: the block with 
     const bool single = std::string(op.prefix) == "attention" || std::string(op.prefix) == "transition_s";
     CHECK(test::max_abs_diff(single ? got.at("s_out") : got.at("z_out"), single ? in.at("s") : in.at("z")) > 1e-3);
     // The cpu composition on the same inputs (f32; the other operations contribute exactly 0).
-    const TensorMap cpu = test::run_pass(block(), "cpu", p, DType::f32, block().cast_inputs(p, one, DType::f32), Pass::fwd);
+    const TensorMap cpu =
+        test::run_pass(block(), "cpu", p, DType::f32, block().cast_inputs(p, one, DType::f32), Pass::fwd);
     CHECK(test::max_abs_diff(cpu.at("s_out"), s) < 1e-4);
     CHECK(test::max_abs_diff(cpu.at("z_out"), z) < 1e-4);
   }
@@ -146,8 +162,8 @@ TEST_CASE("pairformer cpu records a per-operation breakdown in execution order",
   REQUIRE(rec["status"] == "ok");
   const auto& rows = rec["bench"]["breakdown"];
   REQUIRE(rows.is_array());
-  const std::vector<std::string> order = {"tri_mul_out", "tri_mul_in",   "tri_att_start", "tri_att_end",
-                                          "transition_z", "attention",   "transition_s"};
+  const std::vector<std::string> order = {"tri_mul_out",  "tri_mul_in", "tri_att_start", "tri_att_end",
+                                          "transition_z", "attention",  "transition_s"};
   REQUIRE(rows.size() == order.size());
   double bytes = 0;
   for (size_t k = 0; k < order.size(); ++k) {

@@ -43,12 +43,13 @@ std::vector<double> literal_boltz(const Params& p, const TensorMap& in) {
     for (double e : x) var += (e - mean) * (e - mean);
     var /= double(c);
     for (int64_t k = 0; k < c; ++k)
-      x[size_t(k)] = (x[size_t(k)] - mean) / std::sqrt(var + 1e-5) * in.at("norm.weight").get(k) +
-                     in.at("norm.bias").get(k);
+      x[size_t(k)] =
+          (x[size_t(k)] - mean) / std::sqrt(var + 1e-5) * in.at("norm.weight").get(k) + in.at("norm.bias").get(k);
     std::vector<double> hid(static_cast<size_t>(h));
     for (int64_t j = 0; j < h; ++j) {
       double a = 0, b = 0;
-      for (int64_t k = 0; k < c; ++k) a += w("fc1.weight", j, k) * x[size_t(k)], b += w("fc2.weight", j, k) * x[size_t(k)];
+      for (int64_t k = 0; k < c; ++k)
+        a += w("fc1.weight", j, k) * x[size_t(k)], b += w("fc2.weight", j, k) * x[size_t(k)];
       hid[size_t(j)] = a / (1.0 + std::exp(-a)) * b;
     }
     for (int64_t o = 0; o < c; ++o) {
@@ -80,14 +81,12 @@ TEST_CASE("transition reference equals a literal transcription of Boltz's Transi
   }
 }
 
-TEST_CASE("transition reference backward equals finite differences beyond the test shapes",
-          "[transition][gradient]") {
+TEST_CASE("transition reference backward equals finite differences beyond the test shapes", "[transition][gradient]") {
   test::check_reference_gradients_fd(transition(), shape(3, 6, 10, "pair"));
   test::check_reference_gradients_fd(transition(), shape(11, 5, 3, "single"));
 }
 
-TEST_CASE("transition cpu forward and backward hold the rule on odd shapes, both tracks, bf16, f16",
-          "[transition]") {
+TEST_CASE("transition cpu forward and backward hold the rule on odd shapes, both tracks, bf16, f16", "[transition]") {
   const std::vector<Params> shapes = {shape(1, 8, 5, "pair"), shape(7, 12, 48, "pair"), shape(33, 9, 13, "single"),
                                       shape(1, 3, 1, "single"), shape(13, 40, 59, "pair")};
   for (const Params& s : shapes)
@@ -95,7 +94,8 @@ TEST_CASE("transition cpu forward and backward hold the rule on odd shapes, both
       RunOptions o;
       o.bench = false;
       o.check_seeds = 2;
-      const auto rec = run_case(CaseSpec{&transition(), "cpu", d, transition().complete(s, "transition_test"), Pass::fwd}, o);
+      const auto rec =
+          run_case(CaseSpec{&transition(), "cpu", d, transition().complete(s, "transition_test"), Pass::fwd}, o);
       INFO(dtype_name(d) << " " << s.dump() << ": " << rec.dump());
       REQUIRE(rec["status"] == "ok");
       for (const auto& [name, r] : rec["checks"].items()) CHECK(r["passed"].get<bool>());

@@ -51,7 +51,8 @@ class DoubleAttnCpuInstance final : public Instance {
     const std::string who = "double_attention cpu";
     w_ = weight_pointers<DoubleAttnWeightsF32>([&](const char* name) { return require_f32(a.inputs, name, who); });
     const Tensor& z = require(a.inputs, "z", who);
-    if (z.dtype() != DType::f32 && !is_16bit(z.dtype())) throw std::invalid_argument(who + ": z must be f32, bf16 or f16");
+    if (z.dtype() != DType::f32 && !is_16bit(z.dtype()))
+      throw std::invalid_argument(who + ": z must be f32, bf16 or f16");
     x_.z = z.raw();
     x_.z_dtype = z.dtype();
     x_.out = a.outputs.at("output").data<float>();
@@ -88,7 +89,8 @@ class DoubleAttnVariant final : public Variant {
   std::string name() const override { return "double_attention"; }
   std::string summary() const override {
     return "double-attention pair block (the protein seed's cheaper alternative to triangle attention): gather over "
-           "all N^2 edges into a D x D context, distribute back, linear (the block adds z); CPU forward and backward as GEMMs";
+           "all N^2 edges into a D x D context, distribute back, linear (the block adds z); CPU forward and backward "
+           "as GEMMs";
   }
   std::vector<ParamSpec> params() const override {
     return {
@@ -101,8 +103,9 @@ class DoubleAttnVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
-    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
-             [](const ImplArgs& a) { return std::make_unique<DoubleAttnCpuInstance>(a); }};
+    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
+               return std::make_unique<DoubleAttnCpuInstance>(a);
+             }};
     cpu.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     v.push_back(std::move(cpu));
     return v;
@@ -195,9 +198,8 @@ class DoubleAttnVariant final : public Variant {
     const double pair = double(d.N) * double(d.N) * double(d.c_z);
     const double master = pair * 8.0;
     const double io = pair * double(dtype_size(dtype)) + pair * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;
-    const double scratch = impl == "cpu"
-                               ? double(doubleattn_forward_scratch_bytes(shape_of(d), omp_get_max_threads()))
-                               : ref::doubleattn_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
+    const double scratch = impl == "cpu" ? double(doubleattn_forward_scratch_bytes(shape_of(d), omp_get_max_threads()))
+                                         : ref::doubleattn_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
     return master + io + scratch;
   }
   double backward_memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {

@@ -47,9 +47,9 @@ Tensor to_tensor(const ref::Matrix<T>& m, DType dtype, const Shape& shape) {
 /// The kernel's weight (or gradient) pointers in its order, `at(name)` giving a tensor's data.
 template <class Set, class At>
 Set weight_pointers(const At& at) {
-  return {at("norm_s.weight"),   at("norm_s.bias"),   at("proj_q.weight"),   at("proj_q.bias"),
-          at("proj_k.weight"),   at("proj_v.weight"), at("proj_g.weight"),   at("proj_z.0.weight"),
-          at("proj_z.0.bias"),   at("proj_z.1.weight"), at("proj_o.weight")};
+  return {at("norm_s.weight"), at("norm_s.bias"),     at("proj_q.weight"), at("proj_q.bias"),
+          at("proj_k.weight"), at("proj_v.weight"),   at("proj_g.weight"), at("proj_z.0.weight"),
+          at("proj_z.0.bias"), at("proj_z.1.weight"), at("proj_o.weight")};
 }
 
 /// The CPU kernel, every pass: the forward keeps what the backward reads in the scratch, so bwd
@@ -117,8 +117,9 @@ class PairBiasVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
-    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
-             [](const ImplArgs& a) { return std::make_unique<PairBiasCpuInstance>(a); }};
+    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
+               return std::make_unique<PairBiasCpuInstance>(a);
+             }};
     cpu.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     v.push_back(std::move(cpu));
     return v;
@@ -149,8 +150,8 @@ class PairBiasVariant final : public Variant {
     m.emplace("s", normal("s", {d.N, d.c_s}, 1.0, 0.0));
     m.emplace("z", normal("z", {d.N, d.N, d.c_z}, 1.0, 0.0));
     for (const auto& [name, shape] : ref::pair_bias_weight_shapes(d)) {
-      const bool ln = name == "norm_s.weight" || name == "norm_s.bias" || name == "proj_z.0.weight" ||
-                      name == "proj_z.0.bias";
+      const bool ln =
+          name == "norm_s.weight" || name == "norm_s.bias" || name == "proj_z.0.weight" || name == "proj_z.0.bias";
       const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
       if (ln)
         m.emplace(name, normal(name, shape, 0.1 * sd, bias ? 0.0 : sd));
@@ -244,9 +245,8 @@ class PairBiasVariant final : public Variant {
     const double out = double(d.N) * double(d.c_s);
     const double master = (act + weights + double(d.N)) * 8.0;
     const double io = act * double(dtype_size(dtype)) + out * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;
-    const double scratch = impl == "cpu"
-                               ? double(pair_bias_forward_scratch_bytes(shape_of(d), omp_get_max_threads()))
-                               : ref::pair_bias_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
+    const double scratch = impl == "cpu" ? double(pair_bias_forward_scratch_bytes(shape_of(d), omp_get_max_threads()))
+                                         : ref::pair_bias_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
     return master + io + scratch;
   }
   /// Beyond the forward: ds, dz (and the oracle's), the f64 cotangent, the weights' gradients,

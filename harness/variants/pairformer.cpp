@@ -36,9 +36,9 @@ struct Op {
 };
 
 constexpr Op kOps[] = {
-    {"tri_mul_out", "trimul_af3", Track::pair},        {"tri_mul_in", "trimul_af3", Track::pair},
+    {"tri_mul_out", "trimul_af3", Track::pair},           {"tri_mul_in", "trimul_af3", Track::pair},
     {"tri_att_start", "triangle_attention", Track::pair}, {"tri_att_end", "triangle_attention", Track::pair},
-    {"transition_z", "transition", Track::pair},       {"attention", "attention_pair_bias", Track::single},
+    {"transition_z", "transition", Track::pair},          {"attention", "attention_pair_bias", Track::single},
     {"transition_s", "transition", Track::single},
 };
 constexpr int kNumOps = int(sizeof(kOps) / sizeof(kOps[0]));
@@ -51,7 +51,10 @@ Params op_params(const Params& p, int k) {
   const int64_t N = p.at("N"), cz = p.at("c_z"), cs = p.at("c_s"), n = p.at("transition_n");
   Params q;
   if (name == "tri_mul_out" || name == "tri_mul_in")
-    q = {{"N", N}, {"c_z", cz}, {"c_hidden", p.at("c_hidden_mul")}, {"direction", name == "tri_mul_out" ? "outgoing" : "incoming"}};
+    q = {{"N", N},
+         {"c_z", cz},
+         {"c_hidden", p.at("c_hidden_mul")},
+         {"direction", name == "tri_mul_out" ? "outgoing" : "incoming"}};
   else if (name == "tri_att_start" || name == "tri_att_end")
     q = {{"N", N}, {"c_z", cz}, {"c", p.at("c_tri")}, {"H", p.at("H_tri")}, {"starting", name == "tri_att_start"}};
   else if (name == "transition_z")
@@ -129,16 +132,22 @@ class PairformerCpuInstance final : public Instance {
       op.inputs = op_weights(in, k);
       const std::string v = kOps[k].variant;
       const Shape& shape = kOps[k].track == Track::pair ? z_shape : s_shape;
-      if (k == 0) op.inputs.emplace("z", in.at("z").to(DType::f32));
-      else if (k == kSingle) op.inputs.emplace("s", in.at("s").to(DType::f32));
-      else op.inputs.emplace(track_input(k), Tensor(DType::f32, shape));
+      if (k == 0)
+        op.inputs.emplace("z", in.at("z").to(DType::f32));
+      else if (k == kSingle)
+        op.inputs.emplace("s", in.at("s").to(DType::f32));
+      else
+        op.inputs.emplace(track_input(k), Tensor(DType::f32, shape));
       if (v == "attention_pair_bias") op.inputs.emplace("z", Tensor(DType::f32, z_shape));
-      if (v == "attention_pair_bias") op.inputs.emplace("mask", in.at("mask").to(DType::f32));
-      else if (v != "transition") op.inputs.emplace("mask", pm);
+      if (v == "attention_pair_bias")
+        op.inputs.emplace("mask", in.at("mask").to(DType::f32));
+      else if (v != "transition")
+        op.inputs.emplace("mask", pm);
       for (const auto& spec : op_variant(k).outputs(op.params, DType::f32))
         op.outputs.emplace(spec.name, Tensor(spec.dtype, spec.shape));
       const size_t before = a.workspace.current_bytes();
-      op.args = std::make_unique<ImplArgs>(ImplArgs{op.params, DType::f32, op.inputs, op.outputs, a.workspace, Pass::fwd});
+      op.args =
+          std::make_unique<ImplArgs>(ImplArgs{op.params, DType::f32, op.inputs, op.outputs, a.workspace, Pass::fwd});
       op.inst = op_variant(k).find_impl("cpu")->make(*op.args);
       op.bytes = a.workspace.current_bytes() - before;
     }
@@ -174,7 +183,9 @@ class PairformerCpuInstance final : public Instance {
     for (int k = 0; k < kNumOps; ++k) {
       std::vector<double> t = ops_[size_t(k)].seconds;
       std::sort(t.begin(), t.end());
-      const double median = t.empty() ? 0.0 : t.size() % 2 ? t[t.size() / 2] : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
+      const double median = t.empty()      ? 0.0
+                            : t.size() % 2 ? t[t.size() / 2]
+                                           : 0.5 * (t[t.size() / 2 - 1] + t[t.size() / 2]);
       rows.push_back({{"op", kOps[k].name}, {"s", median}, {"bytes", ops_[size_t(k)].bytes}});
     }
     return {{"breakdown", rows}};
@@ -273,8 +284,9 @@ class PairformerVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
-    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
-                 [](const ImplArgs& a) { return std::make_unique<PairformerCpuInstance>(a); }});
+    v.push_back({"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
+                   return std::make_unique<PairformerCpuInstance>(a);
+                 }});
     return v;
   }
 
@@ -361,7 +373,8 @@ class PairformerVariant final : public Variant {
       dy = add(dy, g.at("d" + x), c.dtype);
       if (v == "attention_pair_bias") dz = add(dz, g.at("dz"), c.dtype);
       for (auto& [name, t] : g)
-        if (!is_activation(k, name.substr(1))) r.emplace("d" + std::string(kOps[k].name) + "." + name.substr(1), std::move(t));
+        if (!is_activation(k, name.substr(1)))
+          r.emplace("d" + std::string(kOps[k].name) + "." + name.substr(1), std::move(t));
     }
     r.emplace("ds", ds.to(c.dtype));
     r.emplace("dz", dz.to(c.dtype));
@@ -399,11 +412,32 @@ class PairformerVariant final : public Variant {
 
   std::vector<Params> test_shapes() const override {
     return {
-        {{"N", 1}, {"c_s", 8}, {"c_z", 4}, {"c_hidden_mul", 3}, {"c_tri", 2}, {"H_tri", 2}, {"H_s", 2}, {"transition_n", 2}},
-        {{"N", 9}, {"c_s", 12}, {"c_z", 8}, {"c_hidden_mul", 5}, {"c_tri", 3}, {"H_tri", 2}, {"H_s", 3}, {"transition_n", 3},
+        {{"N", 1},
+         {"c_s", 8},
+         {"c_z", 4},
+         {"c_hidden_mul", 3},
+         {"c_tri", 2},
+         {"H_tri", 2},
+         {"H_s", 2},
+         {"transition_n", 2}},
+        {{"N", 9},
+         {"c_s", 12},
+         {"c_z", 8},
+         {"c_hidden_mul", 5},
+         {"c_tri", 3},
+         {"H_tri", 2},
+         {"H_s", 3},
+         {"transition_n", 3},
          {"mask_fraction", 0.3}},
-        {{"N", 33}, {"c_s", 16}, {"c_z", 12}, {"c_hidden_mul", 12}, {"c_tri", 4}, {"H_tri", 3}, {"H_s", 4},
-         {"transition_n", 4}, {"mask_fraction", 0.1}},
+        {{"N", 33},
+         {"c_s", 16},
+         {"c_z", 12},
+         {"c_hidden_mul", 12},
+         {"c_tri", 4},
+         {"H_tri", 3},
+         {"H_s", 4},
+         {"transition_n", 4},
+         {"mask_fraction", 0.1}},
     };
   }
 };

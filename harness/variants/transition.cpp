@@ -51,7 +51,8 @@ class TransitionCpuInstance final : public Instance {
     auto f = [&](const char* name) { return require_f32(a.inputs, name, who); };
     w_ = {f("norm.weight"), f("norm.bias"), f("fc1.weight"), f("fc2.weight"), f("fc3.weight")};
     const Tensor& x = require(a.inputs, "x", who);
-    if (x.dtype() != DType::f32 && !is_16bit(x.dtype())) throw std::invalid_argument(who + ": x must be f32, bf16 or f16");
+    if (x.dtype() != DType::f32 && !is_16bit(x.dtype()))
+      throw std::invalid_argument(who + ": x must be f32, bf16 or f16");
     x_.x = x.raw();
     x_.x_dtype = x.dtype();
     x_.out = a.outputs.at("output").data<float>();
@@ -102,8 +103,9 @@ class TransitionVariant final : public Variant {
   std::vector<Impl> impls() const override {
     std::vector<Impl> v;
     v.push_back(reference_impl({DType::f64, DType::f32, DType::bf16, DType::f16}));
-    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16},
-             [](const ImplArgs& a) { return std::make_unique<TransitionCpuInstance>(a); }};
+    Impl cpu{"cpu", Device::cpu, {DType::f32, DType::bf16, DType::f16}, [](const ImplArgs& a) {
+               return std::make_unique<TransitionCpuInstance>(a);
+             }};
     cpu.passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
     v.push_back(std::move(cpu));
     return v;
@@ -205,8 +207,9 @@ class TransitionVariant final : public Variant {
   double memory_bytes(const Params& p, const std::string& impl, DType dtype) const override {
     const ref::TransitionDims d = dims_of(p);
     const double act = double(d.rows()) * double(d.c), weights = 3.0 * double(d.c) * double(d.hidden);
-    const double master = (act + weights) * 8.0;                                            // f64 inputs
-    const double io = act * double(dtype_size(dtype)) + act * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;  // x, out, oracle's
+    const double master = (act + weights) * 8.0;  // f64 inputs
+    const double io =
+        act * double(dtype_size(dtype)) + act * (dtype == DType::f64 ? 8.0 : 4.0) * 2.0;  // x, out, oracle's
     const double scratch = impl == "cpu" ? double(transition_forward_scratch_bytes(shape_of(d), omp_get_max_threads()))
                                          : ref::transition_reference_scratch_bytes(d, dtype == DType::f64 ? 8.0 : 4.0);
     return master + io + scratch;

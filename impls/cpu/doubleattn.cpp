@@ -30,7 +30,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Layout {
   int64_t E, P3, per_thread;
   int64_t wcat, bcat, x, P, V, Y, vpart, cpart, slabs, fwd_total;  // forward (kept for the backward)
-  int64_t dout, dY, dP, dV, wpart, dwcat, csum, bwd_total;   // backward
+  int64_t dout, dY, dP, dV, wpart, dwcat, csum, bwd_total;         // backward
   Layout(const DoubleAttnShape& s, int threads) {
     E = s.N * s.N;
     P3 = 3 * s.D;
@@ -47,7 +47,7 @@ struct Layout {
     P = take(E * P3);
     V = take(s.D * s.D);
     Y = take(E * s.D);
-    vpart = take(int64_t(threads) * s.D * s.D);                          // V's partial sums
+    vpart = take(int64_t(threads) * s.D * s.D);                         // V's partial sums
     cpart = take(4 * int64_t(threads) * std::max(P3, s.c_z) + 4 * P3);  // doubles
     slabs = take(per_thread * threads);
     fwd_total = at;

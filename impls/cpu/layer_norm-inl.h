@@ -40,8 +40,8 @@ inline void Moments(const float* v, int64_t n, float& mean, float& rstd) {
 
 /// y = LayerNorm(x) ⊙ gamma + beta over the rows of x (`src` of dtype `st`, f32 or 16-bit,
 /// rows × cols contiguous), OpenMP over rows; keeps each row's mean and 1/σ.
-inline void LayerNormRows(const void* src, DType st, int64_t rows, int64_t cols, const float* gamma,
-                          const float* beta, float* y, float* mean, float* rstd, int threads) {
+inline void LayerNormRows(const void* src, DType st, int64_t rows, int64_t cols, const float* gamma, const float* beta,
+                          float* y, float* mean, float* rstd, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * cols;
@@ -57,8 +57,7 @@ inline void LayerNormRows(const void* src, DType st, int64_t rows, int64_t cols,
 
 /// out[k] = Σ_r x[r·ld + k] (cols), summed in double: per-thread partial rows in `part`
 /// (threads × cols doubles), then added in thread order (deterministic for a thread count).
-inline void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, double* part, float* out,
-                       int threads) {
+inline void ColumnSums(const float* x, int64_t rows, int64_t cols, int64_t ld, double* part, float* out, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();

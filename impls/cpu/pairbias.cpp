@@ -310,7 +310,7 @@ void Backward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBia
         const float dl = delta[h * N + i0 + r];
         for (int64_t j = 0; j < N; ++j) ds[r * Np + j] = p[r * Np + j] * (dp[r * Np + j] - dl);
       }
-      cpu::gemm_serial(rows, dh, N, {ds, Np, 1}, {k, P4, 1}, dproj + i0 * P4 + h * dh, P4, false, slab);   // dq
+      cpu::gemm_serial(rows, dh, N, {ds, Np, 1}, {k, P4, 1}, dproj + i0 * P4 + h * dh, P4, false, slab);     // dq
       cpu::gemm_serial(N, dh, rows, {ds, 1, Np}, {q + i0 * P4, P4, 1}, dproj + cs + h * dh, P4, acc, slab);  // dk
     }
   }
@@ -318,7 +318,7 @@ void Backward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBia
   for (int64_t i = 0; i < N; ++i)
     for (int64_t e = 0; e < 2 * cs; ++e) dproj[i * P4 + e] *= scale;
 
-  // The pair track: db to pair-major, dW_z = dbᵀ ẑ, dẑ = db W_z → LN_z backward → dz.
+      // The pair track: db to pair-major, dW_z = dbᵀ ẑ, dẑ = db W_z → LN_z backward → dz.
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t i = 0; i < N; ++i)
     for (int64_t h = 0; h < H; ++h) {
@@ -327,18 +327,16 @@ void Backward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBia
     }
   cpu::gemm_reduce(H, cz, NN, {dbz, 1, H}, {base + lay.zh, cz, 1}, g.wz, cz, wpart, slabs, lay.per_thread, threads);
   cpu::gemm_rows(NN, cz, H, {dbz, H, 1}, {w.wz, cz, 1}, xa.dz, cz, false, slabs, lay.per_thread, threads);
-  LayerNormBackwardRows(xa.dz, {nullptr, xa.z, xa.dtype, base + lay.mean_z}, base + lay.rstd_z, w.ln_z_w, NN, cz,
-                        dpart, g.ln_z_w, g.ln_z_b, slabs + lay.t_row, lay.per_thread, threads);
+  LayerNormBackwardRows(xa.dz, {nullptr, xa.z, xa.dtype, base + lay.mean_z}, base + lay.rstd_z, w.ln_z_w, NN, cz, dpart,
+                        g.ln_z_w, g.ln_z_b, slabs + lay.t_row, lay.per_thread, threads);
 
   // The single track: dW = d[q|k|v|g]ᵀ ŝ, db_q = Σ dq, dŝ = d[q|k|v|g] [W_q; W_k; W_v; W_g] → LN_s backward.
   float* dwcat = base + lay.dwcat;
-  cpu::gemm_reduce(P4, cs, N, {dproj, 1, P4}, {base + lay.sh, cs, 1}, dwcat, cs, wpart, slabs, lay.per_thread,
-                   threads);
+  cpu::gemm_reduce(P4, cs, N, {dproj, 1, P4}, {base + lay.sh, cs, 1}, dwcat, cs, wpart, slabs, lay.per_thread, threads);
   float* gw[4] = {g.wq, g.wk, g.wv, g.wg};
   for (int p = 0; p < 4; ++p) std::memcpy(gw[p], dwcat + p * cs * cs, size_t(cs * cs) * sizeof(float));
   ColumnSums(dproj, N, cs, P4, dpart, g.bq, threads);
-  cpu::gemm_rows(N, cs, P4, {dproj, P4, 1}, {base + lay.wcat, cs, 1}, xa.ds, cs, false, slabs, lay.per_thread,
-                 threads);
+  cpu::gemm_rows(N, cs, P4, {dproj, P4, 1}, {base + lay.wcat, cs, 1}, xa.ds, cs, false, slabs, lay.per_thread, threads);
   LayerNormBackwardRows(xa.ds, {nullptr, xa.s, xa.dtype, base + lay.mean_s}, base + lay.rstd_s, w.ln_s_w, N, cs, dpart,
                         g.ln_s_w, g.ln_s_b, slabs + lay.t_row, lay.per_thread, threads);
 }
@@ -360,8 +358,8 @@ size_t pair_bias_backward_scratch_bytes(const PairBiasShape& s, int threads) {
   return size_t(cpu_pair_bias::Layout(s, threads).bwd_total) * sizeof(float);
 }
 
-void pair_bias_forward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBiasActivations& x,
-                       void* scratch, int threads) {
+void pair_bias_forward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBiasActivations& x, void* scratch,
+                       int threads) {
   using namespace cpu_pair_bias;  // a one-target build expands the macro to HWY_NAMESPACE::Forward
   HWY_DYNAMIC_DISPATCH(Forward)(s, w, x, scratch, threads);
 }

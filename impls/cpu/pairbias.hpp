@@ -50,8 +50,8 @@ struct PairBiasActivations {
 size_t pair_bias_forward_scratch_bytes(const PairBiasShape& s, int threads);
 size_t pair_bias_backward_scratch_bytes(const PairBiasShape& s, int threads);
 
-void pair_bias_forward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBiasActivations& x,
-                       void* scratch, int threads);
+void pair_bias_forward(const PairBiasShape& s, const PairBiasWeightsF32& w, const PairBiasActivations& x, void* scratch,
+                       int threads);
 
 /// Gradients of Σ dout ⊙ out for s, z and every weight, after pair_bias_forward on the same
 /// scratch (which must hold pair_bias_backward_scratch_bytes); the forward's part is only read.

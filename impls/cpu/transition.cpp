@@ -32,7 +32,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Layout {
   int64_t per_thread;
   int64_t wcat, mean, rstd, x, P, H, slabs, fwd_total;  // forward (kept for the backward)
-  int64_t dO, dH, dP, wpart, lnpart, bwd_total;          // backward
+  int64_t dO, dH, dP, wpart, lnpart, bwd_total;         // backward
   Layout(const TransitionShape& s, int threads) {
     const int64_t R = s.rows, c = s.c, h = s.hidden;
     per_thread = round_up(cpu::gemm_pack_floats(std::max(2 * h, c)) + c, 16);  // GEMM packing, one row
