@@ -11,8 +11,12 @@
 
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "harness/dtype.hpp"
+#include "harness/errors.hpp"
+#include "harness/tensor.hpp"
 
 namespace attnbench::ref {
 
@@ -57,6 +61,21 @@ void masked_softmax_rows(Matrix<Scalar>& S) {
     }
     S.row(i) /= sum;
   }
+}
+
+/// Tensor `name` of `in` as a (rows, cols) matrix in T, each value rounded to `round` first
+/// (f64: as stored); `where` names the reference in the missing-tensor error.
+template <class T>
+Matrix<T> tensor_matrix(const TensorMap& in, const std::string& name, int64_t rows, int64_t cols, DType round,
+                        const std::string& where) {
+  const Tensor& t = require(in, name, where);
+  if (t.numel() != rows * cols) throw std::logic_error(where + ": size mismatch for " + name);
+  Matrix<T> m(rows, cols);
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    const double v = t.get(i);
+    m.data()[i] = round == DType::f64 ? T(v) : T(round_to(round, v));
+  }
+  return m;
 }
 
 inline constexpr double kLayerNormEps = 1e-5;  // OpenFold, Boltz (torch.nn.LayerNorm default)

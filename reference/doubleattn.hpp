@@ -71,18 +71,6 @@ inline DoubleAttnDims doubleattn_dims_from_tensors(const TensorMap& m) {
 }
 
 template <class T>
-Matrix<T> doubleattn_matrix(const TensorMap& in, const std::string& name, int64_t rows, int64_t cols, DType round) {
-  const Tensor& t = require(in, name, "double attention reference");
-  if (t.numel() != rows * cols) throw std::logic_error("doubleattn_matrix: size mismatch for " + name);
-  Matrix<T> m(rows, cols);
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    const double v = t.get(i);
-    m.data()[i] = round == DType::f64 ? T(v) : T(round_to(round, v));
-  }
-  return m;
-}
-
-template <class T>
 struct DoubleAttnState {
   Matrix<T> X, Wf, Wg, bg, Wh, bh, Wo, bo;
   Matrix<T> A, G, Q, V, Y, out;
@@ -102,7 +90,9 @@ template <class T>
 void doubleattn_forward_state(const DoubleAttnDims& d, const TensorMap& in, DType z_round, DoubleAttnState<T>& s) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t E = d.N * d.N, cz = d.c_z, D = d.D;
-  auto w = [&](const char* name, int64_t rows, int64_t cols) { return doubleattn_matrix<T>(in, name, rows, cols, tr); };
+  auto w = [&](const char* name, int64_t rows, int64_t cols) {
+    return tensor_matrix<T>(in, name, rows, cols, tr, "double attention reference");
+  };
   s.Wf = w("proj_f.weight", D, cz);
   s.Wg = w("proj_g.weight", D, cz);
   s.bg = w("proj_g.bias", 1, D);
@@ -110,7 +100,7 @@ void doubleattn_forward_state(const DoubleAttnDims& d, const TensorMap& in, DTyp
   s.bh = w("proj_h.bias", 1, D);
   s.Wo = w("proj_o.weight", cz, D);
   s.bo = w("proj_o.bias", 1, cz);
-  s.X = doubleattn_matrix<T>(in, "z", E, cz, z_round);
+  s.X = tensor_matrix<T>(in, "z", E, cz, z_round, "double attention reference");
   s.A = s.X * s.Wf.transpose();
   softmax_columns<T>(s.A);
   s.G = s.X * s.Wg.transpose();
@@ -142,7 +132,7 @@ std::vector<std::pair<std::string, Matrix<T>>> doubleattn_backward_reference(con
                                                                              const TensorMap& in, DType z_round) {
   DoubleAttnState<T> s;
   doubleattn_forward_state<T>(d, in, z_round, s);
-  const Matrix<T> dout = doubleattn_matrix<T>(in, "doutput", d.N * d.N, d.c_z, z_round);
+  const Matrix<T> dout = tensor_matrix<T>(in, "doutput", d.N * d.N, d.c_z, z_round, "double attention reference");
   const Matrix<T> dY = dout * s.Wo;
   const Matrix<T> dQ = dY * s.V.transpose(), dV = s.Q.transpose() * dY;
   const Vector<T> rq = (dQ.array() * s.Q.array()).rowwise().sum();

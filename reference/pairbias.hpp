@@ -91,19 +91,6 @@ inline PairBiasDims pair_bias_dims_from_tensors(const TensorMap& m) {
   return d;
 }
 
-/// Tensor `name` as a (rows, cols) matrix in T, each value rounded to `round` first.
-template <class T>
-Matrix<T> pair_bias_matrix(const TensorMap& in, const std::string& name, int64_t rows, int64_t cols, DType round) {
-  const Tensor& t = require(in, name, "attention with pair bias reference");
-  if (t.numel() != rows * cols) throw std::logic_error("pair_bias_matrix: size mismatch for " + name);
-  Matrix<T> m(rows, cols);
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    const double v = t.get(i);
-    m.data()[i] = round == DType::f64 ? T(v) : T(round_to(round, v));
-  }
-  return m;
-}
-
 template <class T>
 struct PairBiasState {
   Matrix<T> ln_s_w, ln_s_b, Wq, bq, Wk, Wv, Wg, ln_z_w, ln_z_b, Wz, Wo;
@@ -129,7 +116,9 @@ template <class T>
 void pair_bias_forward_state(const PairBiasDims& d, const TensorMap& in, DType x_round, PairBiasState<T>& s) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t N = d.N, cs = d.c_s, cz = d.c_z, H = d.H, hd = d.d();
-  auto w = [&](const char* name, int64_t rows, int64_t cols) { return pair_bias_matrix<T>(in, name, rows, cols, tr); };
+  auto w = [&](const char* name, int64_t rows, int64_t cols) {
+    return tensor_matrix<T>(in, name, rows, cols, tr, "attention with pair bias reference");
+  };
   s.ln_s_w = w("norm_s.weight", 1, cs);
   s.ln_s_b = w("norm_s.bias", 1, cs);
   s.Wq = w("proj_q.weight", cs, cs);
@@ -141,9 +130,9 @@ void pair_bias_forward_state(const PairBiasDims& d, const TensorMap& in, DType x
   s.ln_z_b = w("proj_z.0.bias", 1, cz);
   s.Wz = w("proj_z.1.weight", H, cz);
   s.Wo = w("proj_o.weight", cs, cs);
-  const Matrix<T> x = pair_bias_matrix<T>(in, "s", N, cs, x_round);
-  const Matrix<T> z = pair_bias_matrix<T>(in, "z", N * N, cz, x_round);
-  s.mu = pair_bias_key_bias<T>(pair_bias_matrix<T>(in, "mask", 1, N, tr));
+  const Matrix<T> x = tensor_matrix<T>(in, "s", N, cs, x_round, "attention with pair bias reference");
+  const Matrix<T> z = tensor_matrix<T>(in, "z", N * N, cz, x_round, "attention with pair bias reference");
+  s.mu = pair_bias_key_bias<T>(tensor_matrix<T>(in, "mask", 1, N, tr, "attention with pair bias reference"));
   s.sh = layer_norm_rows<T>(x, s.ln_s_w, s.ln_s_b, s.n_s, s.rstd_s);
   s.q = s.sh * s.Wq.transpose();
   s.q.rowwise() += s.bq.row(0);
@@ -184,7 +173,7 @@ std::vector<std::pair<std::string, Matrix<T>>> pair_bias_backward_reference(cons
   pair_bias_forward_state<T>(d, in, x_round, s);
   const int64_t N = d.N, cs = d.c_s, H = d.H, hd = d.d();
   const T scale = T(1) / std::sqrt(T(hd));
-  const Matrix<T> dout = pair_bias_matrix<T>(in, "doutput", N, cs, x_round);
+  const Matrix<T> dout = tensor_matrix<T>(in, "doutput", N, cs, x_round, "attention with pair bias reference");
   const Matrix<T> dy = dout * s.Wo;
   const Matrix<T> dWo = dout.transpose() * s.y;
   const Matrix<T> dO = (dy.array() * s.g.array()).matrix();

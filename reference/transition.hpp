@@ -76,19 +76,6 @@ inline TransitionDims transition_dims_from_tensors(const TensorMap& m) {
   return d;
 }
 
-/// Tensor `name` as a (rows, cols) matrix in T, each value rounded to `round` first.
-template <class T>
-Matrix<T> transition_matrix(const TensorMap& in, const std::string& name, int64_t rows, int64_t cols, DType round) {
-  const Tensor& t = require(in, name, "transition reference");
-  if (t.numel() != rows * cols) throw std::logic_error("transition_matrix: size mismatch for " + name);
-  Matrix<T> m(rows, cols);
-  for (int64_t i = 0; i < rows * cols; ++i) {
-    const double v = t.get(i);
-    m.data()[i] = round == DType::f64 ? T(v) : T(round_to(round, v));
-  }
-  return m;
-}
-
 template <class T>
 struct TransitionState {
   Matrix<T> ln_w, ln_b, W1, W2, W3;  // LN parameters as rows; weights [out, in]
@@ -101,12 +88,12 @@ template <class T>
 void transition_forward_state(const TransitionDims& d, const TensorMap& in, DType x_round, TransitionState<T>& s) {
   const DType tr = std::is_same_v<T, double> ? DType::f64 : DType::f32;
   const int64_t R = d.rows(), c = d.c, h = d.hidden;
-  s.ln_w = transition_matrix<T>(in, "norm.weight", 1, c, tr);
-  s.ln_b = transition_matrix<T>(in, "norm.bias", 1, c, tr);
-  s.W1 = transition_matrix<T>(in, "fc1.weight", h, c, tr);
-  s.W2 = transition_matrix<T>(in, "fc2.weight", h, c, tr);
-  s.W3 = transition_matrix<T>(in, "fc3.weight", c, h, tr);
-  const Matrix<T> x = transition_matrix<T>(in, "x", R, c, x_round);
+  s.ln_w = tensor_matrix<T>(in, "norm.weight", 1, c, tr, "transition reference");
+  s.ln_b = tensor_matrix<T>(in, "norm.bias", 1, c, tr, "transition reference");
+  s.W1 = tensor_matrix<T>(in, "fc1.weight", h, c, tr, "transition reference");
+  s.W2 = tensor_matrix<T>(in, "fc2.weight", h, c, tr, "transition reference");
+  s.W3 = tensor_matrix<T>(in, "fc3.weight", c, h, tr, "transition reference");
+  const Matrix<T> x = tensor_matrix<T>(in, "x", R, c, x_round, "transition reference");
   s.xn = layer_norm_rows<T>(x, s.ln_w, s.ln_b, s.n, s.rstd);
   s.a = s.xn * s.W1.transpose();
   s.b = s.xn * s.W2.transpose();
@@ -129,7 +116,7 @@ std::vector<std::pair<std::string, Matrix<T>>> transition_backward_reference(con
                                                                              const TensorMap& in, DType x_round) {
   TransitionState<T> s;
   transition_forward_state<T>(d, in, x_round, s);
-  const Matrix<T> dout = transition_matrix<T>(in, "doutput", d.rows(), d.c, x_round);
+  const Matrix<T> dout = tensor_matrix<T>(in, "doutput", d.rows(), d.c, x_round, "transition reference");
   const Matrix<T> dhid = dout * s.W3;
   const auto sg = s.sig.array();
   const Matrix<T> da = (dhid.array() * s.b.array() * sg * (T(1) + s.a.array() * (T(1) - sg))).matrix();
