@@ -26,32 +26,35 @@ namespace attnbench::cpu_rows::HWY_NAMESPACE {
 
 inline constexpr float kLayerNormEps = 1e-5f;
 
-/// Mean and 1/σ of n floats (two passes, biased variance).
-inline void Moments(const float* v, int64_t n, float& mean, float& rstd) {
-  float s = 0;
+/// Mean and 1/σ of n floats, in double (two passes, biased variance). With f32 moments
+/// and normalization the LayerNorm'd rows were the largest single error source of trimul's
+/// CPU forward: 2–3× the error of the naive f32 reference at N 7, c_z 12 (docs/trimul.md).
+inline void Moments(const float* v, int64_t n, double& mean, double& rstd) {
+  double s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t k = 0; k < n; ++k) s += v[k];
-  mean = s / float(n);
-  float q = 0;
+  for (int64_t k = 0; k < n; ++k) s += double(v[k]);
+  mean = s / double(n);
+  double q = 0;
 #pragma omp simd reduction(+ : q)
-  for (int64_t k = 0; k < n; ++k) q += (v[k] - mean) * (v[k] - mean);
-  rstd = 1.0f / std::sqrt(q / float(n) + kLayerNormEps);
+  for (int64_t k = 0; k < n; ++k) q += (double(v[k]) - mean) * (double(v[k]) - mean);
+  rstd = 1.0 / std::sqrt(q / double(n) + double(kLayerNormEps));
 }
 
 /// y = LayerNorm(x) ⊙ gamma + beta over the rows of x (`src` of dtype `st`, f32 or 16-bit,
-/// rows × cols contiguous), OpenMP over rows; keeps each row's mean and 1/σ.
+/// rows × cols contiguous), OpenMP over rows, each row normalized in double and rounded
+/// once; keeps each row's mean and 1/σ.
 inline void LayerNormRows(const void* src, DType st, int64_t rows, int64_t cols, const float* gamma, const float* beta,
                           float* y, float* mean, float* rstd, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; ++r) {
     float* yr = y + r * cols;
     for (int64_t k = 0; k < cols; ++k) yr[k] = load_float(src, st, r * cols + k);
-    float m, rs;
+    double m, rs;
     Moments(yr, cols, m, rs);
-    mean[r] = m;
-    rstd[r] = rs;
+    mean[r] = float(m);
+    rstd[r] = float(rs);
 #pragma omp simd
-    for (int64_t k = 0; k < cols; ++k) yr[k] = (yr[k] - m) * rs * gamma[k] + beta[k];
+    for (int64_t k = 0; k < cols; ++k) yr[k] = float((double(yr[k]) - m) * rs * double(gamma[k]) + double(beta[k]));
   }
 }
 
@@ -106,7 +109,8 @@ inline void LayerNormBackwardRows(float* dy, const NormalizedRows& nr, const flo
       float* g = dy + r * cols;
       const float* n = nr.n ? nr.n + r * cols : nbuf;
       if (!nr.n)
-        for (int64_t k = 0; k < cols; ++k) nbuf[k] = (load_float(nr.src, nr.st, r * cols + k) - nr.mean[r]) * rstd[r];
+        for (int64_t k = 0; k < cols; ++k)
+          nbuf[k] = float((double(load_float(nr.src, nr.st, r * cols + k)) - double(nr.mean[r])) * double(rstd[r]));
       float s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
       for (int64_t k = 0; k < cols; ++k) {

@@ -207,14 +207,14 @@ void Forward(const TrimulShape& s, const TrimulWeightsF32& w, const TrimulActiva
     }
     for (int64_t r = r0; r < r1; ++r) {
       const float* tr = tile + (r - r0) * h;
-      float mean, rstd;
+      double mean, rstd;
       Moments(tr, h, mean, rstd);
-      rstd_out[r] = rstd;
+      rstd_out[r] = float(rstd);
       float* nr = nout + r * h;
       float* ur = U + r * h;
 #pragma omp simd
       for (int64_t c = 0; c < h; ++c) {
-        nr[c] = (tr[c] - mean) * rstd;
+        nr[c] = float((double(tr[c]) - mean) * rstd);
         ur[c] = nr[c] * w.ln_out_w[c] + w.ln_out_b[c];
       }
     }
