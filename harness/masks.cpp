@@ -11,7 +11,8 @@ namespace attnbench {
 const std::vector<std::string>& mask_names() {
   static const std::vector<std::string> names = {"none",     "causal",   "window",    "wrapped_window",
                                                  "strided",  "strided_t", "document", "prefix",
-                                                 "registers", "dag",     "dag_ancestors", "maskattn", "key_mask"};
+                                                 "registers", "dag",     "dag_ancestors", "maskattn", "key_mask",
+                                                 "sliding_window"};
   return names;
 }
 
@@ -37,6 +38,7 @@ mask::Kind kind_of(const std::string& m) {
   if (m == "dag" || m == "dag_ancestors") return Kind::dag;
   if (m == "maskattn") return Kind::maskattn;
   if (m == "key_mask") return Kind::key_mask;
+  if (m == "sliding_window") return Kind::sliding_window;
   return Kind::none;
 }
 
@@ -94,6 +96,9 @@ MaskedCase masked_case(const Params& p) {
        c.mask == "registers") &&
       c.window < 1)
     throw InputError("window: mask \"" + c.mask + "\" needs a window >= 1 (h = window / 2), got " +
+                     std::to_string(c.window));
+  if (c.mask == "sliding_window" && c.window < 1)
+    throw InputError("window: mask \"sliding_window\" needs a window >= 1 (the keys each query sees), got " +
                      std::to_string(c.window));
   if ((c.mask == "document" || c.mask == "prefix") && c.doc_len < 1)
     throw InputError("doc_len: mask \"" + c.mask + "\" needs a mean document length >= 1");
@@ -153,6 +158,7 @@ MaskStorage make_mask(const MaskedCase& c, const float* logits) {
   m.kind = kind_of(c.mask);
   m.Nq = c.Nq, m.Nkv = c.Nkv;
   m.half = c.window / 2;
+  m.lookback = c.window - 1;
   m.cyclic = c.cyclic, m.causal = c.causal, m.prefix = c.prefix, m.registers = c.registers;
   s.pos_q.resize(size_t(c.Nq));
   s.pos_k.resize(size_t(c.Nkv));

@@ -40,6 +40,7 @@ enum class Kind : uint8_t {
   dag,             // (node(j) = node(i) and j ≤ i) or node(i) sees node(j) (parents or ancestors)
   maskattn,        // sigmoid(logit_ij) ≥ threshold; optionally empty rows attend every key
   key_mask,        // keys[b, j]: a boolean key mask per batch entry (hepattn's kv_mask)
+  sliding_window,  // 0 ≤ i − j < w: causal, the w most recent keys (Mistral's sliding window; the GPT trainer's)
 };
 
 enum class ScoreModKind : uint8_t { none, relative, cyclic, alibi, softcap };
@@ -52,6 +53,7 @@ struct MaskData {
   Kind kind = Kind::none;
   int64_t Nq = 1, Nkv = 1;
   int64_t half = 0;        // h = w / 2: window, wrapped_window, strided(_t), registers
+  int64_t lookback = 0;    // sliding_window: w − 1
   bool cyclic = false;     // strided(_t): distances modulo the strided length
   bool causal = false;     // document
   int64_t prefix = 0;      // prefix: P
@@ -119,6 +121,16 @@ struct Window {
   template <class Emit>
   ATTNBENCH_HD void row_keys(int64_t, int64_t i, Emit&& emit) const {
     emit(max64(0, i - half), min64(N, i + half + 1));
+  }
+};
+
+struct SlidingWindow {
+  static constexpr bool kIntervals = true;
+  int64_t lookback;
+  ATTNBENCH_HD bool operator()(int64_t, int64_t i, int64_t j) const { return j <= i && i - j <= lookback; }
+  template <class Emit>
+  ATTNBENCH_HD void row_keys(int64_t, int64_t i, Emit&& emit) const {
+    emit(max64(0, i - lookback), i + 1);
   }
 };
 
@@ -338,6 +350,7 @@ ATTNBENCH_HD decltype(auto) visit_mask(const MaskData& m, F&& f) {
     case Kind::dag: return f(Dag{m.group, m.group_start, m.reach, m.reach_words});
     case Kind::maskattn: return f(MaskAttn{m.logits, m.row_all, m.Nq, m.Nkv, m.logit_threshold});
     case Kind::key_mask: return f(KeyMask{m.keys, m.Nkv});
+    case Kind::sliding_window: return f(SlidingWindow{m.lookback});
     case Kind::none: break;
   }
   return f(Full{m.Nkv});

@@ -32,7 +32,7 @@ namespace attnbench::ref {
 struct MaskDefinition {
   std::string kind = "none";  // as the `mask` parameter of the masked variant
   int64_t Nq = 1, Nkv = 1;
-  int64_t window = 0;  // w; h = w / 2
+  int64_t window = 0;  // w; h = w / 2 (sliding_window: w keys, 0 ≤ i − j < w)
   bool cyclic = false, causal = false, attend_all = false;
   int64_t prefix = 0, registers = 0;
   std::vector<int32_t> doc;                   // document / prefix: document of each token (−1 in the prefix)
@@ -83,6 +83,8 @@ inline std::vector<bool> dense_mask(const MaskDefinition& m, int64_t b) {
         a = j <= i + Nkv - Nq;
       } else if (m.kind == "window") {
         a = d <= h;
+      } else if (m.kind == "sliding_window") {
+        a = j <= i && i - j < m.window;
       } else if (m.kind == "wrapped_window") {
         a = std::min(d, Nkv - d) <= h;
       } else if (m.kind == "strided" || m.kind == "strided_t") {

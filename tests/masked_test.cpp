@@ -91,6 +91,9 @@ TEST_CASE("every mask and its block map equal the dense definition", "[masked]")
     check_against_dense(with({{"N", 61}, {"mask", "window"}, {"window", 200}}));
     check_against_dense(with({{"N", 61}, {"mask", "wrapped_window"}, {"window", 12}}));
     check_against_dense(with({{"N", 61}, {"mask", "wrapped_window"}, {"window", 61}}));
+    check_against_dense(with({{"N", 61}, {"mask", "sliding_window"}, {"window", 1}}));
+    check_against_dense(with({{"N", 61}, {"mask", "sliding_window"}, {"window", 9}}));
+    check_against_dense(with({{"N", 61}, {"mask", "sliding_window"}, {"window", 200}}));
     check_against_dense(with({{"Nq", 23}, {"Nkv", 71}, {"mask", "strided"}, {"window", 4}, {"cyclic", true}}));
     check_against_dense(with({{"Nq", 71}, {"Nkv", 23}, {"mask", "strided"}, {"window", 2}}));
     check_against_dense(with({{"Nq", 30}, {"Nkv", 12}, {"mask", "strided"}, {"window", 2}, {"cyclic", true}}));

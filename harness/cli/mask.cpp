@@ -111,6 +111,8 @@ std::string mask_detail(const MaskedCase& c) {
     if (m == "registers") s += fmt::format(", {} registers", c.registers);
     return s;
   }
+  if (m == "sliding_window")
+    return fmt::format("window {} (each query sees its {} most recent keys)", c.window, c.window);
   if (m == "document" || m == "prefix") {
     std::string s = fmt::format("doc_len {}", c.doc_len);
     if (m == "document" && c.causal) s += ", causal";

@@ -312,8 +312,9 @@ class MaskedVariant final : public Variant {
         {"Nkv", 0, "keys; 0 = N"},
         {"D", 64, "head dimension"},
         {"mask", "window", "none, causal, window, wrapped_window, strided, strided_t, document, prefix, registers, dag, "
-                           "dag_ancestors, maskattn or key_mask"},
-        {"window", 256, "window width w (half-width h = w / 2): window, wrapped_window, strided(_t), registers"},
+                           "dag_ancestors, maskattn, key_mask or sliding_window"},
+        {"window", 256, "window width w (half-width h = w / 2): window, wrapped_window, strided(_t), registers; "
+                   "sliding_window: the w most recent keys"},
         {"cyclic", false, "strided(_t): distances cyclic in the sequence"},
         {"causal", false, "document: also j <= i"},
         {"doc_len", 128, "document, prefix: mean document length (lengths uniform in [1, 2 doc_len - 1])"},
@@ -549,6 +550,8 @@ class MaskedVariant final : public Variant {
         {{"B", 1}, {"H", 2}, {"N", 77}, {"D", 24}, {"mask", "window"}, {"window", 16}, {"tile_q", 16}, {"tile_k", 16}},
         {{"B", 1}, {"H", 2}, {"N", 100}, {"D", 16}, {"mask", "wrapped_window"}, {"window", 30}, {"tile_q", 7},
          {"tile_k", 33}, {"rope", "half"}},
+        {{"B", 1}, {"H", 2}, {"N", 93}, {"D", 16}, {"mask", "sliding_window"}, {"window", 20}, {"tile_q", 16},
+         {"tile_k", 24}, {"rope", "half"}},
         {{"B", 1}, {"H", 2}, {"Nq", 37}, {"Nkv", 101}, {"D", 32}, {"mask", "strided"}, {"window", 9},
          {"cyclic", true}, {"tile_q", 13}, {"tile_k", 50}},
         {{"B", 1}, {"H", 3}, {"Nq", 101}, {"Nkv", 37}, {"D", 32}, {"mask", "strided_t"}, {"window", 5},
