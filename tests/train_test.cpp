@@ -226,6 +226,7 @@ GptConfig tiny_config(AttentionKind k, bool rope) {
   c.context = 5;
   c.rope = rope;
   c.attention = k;
+  c.window = 3;  // `window` attention: 3 of the 5 positions
   return c;
 }
 
@@ -243,7 +244,7 @@ void tiny_batch(const GptConfig& c, int64_t B, std::vector<int32_t>& x, std::vec
 }  // namespace
 
 TEST_CASE("gpt: the whole model's loss gradient matches finite differences (f64)", "[train][model]") {
-  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective}) {
+  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::window}) {
     for (bool rope : {true, false}) {
       INFO(attention_kind_name(k) << " rope " << rope);
       const GptConfig c = tiny_config(k, rope);
@@ -275,11 +276,13 @@ TEST_CASE("gpt: one f32 training step equals the f64 step within the rule", "[tr
   // dot product (d, 4d, T): relative errors ~ sqrt(terms) · 2⁻²⁴ ≈ 1e-6; we
   // allow 2e-4 of each gradient tensor's largest entry (and 1e-5 relative on
   // the loss), far below what a wrong term (≥ 1e-2 relative) would give.
-  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::selective_materialized}) {
+  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::selective_materialized,
+                         AttentionKind::window}) {
     INFO(attention_kind_name(k));
     GptConfig c = tiny_config(k, true);
     c.d = 16;
     c.context = 13;
+    c.window = 4;
     Gpt<float> mf(c, 3, 2);
     Gpt<double> md(c, 3, 2);
     mf.init(5);
@@ -307,6 +310,29 @@ TEST_CASE("gpt: one f32 training step equals the f64 step within the rule", "[tr
     for (int64_t i = 0; i < n; ++i)
       if (std::abs(md.grads()[i]) > 1e-5) REQUIRE(std::abs(double(mf.params()[i]) - md.params()[i]) < 1e-6);
   }
+}
+
+TEST_CASE("gpt: window attention is standard attention when the window spans the context, and only then",
+          "[train][model]") {
+  std::vector<int32_t> x, y;
+  auto loss = [&](AttentionKind k, int64_t window) {
+    GptConfig c = tiny_config(k, true);
+    c.context = 9;
+    c.window = window;
+    tiny_batch(c, 2, x, y);
+    Gpt<double> m(c, 2, 1);
+    m.init(4);
+    const auto s = m.step(x.data(), y.data(), false);
+    return s.loss_sum / double(s.count);
+  };
+  const double standard = loss(AttentionKind::standard, 0);
+  CHECK(loss(AttentionKind::window, 9) == Approx(standard).epsilon(1e-12));
+  CHECK(loss(AttentionKind::window, 50) == Approx(standard).epsilon(1e-12));
+  CHECK(std::abs(loss(AttentionKind::window, 8) - standard) > 1e-6);  // the first token drops out of the last row
+  CHECK(std::abs(loss(AttentionKind::window, 1) - standard) > 1e-6);
+  GptConfig bad = tiny_config(AttentionKind::window, true);
+  bad.window = 0;
+  CHECK_THROWS_AS(Gpt<float>(bad, 1, 1), InputError);
 }
 
 TEST_CASE("gpt: parameter counts and the arena", "[train][model]") {
@@ -453,6 +479,8 @@ TEST_CASE("train suite: validation with did-you-mean", "[train][suite][bad-input
   CHECK(err(R"({"lr": -1})").find("s.json.lr: expected a number") != std::string::npos);
   CHECK(err(R"({"model": {"d": 10, "heads": 4}})").find("heads: expected a divisor of d") != std::string::npos);
   CHECK(err(R"({"seeds": [1, 1]})").find("seed repeated") != std::string::npos);
+  CHECK(err(R"({"model": {"window": 0}})").find("s.json.model.window") != std::string::npos);
+  CHECK(err(R"({"attention": ["windw"]})").find("did you mean 'window'") != std::string::npos);
   CHECK(err(R"({"steps": 3})") == "no error");
 }
 

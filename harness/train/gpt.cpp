@@ -11,8 +11,11 @@
 
 #include "harness/errors.hpp"
 #include "harness/rng.hpp"
+#include "impls/block_map.hpp"
+#include "impls/cpu/masked.hpp"
 #include "impls/cpu/sdpa.hpp"
 #include "impls/cpu/selective.hpp"
+#include "reference/masked.hpp"
 #include "reference/sdpa.hpp"
 #include "reference/selective.hpp"
 
@@ -22,8 +25,9 @@ AttentionKind parse_attention_kind(const std::string& s, const std::string& wher
   if (s == "standard") return AttentionKind::standard;
   if (s == "selective") return AttentionKind::selective;
   if (s == "selective_materialized") return AttentionKind::selective_materialized;
+  if (s == "window") return AttentionKind::window;
   throw InputError(where + ": unknown attention kind '" + s + "', expected one of standard, selective, " +
-                   "selective_materialized" + did_you_mean(s, attention_kind_names()));
+                   "selective_materialized, window" + did_you_mean(s, attention_kind_names()));
 }
 
 std::string attention_kind_name(AttentionKind k) {
@@ -31,11 +35,14 @@ std::string attention_kind_name(AttentionKind k) {
     case AttentionKind::standard: return "standard";
     case AttentionKind::selective: return "selective";
     case AttentionKind::selective_materialized: return "selective_materialized";
+    case AttentionKind::window: return "window";
   }
   return "?";
 }
 
-std::vector<std::string> attention_kind_names() { return {"standard", "selective", "selective_materialized"}; }
+std::vector<std::string> attention_kind_names() {
+  return {"standard", "selective", "selective_materialized", "window"};
+}
 
 std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
   std::vector<ParamInfo> out;
@@ -46,7 +53,9 @@ std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
     out.push_back({std::move(name), std::move(shape), off, n});
     off += n;
   };
-  const int64_t d = c.d, kv_in = c.attention == AttentionKind::standard ? d : 2 * d;
+  const bool selective =
+      c.attention == AttentionKind::selective || c.attention == AttentionKind::selective_materialized;
+  const int64_t d = c.d, kv_in = selective ? 2 * d : d;
   add("wte", {c.vocab, d});
   for (int64_t l = 0; l < c.layers; ++l) {
     const std::string p = "l" + std::to_string(l) + ".";
@@ -76,6 +85,58 @@ struct Gpt<Real>::Layer {
   // Activations of the batch.
   Real *q, *k, *v, *att, *lse, *ao, *r1, *mean1, *rstd1, *x1, *h, *hr, *f, *r2, *mean2, *rstd2, *x2;
 };
+
+/// `window` attention: the sliding_window mask over a sequence's T positions and its
+/// block map (64 × 64 tiles, one map for every batch entry and head), the RoPE
+/// positions, and the same mask by definition for the f64 oracle.
+template <class Real>
+struct Gpt<Real>::Window {
+  mask::MaskData mask;
+  mask::BlockMap map;
+  std::vector<int32_t> pos;
+  ref::MaskDefinition def;
+
+  Window(int64_t T, int64_t w) {
+    mask.kind = mask::Kind::sliding_window;
+    mask.Nq = mask.Nkv = T;
+    mask.lookback = w - 1;
+    map = mask::build_block_map(mask, 1, 64, 64);
+    pos.resize(size_t(T));
+    for (int64_t t = 0; t < T; ++t) pos[size_t(t)] = int32_t(t);
+    def.kind = "sliding_window", def.Nq = def.Nkv = T, def.window = w;
+  }
+
+  /// The masked kernel's forward parameters for a batch of B (pointers unset).
+  MaskedParams params(const GptConfig& c, int64_t B) const {
+    MaskedParams p;
+    p.B = B, p.H = c.heads, p.Nq = p.Nkv = c.context, p.D = c.d_head();
+    p.dtype = DType::f32;
+    p.mask = mask;
+    if (c.rope) p.q_pos = p.k_pos = pos.data();
+    p.tile_q = map.tile_q, p.tile_k = map.tile_k, p.n_qt = map.n_qt, p.n_kt = map.n_kt, p.map_batches = map.batches;
+    p.tiles = map.tiles.data(), p.kv_count = map.kv_count.data(), p.kv_index = map.kv_index.data();
+    return p;
+  }
+};
+
+namespace {
+
+/// x (B, T, H·dh), the heads side by side, to y (B, H, T, dh), or back with `back`.
+template <class Real>
+void heads_layout(Real* x, Real* y, int64_t B, int64_t T, int64_t H, int64_t dh, bool back) {
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        Real* tok = x + ((b * T + t) * H + h) * dh;
+        Real* head = y + ((b * H + h) * T + t) * dh;
+        if (back)
+          std::copy_n(head, dh, tok);
+        else
+          std::copy_n(tok, dh, head);
+      }
+}
+
+}  // namespace
 
 namespace {
 
@@ -123,6 +184,10 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
   nparams_ = layout_.back().offset + layout_.back().numel;
   const int64_t N = N_, d = c.d, V = c.vocab, L = c.layers;
 
+  if (c.attention == AttentionKind::window) {
+    if (c.window < 1) throw InputError("model: window attention needs window >= 1, got " + std::to_string(c.window));
+    window_ = std::make_unique<Window>(c.context, c.window);
+  }
   // Kernel scratch: the largest any entry point of this attention needs.
   if constexpr (std::is_same_v<Real, float>) {
     if (c.attention == AttentionKind::standard) {
@@ -134,6 +199,11 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
       const SelectiveParams sp = selective_params(c, B);
       scratch_bytes_ = std::max(cpu::selective_forward_fused_scratch_bytes(sp, threads_),
                                 cpu::selective_backward_fused_scratch_bytes(sp, threads_));
+    } else if (c.attention == AttentionKind::window) {
+      MaskedBackwardParams bp;
+      bp.fwd = window_->params(c, B);
+      scratch_bytes_ = std::max(cpu::masked_forward_block_sparse_scratch_bytes(bp.fwd, threads_),
+                                cpu::masked_backward_block_sparse_scratch_bytes(bp, threads_));
     } else {
       const SelectiveParams sp = selective_params(c, B);
       scratch_bytes_ = std::max(cpu::selective_forward_materialized_scratch_bytes(sp, threads_),
@@ -165,6 +235,7 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
   slots.push_back({&dH_, std::max(N * 4 * d, N * V)});  // also the logits' gradient
   slots.push_back({&row_loss_, N});
   for (Real** p : {&dA_, &dB_, &dC_, &dq_, &dk_, &dv_}) slots.push_back({p, N * d});
+  if (window_) slots.push_back({&heads_, 8 * N * d});
   size_t bytes = 0;
   for (const Slot& s : slots) bytes += align_up(size_t(s.n) * sizeof(Real));
   bytes += align_up(scratch_bytes_);
@@ -223,14 +294,63 @@ void Gpt<Real>::init(uint64_t seed) {
 }
 
 template <class Real>
+void Gpt<Real>::window_forward(Layer& ly) {
+  const GptConfig& c = cfg_;
+  const int64_t n = N_ * c.d, T = c.context, H = c.heads, dh = c.d_head();
+  Real *q = heads_, *k = q + n, *v = k + n, *o = v + n;
+  heads_layout(ly.q, q, B_, T, H, dh, false);
+  heads_layout(ly.k, k, B_, T, H, dh, false);
+  heads_layout(ly.v, v, B_, T, H, dh, false);
+  if constexpr (std::is_same_v<Real, float>) {
+    MaskedParams p = window_->params(c, B_);
+    p.q = q, p.k = k, p.v = v, p.o = o;
+    p.lse = ly.lse;  // (B, H, T): what the backward reads
+    cpu::masked_forward_block_sparse(p, scratch_, threads_);
+  } else {
+    const std::vector<int32_t> pos = c.rope ? window_->pos : std::vector<int32_t>{};
+    ref::masked_forward_reference<double>(B_, H, dh, window_->def, ref::ScoreModDefinition{}, pos, pos, DType::f64, o,
+                                          q, k, v);
+  }
+  heads_layout(ly.att, o, B_, T, H, dh, true);
+}
+
+template <class Real>
+void Gpt<Real>::window_backward(Layer& ly) {
+  const GptConfig& c = cfg_;
+  const int64_t n = N_ * c.d, T = c.context, H = c.heads, dh = c.d_head();
+  Real *q = heads_, *k = q + n, *v = k + n, *o = v + n, *dout = o + n, *dq = dout + n, *dk = dq + n, *dv = dk + n;
+  heads_layout(ly.q, q, B_, T, H, dh, false);
+  heads_layout(ly.k, k, B_, T, H, dh, false);
+  heads_layout(ly.v, v, B_, T, H, dh, false);
+  heads_layout(dA_, dout, B_, T, H, dh, false);
+  if constexpr (std::is_same_v<Real, float>) {
+    heads_layout(ly.att, o, B_, T, H, dh, false);
+    MaskedBackwardParams bp;
+    bp.fwd = window_->params(c, B_);
+    bp.fwd.q = q, bp.fwd.k = k, bp.fwd.v = v, bp.fwd.o = o, bp.fwd.lse = ly.lse;
+    bp.dout = dout, bp.dq = dq, bp.dk = dk, bp.dv = dv;
+    cpu::masked_backward_block_sparse(bp, scratch_, threads_);
+  } else {
+    const std::vector<int32_t> pos = c.rope ? window_->pos : std::vector<int32_t>{};
+    ref::masked_backward_reference<double>(B_, H, dh, window_->def, ref::ScoreModDefinition{}, pos, pos, DType::f64,
+                                           dq, dk, dv, q, k, v, dout);
+  }
+  heads_layout(dq_, dq, B_, T, H, dh, true);
+  heads_layout(dk_, dk, B_, T, H, dh, true);
+  heads_layout(dv_, dv, B_, T, H, dh, true);
+}
+
+template <class Real>
 void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
   const GptConfig& c = cfg_;
   const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
-  if (c.attention == AttentionKind::standard) {
+  if (c.attention == AttentionKind::standard || c.attention == AttentionKind::window) {
     gpt::linear_forward(ly.q, x, ly.wq, N, d, d, threads_);
     gpt::linear_forward(ly.k, x, ly.wk, N, d, d, threads_);
     gpt::linear_forward(ly.v, x, ly.wv, N, d, d, threads_);
-    if constexpr (std::is_same_v<Real, float>) {
+    if (c.attention == AttentionKind::window) {
+      window_forward(ly);
+    } else if constexpr (std::is_same_v<Real, float>) {
       SdpaParams p = sdpa_params(c, B_);
       p.q = ly.q;
       p.k = ly.k;
@@ -280,8 +400,10 @@ void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
   // dA_ holds the cotangent of ly.att; the gradient of x is added to dx.
   const GptConfig& c = cfg_;
   const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
-  if (c.attention == AttentionKind::standard) {
-    if constexpr (std::is_same_v<Real, float>) {
+  if (c.attention == AttentionKind::standard || c.attention == AttentionKind::window) {
+    if (c.attention == AttentionKind::window) {
+      window_backward(ly);
+    } else if constexpr (std::is_same_v<Real, float>) {
       SdpaBackwardParams bp;
       bp.fwd = sdpa_params(c, B_);
       bp.fwd.q = ly.q;

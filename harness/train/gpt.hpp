@@ -21,9 +21,11 @@
 namespace attnbench::train {
 
 /// Attention of every block: `standard` (causal SDPA, fused kernels),
-/// `selective` (per-query keys and values, fused exact kernel) or
-/// `selective_materialized` (the seed's algorithm, for the speed comparison).
-enum class AttentionKind { standard, selective, selective_materialized };
+/// `selective` (per-query keys and values, fused exact kernel),
+/// `selective_materialized` (the seed's algorithm, for the speed comparison) or
+/// `window` (causal sliding window of GptConfig::window keys, the block-sparse
+/// masked kernel with the `sliding_window` mask).
+enum class AttentionKind { standard, selective, selective_materialized, window };
 
 AttentionKind parse_attention_kind(const std::string& s, const std::string& where);
 std::string attention_kind_name(AttentionKind k);
@@ -33,6 +35,7 @@ struct GptConfig {
   int64_t vocab = 65, d = 64, heads = 2, layers = 4, context = 300;
   bool rope = true;
   AttentionKind attention = AttentionKind::standard;
+  int64_t window = 0;  // `window` attention: keys each query sees (the most recent, itself included)
   int64_t d_head() const { return d / heads; }
 };
 
@@ -81,8 +84,11 @@ class Gpt {
 
  private:
   struct Layer;
+  struct Window;
   void attention_forward(Layer& L, const Real* x);
   void attention_backward(Layer& L, const Real* x, Real* dx);
+  void window_forward(Layer& L);   // ly.att from ly.q, ly.k, ly.v
+  void window_backward(Layer& L);  // dq_, dk_, dv_ from dA_
 
   GptConfig cfg_;
   int64_t B_, N_;
@@ -97,6 +103,8 @@ class Gpt {
        *dH_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
+  std::unique_ptr<Window> window_;  // `window` attention: its mask and block map
+  Real* heads_ = nullptr;           // `window` attention: 8 (B, H, T, dh) head-major copies
   std::vector<Layer> layers_;
   Real *wte_ = nullptr, *wout_ = nullptr, *dwte_ = nullptr, *dwout_ = nullptr;
 };

@@ -151,7 +151,7 @@ EvalResult evaluate(Gpt<float>& m, const Data& d, int64_t batches) {
 }
 
 json run_config(const TrainSuite& s, const Data& d, AttentionKind k, uint64_t seed) {
-  return json{{"attention", attention_kind_name(k)},
+  json c{{"attention", attention_kind_name(k)},
               {"seed", seed},
               {"vocab", d.vocab},
               {"d", s.d},
@@ -162,6 +162,8 @@ json run_config(const TrainSuite& s, const Data& d, AttentionKind k, uint64_t se
               {"batch", s.batch},
               {"lr", s.lr},
               {"data", d.fingerprint}};
+  if (k == AttentionKind::window) c["window"] = s.window;  // (absent otherwise: earlier checkpoints stay valid)
+  return c;
 }
 
 GptConfig gpt_config_from(const json& c, const std::string& where) {
@@ -174,11 +176,13 @@ GptConfig gpt_config_from(const json& c, const std::string& where) {
     g.context = c.at("context").get<int64_t>();
     g.rope = c.at("rope").get<bool>();
     g.attention = parse_attention_kind(c.at("attention").get<std::string>(), where + ": config.attention");
+    g.window = c.value("window", int64_t(0));
   } catch (const json::exception& e) {
     throw InputError(where + ": corrupt checkpoint config: " + e.what());
   }
   if (g.vocab < 1 || g.d < 2 || g.heads < 1 || g.layers < 0 || g.context < 1 || g.d % g.heads != 0 ||
-      g.vocab > (1 << 22) || g.d > 4096 || g.layers > 256 || g.context > 65536)
+      g.vocab > (1 << 22) || g.d > 4096 || g.layers > 256 || g.context > 65536 ||
+      (g.attention == AttentionKind::window && g.window < 1))
     throw InputError(where + ": corrupt checkpoint config: " + c.dump());
   return g;
 }
@@ -283,6 +287,7 @@ RunResult train_one(const TrainSuite& s, const Data& d, AttentionKind kind, uint
   cfg.context = s.context;
   cfg.rope = s.rope;
   cfg.attention = kind;
+  cfg.window = kind == AttentionKind::window ? s.window : 0;
   const json config = run_config(s, d, kind, seed);
   Gpt<float> m(cfg, s.batch, threads);
   m.init(seed);
@@ -434,11 +439,12 @@ TrainSuite parse_train_suite(const json& j, const std::string& where) {
   if (j.contains("model")) {
     const json& mj = j.at("model");
     const std::string w = where + ".model";
-    check_keys(mj, {"d", "heads", "layers", "rope"}, w);
+    check_keys(mj, {"d", "heads", "layers", "rope", "window"}, w);
     s.d = get_int(mj, "d", 64, 2, 4096, w);
     s.heads = get_int(mj, "heads", 2, 1, 256, w);
     s.layers = get_int(mj, "layers", 4, 0, 256, w);
     s.rope = get_bool(mj, "rope", true, w);
+    s.window = get_int(mj, "window", 64, 1, 65536, w);
     if (s.d % s.heads != 0) throw InputError(w + ".heads: expected a divisor of d (" + std::to_string(s.d) + ")");
     if (s.rope && (s.d / s.heads) % 2 != 0) throw InputError(w + ".rope: needs an even d / heads");
   }
@@ -557,7 +563,8 @@ int run_train_suite(TrainSuite s, const TrainOptions& opt) {
                     {"steps", s.steps},
                     {"batch", s.batch},
                     {"context", s.context},
-                    {"model", {{"d", s.d}, {"heads", s.heads}, {"layers", s.layers}, {"rope", s.rope}}},
+                    {"model",
+                     {{"d", s.d}, {"heads", s.heads}, {"layers", s.layers}, {"rope", s.rope}, {"window", s.window}}},
                     {"lr", s.lr},
                     {"threads", threads},
                     {"runs", runs},

@@ -24,6 +24,7 @@ struct TrainSuite {
   // model (vocab comes from the data)
   int64_t d = 64, heads = 2, layers = 4;
   bool rope = true;
+  int64_t window = 64;  // `window` attention: keys each query sees
   std::vector<AttentionKind> attention{AttentionKind::standard, AttentionKind::selective};
   std::vector<uint64_t> seeds{1};
   int64_t steps = 100, batch = 16, context = 300;
