@@ -152,6 +152,19 @@ TEST_CASE("cpu paths: sdpa bf16 forward on every path the machine has", "[cpu-pa
     CHECK(sdpa_bf16_passes({{"H", 2}, {"Nq", 300}, {"Nkv", 37}, {"D", 128}, {"causal", true}}) == path);
     CHECK(sdpa_bf16_passes({{"H", 4}, {"Hkv", 1}, {"Nq", 1}, {"Nkv", 513}, {"D", 40}}) == path);
     CHECK(sdpa_bf16_passes({{"B", 4}, {"H", 2}, {"Hkv", 1}, {"N", 65}, {"D", 18}, {"padding", true}}) == path);
+    // A forward that feeds a backward (it saves the lse) takes the f32 path whatever the limit.
+    {
+      const Params p = sdpa_v().complete({{"H", 2}, {"N", 77}, {"D", 48}}, "cpu_path_test");
+      RunOptions o;
+      o.check_seeds = 1;
+      o.bench_settings.min_time_s = 0.001;
+      o.bench_settings.repetitions = 1;
+      o.bench_settings.memory = false;
+      const auto rec = run_case(CaseSpec{&sdpa_v(), "cpu", DType::bf16, p, Pass::fwd_bwd}, o);
+      INFO(rec.dump());
+      CHECK(rec["status"] == "ok");
+      CHECK(rec["bench"]["kernel_path"] == cpu::f32_kernel_path());
+    }
     // RoPE and weights take the f32 path whatever the limit.
     CHECK(sdpa_bf16_passes({{"H", 2}, {"N", 70}, {"D", 32}, {"rope", "half"}, {"causal", true}}) == cpu::f32_kernel_path());
     CHECK(sdpa_bf16_passes({{"H", 2}, {"N", 40}, {"D", 16}, {"need_weights", true}}) == cpu::f32_kernel_path());

@@ -61,6 +61,11 @@ inline const char* bf16_mode_path(Bf16Mode m) {
 
 /// The mode a forward call takes now: `bf16_ok` (bf16 inputs the native products
 /// can serve), the machine and the path limit, and whether this Highway target is AVX-512.
+/// A forward that saves the lse for a backward is never bf16_ok: the backward recomputes
+/// S with the f32 products and needs the forward's S (so its lse) bit for bit; scores from
+/// VDPBF16PS, summed in another order, left P = 2^(S − lse) off by ~ulp(S), a systematic
+/// relative error: masked key_mask, bf16, std 2 had dv at 1.44 × its bound on an
+/// AVX512-BF16 machine without AMX.
 inline Bf16Mode bf16_mode(bool bf16_ok, bool avx3) {
   if (!bf16_ok || !avx3) return Bf16Mode::off;
   if (amx_bf16_enabled()) return Bf16Mode::amx;

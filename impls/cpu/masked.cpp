@@ -111,7 +111,7 @@ struct Layout {
     kpack = p.B * p.H * p.n_kt * p.D * Tkp;
     vpack = direct_v ? 0 : p.B * p.H * p.Nkv * Dp;
     rope = RopeSpan(p).floats;
-    bf16_ok = p.dtype == DType::bf16 && !p.q_pos;
+    bf16_ok = p.dtype == DType::bf16 && !p.q_pos && !p.lse;  // not for a backward's forward (sdpa.cpp)
     dk = round_up(p.D, 32);
     rows_tile = bf16_ok ? round_up(p.tile_q, 16) : p.tile_q;
     kbpack = bf16_ok ? round_up(p.B * p.H * p.n_kt * dk * Tkp / 2, 16) : 0;

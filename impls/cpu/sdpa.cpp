@@ -142,7 +142,9 @@ struct Layout {
     kpack = p.B * p.Hkv * T * p.D * kTileK;
     vpack = direct_v ? 0 : p.B * p.Hkv * Nkv_p * Dp;
     rope = RopeSpan(p).floats;
-    bf16_ok = p.dtype == DType::bf16 && p.rope == SdpaRope::none && !p.weights;
+    // Not when the forward saves the lse for a backward: that recomputes S with the f32
+    // products, and P = 2^(S − lse) needs the forward's S bit for bit (attention-inl.h).
+    bf16_ok = p.dtype == DType::bf16 && p.rope == SdpaRope::none && !p.weights && !p.lse;
     dk = round_up(p.D, 32);
     kbpack = bf16_ok ? round_up(p.B * p.Hkv * T * dk * kTileK / 2, 16) : 0;
     vbpack = bf16_ok ? round_up(p.B * p.Hkv * Nkv_p * Dp / 2, 16) : 0;
