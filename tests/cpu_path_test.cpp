@@ -117,16 +117,16 @@ TEST_CASE("cpu paths: --cpu-path and ATTNBENCH_CPU_PATH on the command line", "[
 namespace {
 const Variant& sdpa_v() { return find_variant("sdpa", "cpu_path_test"); }
 
-/// The forward of sdpa cpu in bf16 through the runner (the correctness rule
-/// against the f64 reference at the f32 bound); returns the path it ran on.
-std::string sdpa_bf16_passes(const Params& given) {
+/// `pass` of sdpa cpu in bf16 through the runner (the correctness rule against
+/// the f64 reference at the f32 bound); returns the path it ran on.
+std::string sdpa_bf16_passes(const Params& given, Pass pass = Pass::fwd) {
   const Params p = sdpa_v().complete(given, "cpu_path_test");
   RunOptions o;
   o.check_seeds = 2;
   o.bench_settings.min_time_s = 0.001;
   o.bench_settings.repetitions = 1;
   o.bench_settings.memory = false;
-  const auto rec = run_case(CaseSpec{&sdpa_v(), "cpu", DType::bf16, p, Pass::fwd}, o);
+  const auto rec = run_case(CaseSpec{&sdpa_v(), "cpu", DType::bf16, p, pass}, o);
   INFO(cpu::cpu_path_limit() << " " << p.dump() << ": " << rec.dump());
   REQUIRE(rec["status"] == "ok");
   REQUIRE(rec["checks"].size() >= 1);
@@ -153,18 +153,7 @@ TEST_CASE("cpu paths: sdpa bf16 forward on every path the machine has", "[cpu-pa
     CHECK(sdpa_bf16_passes({{"H", 4}, {"Hkv", 1}, {"Nq", 1}, {"Nkv", 513}, {"D", 40}}) == path);
     CHECK(sdpa_bf16_passes({{"B", 4}, {"H", 2}, {"Hkv", 1}, {"N", 65}, {"D", 18}, {"padding", true}}) == path);
     // A forward that feeds a backward (it saves the lse) takes the f32 path whatever the limit.
-    {
-      const Params p = sdpa_v().complete({{"H", 2}, {"N", 77}, {"D", 48}}, "cpu_path_test");
-      RunOptions o;
-      o.check_seeds = 1;
-      o.bench_settings.min_time_s = 0.001;
-      o.bench_settings.repetitions = 1;
-      o.bench_settings.memory = false;
-      const auto rec = run_case(CaseSpec{&sdpa_v(), "cpu", DType::bf16, p, Pass::fwd_bwd}, o);
-      INFO(rec.dump());
-      CHECK(rec["status"] == "ok");
-      CHECK(rec["bench"]["kernel_path"] == cpu::f32_kernel_path());
-    }
+    CHECK(sdpa_bf16_passes({{"H", 2}, {"N", 77}, {"D", 48}}, Pass::fwd_bwd) == cpu::f32_kernel_path());
     // RoPE and weights take the f32 path whatever the limit.
     CHECK(sdpa_bf16_passes({{"H", 2}, {"N", 70}, {"D", 32}, {"rope", "half"}, {"causal", true}}) == cpu::f32_kernel_path());
     CHECK(sdpa_bf16_passes({{"H", 2}, {"N", 40}, {"D", 16}, {"need_weights", true}}) == cpu::f32_kernel_path());

@@ -136,10 +136,6 @@ void heads_layout(Real* x, Real* y, int64_t B, int64_t T, int64_t H, int64_t dh,
       }
 }
 
-}  // namespace
-
-namespace {
-
 constexpr size_t kAlign = 64;
 size_t align_up(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
@@ -363,22 +359,12 @@ void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
       ref::SdpaDims dims{B_, H, H, T, T, dh, true, c.rope ? ref::RopeMode::half : ref::RopeMode::none};
       std::vector<double> q(size_t(N * d)), k(q.size()), v(q.size()), o(q.size());
       std::vector<int32_t> len(static_cast<size_t>(B_), int32_t(T));
-      for (int64_t b = 0; b < B_; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t e = 0; e < dh; ++e) {
-              const size_t src = size_t((b * T + t) * d + h * dh + e), dst = size_t(((b * H + h) * T + t) * dh + e);
-              q[dst] = ly.q[src];
-              k[dst] = ly.k[src];
-              v[dst] = ly.v[src];
-            }
+      heads_layout(ly.q, q.data(), B_, T, H, dh, false);
+      heads_layout(ly.k, k.data(), B_, T, H, dh, false);
+      heads_layout(ly.v, v.data(), B_, T, H, dh, false);
       ref::sdpa_forward_reference<double>(dims, DType::f64, o.data(), nullptr, q.data(), k.data(), v.data(),
                                           len.data());
-      for (int64_t b = 0; b < B_; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t e = 0; e < dh; ++e)
-              ly.att[(b * T + t) * d + h * dh + e] = Real(o[size_t(((b * H + h) * T + t) * dh + e)]);
+      heads_layout(ly.att, o.data(), B_, T, H, dh, true);
     }
     return;
   }
@@ -422,32 +408,15 @@ void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
       const size_t n = size_t(N * d);
       std::vector<double> q(n), k(n), v(n), dout(n), dq(n), dk(n), dv(n);
       std::vector<int32_t> len(static_cast<size_t>(B_), int32_t(T));
-      auto idx = [&](int64_t b, int64_t t, int64_t h, int64_t e, size_t& s, size_t& t2) {
-        s = size_t((b * T + t) * d + h * dh + e);
-        t2 = size_t(((b * H + h) * T + t) * dh + e);
-      };
-      size_t s, t2;
-      for (int64_t b = 0; b < B_; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t e = 0; e < dh; ++e) {
-              idx(b, t, h, e, s, t2);
-              q[t2] = ly.q[s];
-              k[t2] = ly.k[s];
-              v[t2] = ly.v[s];
-              dout[t2] = dA_[s];
-            }
+      heads_layout(ly.q, q.data(), B_, T, H, dh, false);
+      heads_layout(ly.k, k.data(), B_, T, H, dh, false);
+      heads_layout(ly.v, v.data(), B_, T, H, dh, false);
+      heads_layout(dA_, dout.data(), B_, T, H, dh, false);
       ref::sdpa_backward_reference<double>(dims, DType::f64, dq.data(), dk.data(), dv.data(), q.data(), k.data(),
                                            v.data(), len.data(), dout.data());
-      for (int64_t b = 0; b < B_; ++b)
-        for (int64_t t = 0; t < T; ++t)
-          for (int64_t h = 0; h < H; ++h)
-            for (int64_t e = 0; e < dh; ++e) {
-              idx(b, t, h, e, s, t2);
-              dq_[s] = Real(dq[t2]);
-              dk_[s] = Real(dk[t2]);
-              dv_[s] = Real(dv[t2]);
-            }
+      heads_layout(dq_, dq.data(), B_, T, H, dh, true);
+      heads_layout(dk_, dk.data(), B_, T, H, dh, true);
+      heads_layout(dv_, dv.data(), B_, T, H, dh, true);
     }
     gpt::linear_backward(dx, ly.dwq, dq_, x, ly.wq, N, d, d, true, threads_);
     gpt::linear_backward(dx, ly.dwk, dk_, x, ly.wk, N, d, d, true, threads_);
