@@ -18,6 +18,7 @@
 
 #include "harness/errors.hpp"
 #include "harness/rng.hpp"
+#include "harness/safetensors.hpp"
 #include "harness/train/data.hpp"
 #include "harness/train/gpt.hpp"
 #include "harness/train/trainer.hpp"
@@ -215,6 +216,63 @@ TEST_CASE("gpt layers: relu, embedding and cross-entropy backward match finite d
   }
 }
 
+TEST_CASE("gpt layers: the block options' layers backward match finite differences (f64)", "[train][layers]") {
+  SECTION("sigmoid gate") {
+    auto pre = randn(30, 21, 2.0), a = randn(30, 22), w = randn(30, 23);
+    std::vector<double> g(pre.size()), y(pre.size()), da(pre.size()), dpre(pre.size());
+    auto f = [&] {
+      g = pre;
+      gpt::sigmoid_gate_forward(y.data(), g.data(), a.data(), 30, 2);
+      return dot(y, w);
+    };
+    f();
+    std::vector<double> dy = w;  // da aliases dy, as the model calls it
+    gpt::sigmoid_gate_backward(dy.data(), dpre.data(), dy.data(), a.data(), g.data(), 30, 2);
+    CHECK(fd_error(pre, dpre, f) < 1e-7);
+    CHECK(fd_error(a, dy, f) < 1e-7);
+  }
+  SECTION("swiglu") {
+    auto h = randn(30, 24, 2.0), u = randn(30, 25), w = randn(30, 26);
+    std::vector<double> y(h.size()), du(h.size());
+    auto f = [&] {
+      gpt::swiglu_forward(y.data(), h.data(), u.data(), 30, 2);
+      return dot(y, w);
+    };
+    std::vector<double> dh = w;  // dh aliases dy
+    gpt::swiglu_backward(dh.data(), du.data(), dh.data(), h.data(), u.data(), 30, 2);
+    CHECK(fd_error(h, dh, f) < 1e-7);
+    CHECK(fd_error(u, du, f) < 1e-7);
+  }
+  SECTION("LayerScale residual") {
+    const int64_t N = 5, C = 4;
+    auto x = randn(N * C, 27), fv = randn(N * C, 28), gamma = randn(C, 29), w = randn(N * C, 30);
+    std::vector<double> r(x.size()), df(x.size()), dgamma(gamma.size());
+    auto f = [&] {
+      gpt::scaled_residual_forward(r.data(), x.data(), gamma.data(), fv.data(), N, C, 2);
+      return dot(r, w);
+    };
+    gpt::scaled_residual_backward(df.data(), dgamma.data(), w.data(), fv.data(), gamma.data(), N, C, 2);
+    CHECK(fd_error(fv, df, f) < 1e-7);
+    CHECK(fd_error(gamma, dgamma, f) < 1e-7);
+    CHECK(fd_error(x, w, f) < 1e-7);  // the residual passes dr through
+  }
+  SECTION("value mix") {
+    const int64_t N = 3, H = 2, dh = 3, n = N * H * dh;
+    auto vl = randn(n, 31), v1 = randn(n, 32), z = randn(N * H, 33, 2.0), w = randn(n, 34);
+    std::vector<double> v(static_cast<size_t>(n)), dz(z.size()), dv1(static_cast<size_t>(n), 0.5);
+    auto f = [&] {
+      gpt::value_mix_forward(v.data(), vl.data(), v1.data(), z.data(), N, H, dh, 2);
+      return dot(v, w);
+    };
+    std::vector<double> dvl = w;  // dvl aliases dv
+    gpt::value_mix_backward(dvl.data(), dv1.data(), dz.data(), dvl.data(), vl.data(), v1.data(), z.data(), N, H, dh, 2);
+    for (auto& e : dv1) e -= 0.5;  // dv1 is accumulated into
+    CHECK(fd_error(vl, dvl, f) < 1e-7);
+    CHECK(fd_error(v1, dv1, f) < 1e-7);
+    CHECK(fd_error(z, dz, f) < 1e-7);
+  }
+}
+
 namespace {
 
 GptConfig tiny_config(AttentionKind k, bool rope) {
@@ -241,15 +299,58 @@ void tiny_batch(const GptConfig& c, int64_t B, std::vector<int32_t>& x, std::vec
   y[1] = -1;  // one position not counted
 }
 
+/// Every block option on (value residual `token` or `learned`; none for
+/// selective attention, which does not take it).
+BlockOptions all_options(AttentionKind k, ValueResidual vr) {
+  BlockOptions o;
+  o.gate = o.glu = true;
+  o.layer_scale = 0.5;
+  if (k == AttentionKind::standard || k == AttentionKind::window) o.value_residual = vr;
+  return o;
+}
+
+/// The configurations the model tests cover: each attention kind plain, and
+/// with every block option (both value residual forms on standard attention).
+std::vector<std::pair<AttentionKind, BlockOptions>> model_configs(std::vector<AttentionKind> kinds) {
+  std::vector<std::pair<AttentionKind, BlockOptions>> out;
+  for (AttentionKind k : kinds) {
+    out.push_back({k, BlockOptions{}});
+    out.push_back({k, all_options(k, ValueResidual::token)});
+  }
+  out.push_back({AttentionKind::standard, all_options(AttentionKind::standard, ValueResidual::learned)});
+  return out;
+}
+
+/// The gate weights and value-residual logits start at 0, where the gate's
+/// path to x carries no gradient: move them off it so the checks see it.
+template <class Real>
+void leave_zero_init(Gpt<Real>& m) {
+  Rng r(77);
+  for (const ParamInfo& pi : m.layout()) {
+    const std::string w = pi.name.substr(pi.name.find('.') + 1);
+    if (w == "wg" || w == "vres")
+      for (int64_t i = 0; i < pi.numel; ++i) m.params()[pi.offset + i] = Real(r.uniform(-0.5, 0.5));
+  }
+}
+
+std::string options_name(const BlockOptions& o) {
+  return std::string(o.gate ? " gate" : "") + " value_residual " + value_residual_name(o.value_residual) +
+         " layer_scale " + std::to_string(o.layer_scale) + (o.glu ? " glu" : "");
+}
+
 }  // namespace
 
 TEST_CASE("gpt: the whole model's loss gradient matches finite differences (f64)", "[train][model]") {
-  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::window}) {
+  for (const auto& [k, opt] :
+       model_configs({AttentionKind::standard, AttentionKind::selective, AttentionKind::window})) {
     for (bool rope : {true, false}) {
-      INFO(attention_kind_name(k) << " rope " << rope);
-      const GptConfig c = tiny_config(k, rope);
+      INFO(attention_kind_name(k) << " rope " << rope << options_name(opt));
+      GptConfig c = tiny_config(k, rope);
+      c.block = opt;
+      c.layers = 3;  // value residual: two blocks mix the first one's values
       Gpt<double> m(c, 2, 1);
       m.init(3);
+      leave_zero_init(m);
       std::vector<int32_t> x, y;
       tiny_batch(c, 2, x, y);
       const auto st = m.step(x.data(), y.data(), true);
@@ -276,16 +377,18 @@ TEST_CASE("gpt: one f32 training step equals the f64 step within the rule", "[tr
   // dot product (d, 4d, T): relative errors ~ sqrt(terms) · 2⁻²⁴ ≈ 1e-6; we
   // allow 2e-4 of each gradient tensor's largest entry (and 1e-5 relative on
   // the loss), far below what a wrong term (≥ 1e-2 relative) would give.
-  for (AttentionKind k : {AttentionKind::standard, AttentionKind::selective, AttentionKind::selective_materialized,
-                         AttentionKind::window}) {
-    INFO(attention_kind_name(k));
+  for (const auto& [k, opt] : model_configs({AttentionKind::standard, AttentionKind::selective,
+                                             AttentionKind::selective_materialized, AttentionKind::window})) {
+    INFO(attention_kind_name(k) << options_name(opt));
     GptConfig c = tiny_config(k, true);
+    c.block = opt;
     c.d = 16;
     c.context = 13;
     c.window = 4;
     Gpt<float> mf(c, 3, 2);
     Gpt<double> md(c, 3, 2);
     mf.init(5);
+    leave_zero_init(mf);
     const int64_t n = mf.num_params();
     for (int64_t i = 0; i < n; ++i) md.params()[i] = double(mf.params()[i]);
     std::vector<int32_t> x, y;
@@ -335,6 +438,38 @@ TEST_CASE("gpt: window attention is standard attention when the window spans the
   CHECK_THROWS_AS(Gpt<float>(bad, 1, 1), InputError);
 }
 
+TEST_CASE("gpt: LayerScale with gains 1 is the plain block and every other block option changes the loss", "[train][model]") {
+  std::vector<int32_t> x, y;
+  auto loss = [&](const BlockOptions& o) {
+    GptConfig c = tiny_config(AttentionKind::standard, true);
+    c.layers = 3;
+    c.block = o;
+    tiny_batch(c, 2, x, y);
+    Gpt<double> m(c, 2, 1);
+    m.init(4);
+    leave_zero_init(m);
+    const auto s = m.step(x.data(), y.data(), false);
+    return s.loss_sum / double(s.count);
+  };
+  const double plain = loss({});
+  BlockOptions o;
+  o.layer_scale = 1;
+  CHECK(loss(o) == Approx(plain).epsilon(1e-14));
+  o.layer_scale = 0.5;
+  CHECK(std::abs(loss(o) - plain) > 1e-6);
+  for (int which = 0; which < 4; ++which) {
+    BlockOptions p;
+    p.gate = which == 0;
+    p.glu = which == 1;
+    p.value_residual = which == 2 ? ValueResidual::learned : which == 3 ? ValueResidual::token : ValueResidual::none;
+    INFO(options_name(p));
+    CHECK(std::abs(loss(p) - plain) > 1e-6);
+  }
+  GptConfig bad = tiny_config(AttentionKind::selective, true);
+  bad.block.value_residual = ValueResidual::learned;
+  CHECK_THROWS_WITH(Gpt<float>(bad, 1, 1), Catch::Contains("value_residual needs standard or window attention"));
+}
+
 TEST_CASE("gpt: parameter counts and the arena", "[train][model]") {
   GptConfig c;  // the seed's: d 64, heads 2, layers 4, vocab 65
   CHECK(gpt_param_count(c) == 65 * 64 * 2 + 4 * (4 * 64 * 64 + 8 * 64 * 64 + 2 * 64));
@@ -343,6 +478,14 @@ TEST_CASE("gpt: parameter counts and the arena", "[train][model]") {
   c.context = 16;
   Gpt<float> m(c, 2, 1);
   CHECK(m.arena_bytes() > size_t(4 * m.num_params()) * sizeof(float));
+  // Block options: gate W_g (d, d), LayerScale 2 × d, GLU W_3 (4d, d) per block;
+  // value residual per block after the first, H logits or W_m (H, d).
+  c.attention = AttentionKind::standard;
+  const int64_t plain = gpt_param_count(c);
+  c.block = all_options(AttentionKind::standard, ValueResidual::learned);
+  CHECK(gpt_param_count(c) == plain + 4 * (64 * 64 + 2 * 64 + 4 * 64 * 64) + 3 * 2);
+  c.block.value_residual = ValueResidual::token;
+  CHECK(gpt_param_count(c) == plain + 4 * (64 * 64 + 2 * 64 + 4 * 64 * 64) + 3 * 2 * 64);
 }
 
 TEST_CASE("gpt: a training step is deterministic for a seed and a thread count", "[train][model]") {
@@ -481,7 +624,14 @@ TEST_CASE("train suite: validation with did-you-mean", "[train][suite][bad-input
   CHECK(err(R"({"seeds": [1, 1]})").find("seed repeated") != std::string::npos);
   CHECK(err(R"({"model": {"window": 0}})").find("s.json.model.window") != std::string::npos);
   CHECK(err(R"({"attention": ["windw"]})").find("did you mean 'window'") != std::string::npos);
+  CHECK(err(R"({"model": {"value_residual": "tokn"}})").find("did you mean 'token'") != std::string::npos);
+  CHECK(err(R"({"model": {"value_residual": "learned"}, "attention": ["standard", "selective"]})")
+            .find("s.json.model.value_residual: needs standard or window attention") != std::string::npos);
+  CHECK(err(R"({"model": {"layer_scale": -0.1}})").find("s.json.model.layer_scale") != std::string::npos);
+  CHECK(err(R"({"model": {"gate": 1}})").find("s.json.model.gate") != std::string::npos);
   CHECK(err(R"({"steps": 3})") == "no error");
+  CHECK(err(R"({"model": {"gate": true, "value_residual": "token", "layer_scale": 0.1, "glu": true},
+                "attention": ["standard", "window"]})") == "no error");
 }
 
 namespace {
@@ -516,10 +666,14 @@ std::vector<std::string> losses_of(const fs::path& log) {
 }  // namespace
 
 TEST_CASE("train: resume after an interruption continues bit-identically", "[train][resume]") {
-  for (const std::string kind : {"standard", "selective"}) {
+  for (const std::string kind : {"standard", "selective", "window"}) {
     INFO(kind);
     const auto dir = temp_dir("resume_" + kind);
-    const TrainSuite s = parse_train_suite(tiny_suite(kind, 7), (dir / "s.json").string());
+    json sj = tiny_suite(kind, 7);
+    if (kind == "window")  // and every block option: their weights and moments go through the checkpoint too
+      sj["model"].update(
+          {{"window", 5}, {"gate", true}, {"value_residual", "token"}, {"layer_scale", 0.1}, {"glu", true}});
+    const TrainSuite s = parse_train_suite(sj, (dir / "s.json").string());
     TrainOptions a;
     a.out_dir = (dir / "a").string();
     a.quiet = true;
@@ -561,6 +715,8 @@ TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
   write_file(dir / "t.txt", text);
   json s = tiny_suite("standard", 4);
   s["data"] = {{"kind", "text"}, {"path", "t.txt"}};
+  s["model"].update(
+      {{"gate", true}, {"layer_scale", 0.1}, {"glu", true}});  // sampling rebuilds them from the checkpoint
   s["seeds"] = {1, 2};
   s["attention"] = {"standard", "selective"};
   write_file(dir / "s.json", s.dump());
@@ -578,6 +734,32 @@ TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
                                        " --prompt 'To be' --length 20 --seed 3");
   CHECK(smp.code == 0);
   CHECK(smp.text.rfind("To be", 0) == 0);
+  // gpt-steps on a fixed batch (the PyTorch parity test's other half): losses fall on it; bad batches are one line.
+  const std::string ck = (dir / "out" / "standard-seed1.safetensors").string();
+  json batch{{"tokens", json::array()}, {"targets", json::array()}};
+  for (int r = 0; r < 2; ++r) {
+    json tr = json::array(), yr = json::array();
+    for (int t = 0; t < 24; ++t) tr.push_back((r + t) % 5), yr.push_back(t == 0 ? -1 : (r + t + 1) % 5);
+    batch["tokens"].push_back(tr), batch["targets"].push_back(yr);
+  }
+  write_file(dir / "b.json", batch.dump());
+  const auto st = test::run_attnbench("gpt-steps " + ck + " --batch " + (dir / "b.json").string() + " --steps 4 --out " +
+                                      (dir / "steps.safetensors").string());
+  INFO(st.text);
+  REQUIRE(st.code == 0);
+  const SafetensorsFile sf = read_safetensors((dir / "steps.safetensors").string());
+  const Tensor& losses = sf.tensors.at("losses");
+  REQUIRE(losses.numel() == 4);
+  CHECK(losses.data<double>()[3] < losses.data<double>()[0]);
+  CHECK(sf.tensors.at("logits").shape()[0] == 48);
+  CHECK(sf.tensors.count("grad.l1.wg") == 1);
+  batch["targets"][1][3] = 999;
+  write_file(dir / "b.json", batch.dump());
+  const auto bb = test::run_attnbench("gpt-steps " + ck + " --batch " + (dir / "b.json").string() + " --out " +
+                                      (dir / "x.safetensors").string());
+  CHECK(bb.code == 2);
+  CHECK(bb.text.find("b.json.targets[1]: expected ids in [-1, ") != std::string::npos);
+  CHECK(!fs::exists(dir / "x.safetensors"));
   // A corrupt checkpoint: one line, exit 2.
   write_file(dir / "bad.safetensors", "garbage");
   const auto bad = test::run_attnbench("sample " + (dir / "bad.safetensors").string());

@@ -17,6 +17,6 @@ void add_verify(CLI::App& app, int& exit_code);
 void add_merge(CLI::App& app, int& exit_code);
 void add_report(CLI::App& app, int& exit_code);
 void add_mask(CLI::App& app, int& exit_code);
-void add_train(CLI::App& app, int& exit_code);  // train and sample
+void add_train(CLI::App& app, int& exit_code);  // train, sample and gpt-steps
 
 }  // namespace attnbench::cli

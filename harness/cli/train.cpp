@@ -1,6 +1,7 @@
 // attnbench train SUITE.json: trains the tiny GPT for every attention kind and
 // seed of a training suite (docs/train.md); attnbench sample CHECKPOINT writes
-// text with a trained text model.
+// text with a trained text model; attnbench gpt-steps runs a checkpoint's
+// model on one fixed batch (the PyTorch parity script's other half).
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -58,6 +59,27 @@ void add_train(CLI::App& app, int& exit_code) {
         train::sample_text_from(ck, sa->prompt, sa->length, sa->temperature, sa->seed, sa->threads);
     std::fwrite(text.data(), 1, text.size(), stdout);
     std::fputc('\n', stdout);
+    exit_code = 0;
+  });
+
+  struct StepsArgs {
+    std::string checkpoint, batch, out;
+    int64_t steps = 10;
+    int threads = 0;
+  };
+  auto ga = std::make_shared<StepsArgs>();
+  auto* g = app.add_subcommand("gpt-steps",
+                               "Training steps of a checkpoint's model on one fixed batch: the first step's logits and "
+                               "gradients, every step's loss (for scripts/torch_gpt_parity.py)");
+  g->add_option("checkpoint", ga->checkpoint, "Checkpoint (.safetensors) written by attnbench train")->required();
+  g->add_option("--batch", ga->batch, "JSON {\"tokens\": [[...], ...], \"targets\": [[...], ...]}, rows of context ids")
+      ->required();
+  g->add_option("--steps", ga->steps, "Steps (Adam continues the checkpoint's moments at its lr)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+  g->add_option("--out", ga->out, "Output safetensors: logits, grad.<param>, losses")->required();
+  g->add_option("--threads", ga->threads, "OpenMP threads (default all)")->check(CLI::Range(1, 4096));
+  g->callback([ga, &exit_code] {
+    train::run_fixed_batch_steps(ga->checkpoint, ga->batch, ga->steps, ga->out, ga->threads);
     exit_code = 0;
   });
 }

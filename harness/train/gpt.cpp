@@ -44,6 +44,23 @@ std::vector<std::string> attention_kind_names() {
   return {"standard", "selective", "selective_materialized", "window"};
 }
 
+ValueResidual parse_value_residual(const std::string& s, const std::string& where) {
+  if (s == "none") return ValueResidual::none;
+  if (s == "learned") return ValueResidual::learned;
+  if (s == "token") return ValueResidual::token;
+  throw InputError(where + ": unknown value residual '" + s + "', expected one of none, learned, token" +
+                   did_you_mean(s, {"none", "learned", "token"}));
+}
+
+std::string value_residual_name(ValueResidual v) {
+  switch (v) {
+    case ValueResidual::none: return "none";
+    case ValueResidual::learned: return "learned";
+    case ValueResidual::token: return "token";
+  }
+  return "?";
+}
+
 std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
   std::vector<ParamInfo> out;
   int64_t off = 0;
@@ -67,6 +84,16 @@ std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
     add(p + "w1", {4 * d, d});
     add(p + "w2", {d, 4 * d});
     add(p + "ln2", {d});
+    // Block options, after the block's own weights (a config without them has the layout above).
+    const BlockOptions& o = c.block;
+    if (o.gate) add(p + "wg", {d, d});
+    if (l > 0 && o.value_residual == ValueResidual::learned) add(p + "vres", {c.heads});
+    if (l > 0 && o.value_residual == ValueResidual::token) add(p + "wvres", {c.heads, d});
+    if (o.layer_scale > 0) {
+      add(p + "ls1", {d});
+      add(p + "ls2", {d});
+    }
+    if (o.glu) add(p + "w3", {4 * d, d});
   }
   add("wout", {c.vocab, d});
   return out;
@@ -79,11 +106,17 @@ int64_t gpt_param_count(const GptConfig& c) {
 
 template <class Real>
 struct Gpt<Real>::Layer {
-  // Parameters and their gradients (views into the arena).
+  // Parameters and their gradients (views into the arena; a block option's are null when it is off).
   Real *wq, *wk, *wv, *wo, *ln1, *w1, *w2, *ln2;
   Real *dwq, *dwk, *dwv, *dwo, *dln1, *dw1, *dw2, *dln2;
+  Real *wg = nullptr, *vres = nullptr, *wvres = nullptr, *ls1 = nullptr, *ls2 = nullptr, *w3 = nullptr;
+  Real *dwg = nullptr, *dvres = nullptr, *dwvres = nullptr, *dls1 = nullptr, *dls2 = nullptr, *dw3 = nullptr;
   // Activations of the batch.
   Real *q, *k, *v, *att, *lse, *ao, *r1, *mean1, *rstd1, *x1, *h, *hr, *f, *r2, *mean2, *rstd2, *x2;
+  // Block options' activations: the gate σ(x W_g) and the gated output (gate),
+  // this block's own values and the mix logits (value residual, blocks after
+  // the first: v holds the mixed values), the up projection (glu).
+  Real *g = nullptr, *ag = nullptr, *vl = nullptr, *z = nullptr, *u = nullptr;
 };
 
 /// `window` attention: the sliding_window mask over a sequence's T positions and its
@@ -176,6 +209,11 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
     : cfg_(c), B_(B), N_(B * c.context), threads_(std::max(1, threads)) {
   if (c.d % c.heads != 0) throw InputError("model: d must be a multiple of heads");
   if (c.rope && c.d_head() % 2 != 0) throw InputError("model: d / heads must be even with rope");
+  if (c.block.value_residual != ValueResidual::none && c.attention != AttentionKind::standard &&
+      c.attention != AttentionKind::window)
+    throw InputError("model: value_residual needs standard or window attention (" + attention_kind_name(c.attention) +
+                     " attention makes its values per query)");
+  if (!(c.block.layer_scale >= 0)) throw InputError("model: layer_scale must be >= 0");
   layout_ = gpt_param_layout(c);
   nparams_ = layout_.back().offset + layout_.back().numel;
   const int64_t N = N_, d = c.d, V = c.vocab, L = c.layers;
@@ -219,19 +257,34 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
   slots.push_back({&v_, nparams_});
   slots.push_back({&emb_, N * d});
   layers_.resize(size_t(L));
-  for (auto& ly : layers_) {
+  const BlockOptions& o = c.block;
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Layer& ly = layers_[l];
     for (Real** p : {&ly.q, &ly.k, &ly.v, &ly.att, &ly.ao, &ly.r1, &ly.x1, &ly.f, &ly.r2, &ly.x2})
       slots.push_back({p, N * d});
     for (Real** p : {&ly.mean1, &ly.rstd1, &ly.mean2, &ly.rstd2}) slots.push_back({p, N});
     slots.push_back({&ly.lse, N * c.heads});
     slots.push_back({&ly.h, N * 4 * d});
     slots.push_back({&ly.hr, N * 4 * d});
+    if (o.gate)
+      for (Real** p : {&ly.g, &ly.ag}) slots.push_back({p, N * d});
+    if (mixes_values(l)) {
+      slots.push_back({&ly.vl, N * d});
+      slots.push_back({&ly.z, N * c.heads});
+    }
+    if (o.glu) slots.push_back({&ly.u, N * 4 * d});
   }
   slots.push_back({&logits_, N * V});
   slots.push_back({&dH_, std::max(N * 4 * d, N * V)});  // also the logits' gradient
   slots.push_back({&row_loss_, N});
   for (Real** p : {&dA_, &dB_, &dC_, &dq_, &dk_, &dv_}) slots.push_back({p, N * d});
   if (window_) slots.push_back({&heads_, 8 * N * d});
+  if (o.layer_scale > 0) slots.push_back({&dR_, N * d});
+  if (o.glu) slots.push_back({&dU_, N * 4 * d});
+  if (o.value_residual != ValueResidual::none) {
+    slots.push_back({&dZ_, N * c.heads});
+    slots.push_back({&dV1_, N * d});
+  }
   size_t bytes = 0;
   for (const Slot& s : slots) bytes += align_up(size_t(s.n) * sizeof(Real));
   bytes += align_up(scratch_bytes_);
@@ -246,23 +299,33 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
   }
   scratch_ = at;
 
-  auto param = [&](size_t i, Real*& p, Real*& g) {
-    p = params_ + layout_[i].offset;
-    g = grads_ + layout_[i].offset;
-  };
-  size_t i = 0;
-  param(i++, wte_, dwte_);
-  for (auto& ly : layers_) {
-    param(i++, ly.wq, ly.dwq);
-    param(i++, ly.wk, ly.dwk);
-    param(i++, ly.wv, ly.dwv);
-    param(i++, ly.wo, ly.dwo);
-    param(i++, ly.ln1, ly.dln1);
-    param(i++, ly.w1, ly.dw1);
-    param(i++, ly.w2, ly.dw2);
-    param(i++, ly.ln2, ly.dln2);
+  // Each layout entry to its parameter and gradient views; what the config lacks stays null.
+  for (const ParamInfo& pi : layout_) {
+    Real* p = params_ + pi.offset;
+    Real* g = grads_ + pi.offset;
+    const size_t dot = pi.name.find('.');
+    if (dot == std::string::npos) {
+      (pi.name == "wte" ? wte_ : wout_) = p;
+      (pi.name == "wte" ? dwte_ : dwout_) = g;
+      continue;
+    }
+    Layer& ly = layers_[std::stoul(pi.name.substr(1, dot - 1))];
+    const std::string w = pi.name.substr(dot + 1);
+    struct View {
+      const char* name;
+      Real* Layer::*p;
+      Real* Layer::*g;
+    };
+    static constexpr View views[] = {{"wq", &Layer::wq, &Layer::dwq},          {"wk", &Layer::wk, &Layer::dwk},
+                                     {"wv", &Layer::wv, &Layer::dwv},          {"wo", &Layer::wo, &Layer::dwo},
+                                     {"ln1", &Layer::ln1, &Layer::dln1},       {"w1", &Layer::w1, &Layer::dw1},
+                                     {"w2", &Layer::w2, &Layer::dw2},          {"ln2", &Layer::ln2, &Layer::dln2},
+                                     {"wg", &Layer::wg, &Layer::dwg},          {"vres", &Layer::vres, &Layer::dvres},
+                                     {"wvres", &Layer::wvres, &Layer::dwvres}, {"ls1", &Layer::ls1, &Layer::dls1},
+                                     {"ls2", &Layer::ls2, &Layer::dls2},       {"w3", &Layer::w3, &Layer::dw3}};
+    for (const View& v : views)
+      if (w == v.name) ly.*v.p = p, ly.*v.g = g;
   }
-  param(i++, wout_, dwout_);
 }
 
 template <class Real>
@@ -275,10 +338,14 @@ void Gpt<Real>::init(uint64_t seed) {
   for (const ParamInfo& pi : layout_) {
     Rng rng(seed, "gpt-init", pi.name);
     Real* p = params_ + pi.offset;
-    const bool is_ln = pi.shape.size() == 1;
-    if (is_ln) {
+    const std::string w = pi.name.substr(pi.name.find('.') + 1);
+    if (w == "ln1" || w == "ln2") {
       std::fill(p, p + pi.numel, Real(1));
-    } else if (pi.name == "wte") {
+    } else if (w == "ls1" || w == "ls2") {
+      std::fill(p, p + pi.numel, Real(cfg_.block.layer_scale));
+    } else if (w == "wg" || w == "vres") {
+      std::fill(p, p + pi.numel, Real(0));
+    } else if (w == "wte") {
       for (int64_t j = 0; j < pi.numel; ++j) p[j] = Real(rng.normal());
     } else {
       const double bound = 1.0 / std::sqrt(double(pi.shape[1]));
@@ -337,13 +404,22 @@ void Gpt<Real>::window_backward(Layer& ly) {
 }
 
 template <class Real>
-void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
+void Gpt<Real>::attention_forward(size_t l, const Real* x) {
+  Layer& ly = layers_[l];
   const GptConfig& c = cfg_;
   const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
   if (c.attention == AttentionKind::standard || c.attention == AttentionKind::window) {
     gpt::linear_forward(ly.q, x, ly.wq, N, d, d, threads_);
     gpt::linear_forward(ly.k, x, ly.wk, N, d, d, threads_);
-    gpt::linear_forward(ly.v, x, ly.wv, N, d, d, threads_);
+    gpt::linear_forward(mixes_values(l) ? ly.vl : ly.v, x, ly.wv, N, d, d, threads_);
+    if (mixes_values(l)) {
+      if (c.block.value_residual == ValueResidual::token) {
+        gpt::linear_forward(ly.z, x, ly.wvres, N, d, H, threads_);
+      } else {
+        for (int64_t n = 0; n < N; ++n) std::copy_n(ly.vres, H, ly.z + n * H);
+      }
+      gpt::value_mix_forward(ly.v, ly.vl, layers_[0].v, ly.z, N, H, dh, threads_);
+    }
     if (c.attention == AttentionKind::window) {
       window_forward(ly);
     } else if constexpr (std::is_same_v<Real, float>) {
@@ -382,8 +458,9 @@ void Gpt<Real>::attention_forward(Layer& ly, const Real* x) {
 }
 
 template <class Real>
-void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
+void Gpt<Real>::attention_backward(size_t l, const Real* x, Real* dx) {
   // dA_ holds the cotangent of ly.att; the gradient of x is added to dx.
+  Layer& ly = layers_[l];
   const GptConfig& c = cfg_;
   const int64_t N = N_, d = c.d, T = c.context, H = c.heads, dh = c.d_head();
   if (c.attention == AttentionKind::standard || c.attention == AttentionKind::window) {
@@ -418,6 +495,19 @@ void Gpt<Real>::attention_backward(Layer& ly, const Real* x, Real* dx) {
       heads_layout(dk_, dk.data(), B_, T, H, dh, true);
       heads_layout(dv_, dv.data(), B_, T, H, dh, true);
     }
+    if (mixes_values(l)) {
+      // dv_: the mixed values' gradient, to this block's own values' (in place) and the first block's (dV1_).
+      gpt::value_mix_backward(dv_, dV1_, dZ_, dv_, ly.vl, layers_[0].v, ly.z, N, H, dh, threads_);
+      if (c.block.value_residual == ValueResidual::token) {
+        gpt::linear_backward(dx, ly.dwvres, dZ_, x, ly.wvres, N, d, H, true, threads_);
+      } else {
+        std::fill(ly.dvres, ly.dvres + H, Real(0));
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t h = 0; h < H; ++h) ly.dvres[h] += dZ_[n * H + h];
+      }
+    } else if (dV1_) {  // the first block: its values also feed every later block's mix
+      for (int64_t i = 0; i < N * d; ++i) dv_[i] += dV1_[i];
+    }
     gpt::linear_backward(dx, ly.dwq, dq_, x, ly.wq, N, d, d, true, threads_);
     gpt::linear_backward(dx, ly.dwk, dk_, x, ly.wk, N, d, d, true, threads_);
     gpt::linear_backward(dx, ly.dwv, dv_, x, ly.wv, N, d, d, true, threads_);
@@ -448,17 +538,34 @@ gpt::CrossEntropyStats Gpt<Real>::step(const int32_t* tokens, const int32_t* tar
   const int64_t N = N_, d = c.d, V = c.vocab;
   const int th = threads_;
   const Real eps = Real(1e-5);
+  const BlockOptions& o = c.block;
   gpt::embedding_forward(emb_, tokens, wte_, N, d, th);
   const Real* x = emb_;
-  for (auto& ly : layers_) {
-    attention_forward(ly, x);
-    gpt::linear_forward(ly.ao, ly.att, ly.wo, N, d, d, th);
-    for (int64_t i = 0; i < N * d; ++i) ly.r1[i] = x[i] + ly.ao[i];
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    Layer& ly = layers_[l];
+    attention_forward(l, x);
+    if (o.gate) {
+      gpt::linear_forward(ly.g, x, ly.wg, N, d, d, th);
+      gpt::sigmoid_gate_forward(ly.ag, ly.g, ly.att, N * d, th);
+    }
+    gpt::linear_forward(ly.ao, o.gate ? ly.ag : ly.att, ly.wo, N, d, d, th);
+    if (o.layer_scale > 0)
+      gpt::scaled_residual_forward(ly.r1, x, ly.ls1, ly.ao, N, d, th);
+    else
+      for (int64_t i = 0; i < N * d; ++i) ly.r1[i] = x[i] + ly.ao[i];
     gpt::layernorm_forward(ly.x1, ly.mean1, ly.rstd1, ly.r1, ly.ln1, N, d, eps, th);
     gpt::linear_forward(ly.h, ly.x1, ly.w1, N, d, 4 * d, th);
-    gpt::relu_forward(ly.hr, ly.h, N * 4 * d, th);
+    if (o.glu) {
+      gpt::linear_forward(ly.u, ly.x1, ly.w3, N, d, 4 * d, th);
+      gpt::swiglu_forward(ly.hr, ly.h, ly.u, N * 4 * d, th);
+    } else {
+      gpt::relu_forward(ly.hr, ly.h, N * 4 * d, th);
+    }
     gpt::linear_forward(ly.f, ly.hr, ly.w2, N, 4 * d, d, th);
-    for (int64_t i = 0; i < N * d; ++i) ly.r2[i] = ly.x1[i] + ly.f[i];
+    if (o.layer_scale > 0)
+      gpt::scaled_residual_forward(ly.r2, ly.x1, ly.ls2, ly.f, N, d, th);
+    else
+      for (int64_t i = 0; i < N * d; ++i) ly.r2[i] = ly.x1[i] + ly.f[i];
     gpt::layernorm_forward(ly.x2, ly.mean2, ly.rstd2, ly.r2, ly.ln2, N, d, eps, th);
     x = ly.x2;
   }
@@ -473,19 +580,39 @@ gpt::CrossEntropyStats Gpt<Real>::step(const int32_t* tokens, const int32_t* tar
   Real* dx = dA_;  // the gradient of the current block's output
   Real* dnext = dC_;
   gpt::linear_backward(dx, dwout_, dlogits, x, wout_, N, d, V, false, th);
+  if (dV1_) std::fill(dV1_, dV1_ + N * d, Real(0));
   for (int64_t l = c.layers - 1; l >= 0; --l) {
     Layer& ly = layers_[size_t(l)];
     const Real* xin = l == 0 ? emb_ : layers_[size_t(l - 1)].x2;
-    // x2 = LN2(r2), r2 = x1 + f: dB_ = dr2 = dx1 (so far) = df.
+    // x2 = LN2(r2), r2 = x1 + γ2 ∘ f: dB_ = dr2 = dx1 (so far), df = γ2 ∘ dr2 (dR_) or dr2.
     gpt::layernorm_backward(dB_, ly.dln2, dx, ly.r2, ly.mean2, ly.rstd2, ly.ln2, N, d, th);
-    gpt::linear_backward(dH_, ly.dw2, dB_, ly.hr, ly.w2, N, 4 * d, d, false, th);
-    gpt::relu_backward(dH_, dH_, ly.h, N * 4 * d, th);
+    const Real* df = dB_;
+    if (o.layer_scale > 0) {
+      gpt::scaled_residual_backward(dR_, ly.dls2, dB_, ly.f, ly.ls2, N, d, th);
+      df = dR_;
+    }
+    gpt::linear_backward(dH_, ly.dw2, df, ly.hr, ly.w2, N, 4 * d, d, false, th);
+    if (o.glu) {
+      gpt::swiglu_backward(dH_, dU_, dH_, ly.h, ly.u, N * 4 * d, th);
+      gpt::linear_backward(dB_, ly.dw3, dU_, ly.x1, ly.w3, N, d, 4 * d, true, th);
+    } else {
+      gpt::relu_backward(dH_, dH_, ly.h, N * 4 * d, th);
+    }
     gpt::linear_backward(dB_, ly.dw1, dH_, ly.x1, ly.w1, N, d, 4 * d, true, th);
-    // x1 = LN1(r1), r1 = x + ao: dnext = dr1 = dx (so far) = dao.
+    // x1 = LN1(r1), r1 = x + γ1 ∘ ao: dnext = dr1 = dx (so far), dao = γ1 ∘ dr1 (dR_) or dr1.
     gpt::layernorm_backward(dnext, ly.dln1, dB_, ly.r1, ly.mean1, ly.rstd1, ly.ln1, N, d, th);
-    // dx is consumed: dA_ may now hold the attention output's cotangent.
-    gpt::linear_backward(dA_, ly.dwo, dnext, ly.att, ly.wo, N, d, d, false, th);
-    attention_backward(ly, xin, dnext);
+    const Real* dao = dnext;
+    if (o.layer_scale > 0) {
+      gpt::scaled_residual_backward(dR_, ly.dls1, dnext, ly.ao, ly.ls1, N, d, th);
+      dao = dR_;
+    }
+    // dx is consumed: dA_ may now hold the (gated) attention output's cotangent.
+    gpt::linear_backward(dA_, ly.dwo, dao, o.gate ? ly.ag : ly.att, ly.wo, N, d, d, false, th);
+    if (o.gate) {  // ag = σ(x W_g) ∘ att: dA_ to att's cotangent, the gate's pre-activation's in dB_ (free now)
+      gpt::sigmoid_gate_backward(dA_, dB_, dA_, ly.att, ly.g, N * d, th);
+      gpt::linear_backward(dnext, ly.dwg, dB_, xin, ly.wg, N, d, d, true, th);
+    }
+    attention_backward(size_t(l), xin, dnext);
     // dnext is the gradient of this block's input: swap it into dA_'s role.
     std::swap(dA_, dC_);
     dx = dA_;

@@ -31,11 +31,30 @@ AttentionKind parse_attention_kind(const std::string& s, const std::string& wher
 std::string attention_kind_name(AttentionKind k);
 std::vector<std::string> attention_kind_names();
 
+/// Value residual learning (ResFormer, hepattn): every block after the first
+/// mixes the first block's values into its own, v = m · v_l + (1 − m) · v_1,
+/// with m = σ(λ_h) one learnable logit per head (`learned`) or m = σ(x W_m)
+/// per token and head (`token`, W_m (heads, d)).
+enum class ValueResidual { none, learned, token };
+
+ValueResidual parse_value_residual(const std::string& s, const std::string& where);
+std::string value_residual_name(ValueResidual v);
+
+/// The particle-physics seed's block options (docs/train.md "Block options"), each off by default.
+struct BlockOptions {
+  bool gate = false;  // attention output gating (AlphaFold 2): att ∘ σ(x W_g) before the output projection
+  ValueResidual value_residual = ValueResidual::none;  // standard and window attention only
+  double layer_scale = 0;  // > 0: LayerScale γ ∘ branch on both residual branches, γ initialised to this
+  bool glu = false;        // gated FFN (SwiGLU): (silu(x W_1) ∘ x W_3) W_2, hidden width 4d
+  bool any() const { return gate || value_residual != ValueResidual::none || layer_scale > 0 || glu; }
+};
+
 struct GptConfig {
   int64_t vocab = 65, d = 64, heads = 2, layers = 4, context = 300;
   bool rope = true;
   AttentionKind attention = AttentionKind::standard;
   int64_t window = 0;  // `window` attention: keys each query sees (the most recent, itself included)
+  BlockOptions block;
   int64_t d_head() const { return d / heads; }
 };
 
@@ -70,7 +89,9 @@ class Gpt {
   size_t arena_bytes() const { return arena_bytes_; }
 
   /// PyTorch's default initialisation from `seed`: embedding N(0, 1), linear
-  /// U(±1/sqrt(in)), LayerNorm gains 1; Adam moments zero.
+  /// U(±1/sqrt(in)), LayerNorm gains 1; the block options' gate weights and
+  /// value-residual logits 0 (gate and mix start at σ(0) = 1/2), LayerScale
+  /// gains block.layer_scale; Adam moments zero.
   void init(uint64_t seed);
 
   /// Forward on tokens (B·T) with targets (B·T, −1 = not counted); returns the
@@ -85,8 +106,9 @@ class Gpt {
  private:
   struct Layer;
   struct Window;
-  void attention_forward(Layer& L, const Real* x);
-  void attention_backward(Layer& L, const Real* x, Real* dx);
+  void attention_forward(size_t l, const Real* x);
+  void attention_backward(size_t l, const Real* x, Real* dx);
+  bool mixes_values(size_t l) const { return l > 0 && cfg_.block.value_residual != ValueResidual::none; }
   void window_forward(Layer& L);   // ly.att from ly.q, ly.k, ly.v
   void window_backward(Layer& L);  // dq_, dk_, dv_ from dA_
 
@@ -101,6 +123,10 @@ class Gpt {
   Real *emb_ = nullptr, *logits_ = nullptr, *row_loss_ = nullptr;
   Real *dA_ = nullptr, *dB_ = nullptr, *dC_ = nullptr, *dq_ = nullptr, *dk_ = nullptr, *dv_ = nullptr,
        *dH_ = nullptr;
+  // Block options' gradient buffers (null when the option is off): a scaled
+  // branch's gradient, the SwiGLU up projection's, the value mix logits' and
+  // the first block's values' (summed over the later blocks).
+  Real *dR_ = nullptr, *dU_ = nullptr, *dZ_ = nullptr, *dV1_ = nullptr;
   void* scratch_ = nullptr;
   size_t scratch_bytes_ = 0;
   std::unique_ptr<Window> window_;  // `window` attention: its mask and block map

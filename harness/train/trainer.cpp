@@ -150,6 +150,13 @@ EvalResult evaluate(Gpt<float>& m, const Data& d, int64_t batches) {
   return r;
 }
 
+json block_json(const BlockOptions& b) {
+  return {{"gate", b.gate},
+          {"value_residual", value_residual_name(b.value_residual)},
+          {"layer_scale", b.layer_scale},
+          {"glu", b.glu}};
+}
+
 json run_config(const TrainSuite& s, const Data& d, AttentionKind k, uint64_t seed) {
   json c{{"attention", attention_kind_name(k)},
               {"seed", seed},
@@ -163,6 +170,7 @@ json run_config(const TrainSuite& s, const Data& d, AttentionKind k, uint64_t se
               {"lr", s.lr},
               {"data", d.fingerprint}};
   if (k == AttentionKind::window) c["window"] = s.window;  // (absent otherwise: earlier checkpoints stay valid)
+  if (s.block.any()) c["block"] = block_json(s.block);     // (likewise)
   return c;
 }
 
@@ -177,12 +185,20 @@ GptConfig gpt_config_from(const json& c, const std::string& where) {
     g.rope = c.at("rope").get<bool>();
     g.attention = parse_attention_kind(c.at("attention").get<std::string>(), where + ": config.attention");
     g.window = c.value("window", int64_t(0));
+    if (c.contains("block")) {
+      const json& b = c.at("block");
+      g.block.gate = b.at("gate").get<bool>();
+      g.block.value_residual =
+          parse_value_residual(b.at("value_residual").get<std::string>(), where + ": config.block.value_residual");
+      g.block.layer_scale = b.at("layer_scale").get<double>();
+      g.block.glu = b.at("glu").get<bool>();
+    }
   } catch (const json::exception& e) {
     throw InputError(where + ": corrupt checkpoint config: " + e.what());
   }
   if (g.vocab < 1 || g.d < 2 || g.heads < 1 || g.layers < 0 || g.context < 1 || g.d % g.heads != 0 ||
       g.vocab > (1 << 22) || g.d > 4096 || g.layers > 256 || g.context > 65536 ||
-      (g.attention == AttentionKind::window && g.window < 1))
+      (g.attention == AttentionKind::window && g.window < 1) || !(g.block.layer_scale >= 0))
     throw InputError(where + ": corrupt checkpoint config: " + c.dump());
   return g;
 }
@@ -288,6 +304,7 @@ RunResult train_one(const TrainSuite& s, const Data& d, AttentionKind kind, uint
   cfg.rope = s.rope;
   cfg.attention = kind;
   cfg.window = kind == AttentionKind::window ? s.window : 0;
+  cfg.block = s.block;
   const json config = run_config(s, d, kind, seed);
   Gpt<float> m(cfg, s.batch, threads);
   m.init(seed);
@@ -439,12 +456,16 @@ TrainSuite parse_train_suite(const json& j, const std::string& where) {
   if (j.contains("model")) {
     const json& mj = j.at("model");
     const std::string w = where + ".model";
-    check_keys(mj, {"d", "heads", "layers", "rope", "window"}, w);
+    check_keys(mj, {"d", "heads", "layers", "rope", "window", "gate", "value_residual", "layer_scale", "glu"}, w);
     s.d = get_int(mj, "d", 64, 2, 4096, w);
     s.heads = get_int(mj, "heads", 2, 1, 256, w);
     s.layers = get_int(mj, "layers", 4, 0, 256, w);
     s.rope = get_bool(mj, "rope", true, w);
     s.window = get_int(mj, "window", 64, 1, 65536, w);
+    s.block.gate = get_bool(mj, "gate", false, w);
+    s.block.value_residual = parse_value_residual(get_string(mj, "value_residual", "none", w), w + ".value_residual");
+    s.block.layer_scale = get_double(mj, "layer_scale", 0.0, 0.0, 1e3, w);
+    s.block.glu = get_bool(mj, "glu", false, w);
     if (s.d % s.heads != 0) throw InputError(w + ".heads: expected a divisor of d (" + std::to_string(s.d) + ")");
     if (s.rope && (s.d / s.heads) % 2 != 0) throw InputError(w + ".rope: needs an even d / heads");
   }
@@ -458,6 +479,11 @@ TrainSuite parse_train_suite(const json& j, const std::string& where) {
       s.attention.push_back(parse_attention_kind(a[i].get<std::string>(), w));
     }
   }
+  if (s.block.value_residual != ValueResidual::none)
+    for (AttentionKind k : s.attention)
+      if (k != AttentionKind::standard && k != AttentionKind::window)
+        throw InputError(where + ".model.value_residual: needs standard or window attention; the suite trains '" +
+                         attention_kind_name(k) + "', whose values are made per query");
   if (j.contains("seeds")) {
     const json& a = j.at("seeds");
     if (!a.is_array() || a.empty()) throw InputError(where + ".seeds: expected a non-empty array of integers");
@@ -564,7 +590,12 @@ int run_train_suite(TrainSuite s, const TrainOptions& opt) {
                     {"batch", s.batch},
                     {"context", s.context},
                     {"model",
-                     {{"d", s.d}, {"heads", s.heads}, {"layers", s.layers}, {"rope", s.rope}, {"window", s.window}}},
+                     {{"d", s.d},
+                      {"heads", s.heads},
+                      {"layers", s.layers},
+                      {"rope", s.rope},
+                      {"window", s.window},
+                      {"block", block_json(s.block)}}},
                     {"lr", s.lr},
                     {"threads", threads},
                     {"runs", runs},
@@ -596,13 +627,93 @@ LoadedCheckpoint load_checkpoint_model(const std::string& path) {
                        std::to_string(ck.cfg.vocab));
   }
   const auto layout = gpt_param_layout(ck.cfg);
-  ck.params.assign(size_t(gpt_param_count(ck.cfg)), 0.f);
-  for (const ParamInfo& pi : layout) {
-    const Tensor& t = require_shape(f.tensors, pi.name, Shape(pi.shape.begin(), pi.shape.end()), path);
-    if (t.dtype() != DType::f32) throw InputError(path + ": tensor '" + pi.name + "': expected f32");
-    std::copy(t.data<float>(), t.data<float>() + pi.numel, ck.params.begin() + pi.offset);
+  const std::pair<std::vector<float>*, const char*> parts[] = {
+      {&ck.params, ""}, {&ck.adam_m, "adam_m."}, {&ck.adam_v, "adam_v."}};
+  for (const auto& [dst, prefix] : parts) {
+    dst->assign(size_t(gpt_param_count(ck.cfg)), 0.f);
+    for (const ParamInfo& pi : layout) {
+      const std::string name = prefix + pi.name;
+      const Tensor& t = require_shape(f.tensors, name, Shape(pi.shape.begin(), pi.shape.end()), path);
+      if (t.dtype() != DType::f32) throw InputError(path + ": tensor '" + name + "': expected f32");
+      std::copy(t.data<float>(), t.data<float>() + pi.numel, dst->begin() + pi.offset);
+    }
   }
+  ck.step = int64_t(parse_u64(meta_field(f, "step", path), path + ": metadata step"));
   return ck;
+}
+
+namespace {
+
+/// The fixed batch of `gpt-steps`: B rows of T ids each for tokens and targets.
+void read_fixed_batch(const std::string& path, const GptConfig& c, std::vector<int32_t>& x, std::vector<int32_t>& y,
+                      int64_t& B) {
+  const json j = read_json_file(path);
+  if (!j.is_object()) throw InputError(path + ": expected an object with \"tokens\" and \"targets\"");
+  check_keys(j, {"tokens", "targets"}, path);
+  B = -1;
+  const std::tuple<const char*, std::vector<int32_t>*, int64_t> parts[] = {{"tokens", &x, 0}, {"targets", &y, -1}};
+  for (const auto& [key, out, lo] : parts) {
+    const std::string w = path + "." + key;
+    if (!j.contains(key) || !j.at(key).is_array() || j.at(key).empty())
+      throw InputError(w + ": expected a non-empty array of rows");
+    const json& rows = j.at(key);
+    if (B >= 0 && int64_t(rows.size()) != B)
+      throw InputError(w + ": expected " + std::to_string(B) + " rows (as tokens), got " + std::to_string(rows.size()));
+    B = int64_t(rows.size());
+    out->clear();
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const std::string wr = w + "[" + std::to_string(r) + "]";
+      if (!rows[r].is_array() || int64_t(rows[r].size()) != c.context)
+        throw InputError(wr + ": expected an array of context (" + std::to_string(c.context) + ") ids");
+      for (const json& v : rows[r]) {
+        if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() >= c.vocab)
+          throw InputError(wr + ": expected ids in [" + std::to_string(lo) + ", " + std::to_string(c.vocab) + "), got " +
+                           v.dump());
+        out->push_back(int32_t(v.get<int64_t>()));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void run_fixed_batch_steps(const std::string& checkpoint, const std::string& batch_path, int64_t steps,
+                           const std::string& out_path, int threads) {
+  const LoadedCheckpoint ck = load_checkpoint_model(checkpoint);
+  std::vector<int32_t> x, y;
+  int64_t B = 0;
+  read_fixed_batch(batch_path, ck.cfg, x, y, B);
+  Gpt<float> m(ck.cfg, B, threads > 0 ? threads : omp_get_max_threads());
+  std::copy(ck.params.begin(), ck.params.end(), m.params());
+  std::copy(ck.adam_m.begin(), ck.adam_m.end(), m.adam_m());
+  std::copy(ck.adam_v.begin(), ck.adam_v.end(), m.adam_v());
+  gpt::AdamParams a;
+  try {
+    a.lr = ck.meta.at("lr").get<double>();
+  } catch (const json::exception& e) {
+    throw InputError(checkpoint + ": corrupt checkpoint config: " + e.what());
+  }
+  TensorMap out;
+  Tensor losses(DType::f64, Shape{steps});
+  for (int64_t k = 0; k < steps; ++k) {
+    const gpt::CrossEntropyStats st = m.step(x.data(), y.data(), true);
+    losses.data<double>()[k] = st.count ? st.loss_sum / double(st.count) : 0.0;
+    if (k == 0) {
+      const int64_t rows = B * ck.cfg.context;
+      Tensor logits(DType::f32, Shape{rows, ck.cfg.vocab});
+      std::copy(m.logits(), m.logits() + rows * ck.cfg.vocab, logits.data<float>());
+      out.emplace("logits", std::move(logits));
+      for (const ParamInfo& pi : m.layout()) {
+        Tensor g(DType::f32, Shape(pi.shape.begin(), pi.shape.end()));
+        std::copy(m.grads() + pi.offset, m.grads() + pi.offset + pi.numel, g.data<float>());
+        out.emplace("grad." + pi.name, std::move(g));
+      }
+    }
+    a.step = ck.step + 1 + k;
+    m.update(a);
+  }
+  out.emplace("losses", std::move(losses));
+  write_safetensors(out_path, out, {{"format", "attnbench-gpt-steps-1"}, {"config", ck.meta.dump()}});
 }
 
 std::string sample_text_from(const LoadedCheckpoint& ck, const std::string& prompt, int64_t length,

@@ -25,6 +25,7 @@ struct TrainSuite {
   int64_t d = 64, heads = 2, layers = 4;
   bool rope = true;
   int64_t window = 64;  // `window` attention: keys each query sees
+  BlockOptions block;   // the same for every attention kind of the suite
   std::vector<AttentionKind> attention{AttentionKind::standard, AttentionKind::selective};
   std::vector<uint64_t> seeds{1};
   int64_t steps = 100, batch = 16, context = 300;
@@ -54,16 +55,28 @@ int run_train_suite(TrainSuite suite, const TrainOptions& opt);
 /// Mean and half-width of the 95 % Student-t interval of `xs` (0 for one value).
 void mean_ci95(const std::vector<double>& xs, double& mean, double& half);
 
-/// Loads a checkpoint's model (for `attnbench sample`): config and tokenizer
-/// (text checkpoints only) plus the f32 parameters into `params`.
+/// Loads a checkpoint's model (for `attnbench sample` and `gpt-steps`): config
+/// and tokenizer (text checkpoints only), the f32 parameters, Adam's moments
+/// and the step they were saved after.
 struct LoadedCheckpoint {
   GptConfig cfg;
   nlohmann::json meta;
   Tokenizer tok;
   bool text = false;
-  std::vector<float> params;
+  std::vector<float> params, adam_m, adam_v;
+  int64_t step = 0;
 };
 LoadedCheckpoint load_checkpoint_model(const std::string& path);
+
+/// `attnbench gpt-steps` (llm.c's test_gpt2 pattern; scripts/torch_gpt_parity.py
+/// compares it with PyTorch): `steps` training steps of the checkpoint's model
+/// on one fixed batch, Adam continuing the checkpoint's moments and step count
+/// at its config's lr. `batch_path`: JSON {"tokens": [[…], …], "targets": [[…], …]},
+/// B rows of `context` ids (targets −1 = not counted). Writes `out_path`
+/// (safetensors): `logits` (B·T, V) and `grad.<param>` of the first step,
+/// `losses` (steps, f64: each step's mean loss before its update).
+void run_fixed_batch_steps(const std::string& checkpoint, const std::string& batch_path, int64_t steps,
+                           const std::string& out_path, int threads);
 
 /// Generates `length` characters after `prompt` (temperature sampling; 0 = argmax).
 std::string sample_text_from(const LoadedCheckpoint& ck, const std::string& prompt, int64_t length,

@@ -170,6 +170,99 @@ void relu_backward(Real* dx, const Real* dy, const Real* x, int64_t n, int threa
   for (int64_t i = 0; i < n; ++i) dx[i] = x[i] > Real(0) ? dy[i] : Real(0);
 }
 
+namespace {
+template <class Real>
+Real sigmoid(Real z) {
+  return Real(1) / (Real(1) + std::exp(-z));
+}
+}  // namespace
+
+template <class Real>
+void sigmoid_gate_forward(Real* y, Real* g, const Real* a, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, n / 4096 + 1))
+  for (int64_t i = 0; i < n; ++i) {
+    g[i] = sigmoid(g[i]);
+    y[i] = g[i] * a[i];
+  }
+}
+
+template <class Real>
+void sigmoid_gate_backward(Real* da, Real* dpre, const Real* dy, const Real* a, const Real* g, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, n / 4096 + 1))
+  for (int64_t i = 0; i < n; ++i) {
+    const Real d = dy[i];
+    dpre[i] = d * a[i] * g[i] * (Real(1) - g[i]);
+    da[i] = d * g[i];
+  }
+}
+
+template <class Real>
+void swiglu_forward(Real* y, const Real* h, const Real* u, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, n / 4096 + 1))
+  for (int64_t i = 0; i < n; ++i) y[i] = h[i] * sigmoid(h[i]) * u[i];
+}
+
+template <class Real>
+void swiglu_backward(Real* dh, Real* du, const Real* dy, const Real* h, const Real* u, int64_t n, int threads) {
+  // silu'(z) = σ(z) (1 + z (1 − σ(z))).
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, n / 4096 + 1))
+  for (int64_t i = 0; i < n; ++i) {
+    const Real d = dy[i], s = sigmoid(h[i]);
+    du[i] = d * h[i] * s;
+    dh[i] = d * u[i] * s * (Real(1) + h[i] * (Real(1) - s));
+  }
+}
+
+template <class Real>
+void scaled_residual_forward(Real* r, const Real* x, const Real* gamma, const Real* f, int64_t N, int64_t C,
+                             int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, N / 64 + 1))
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) r[n * C + c] = x[n * C + c] + gamma[c] * f[n * C + c];
+}
+
+template <class Real>
+void scaled_residual_backward(Real* df, Real* dgamma, const Real* dr, const Real* f, const Real* gamma, int64_t N,
+                              int64_t C, int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, N / 64 + 1))
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) df[n * C + c] = gamma[c] * dr[n * C + c];
+  std::fill(dgamma, dgamma + C, Real(0));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) dgamma[c] += dr[n * C + c] * f[n * C + c];
+}
+
+template <class Real>
+void value_mix_forward(Real* v, const Real* vl, const Real* v1, const Real* z, int64_t N, int64_t H, int64_t dh,
+                       int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, N / 64 + 1))
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      const Real m = sigmoid(z[n * H + h]);
+      const int64_t o = (n * H + h) * dh;
+      for (int64_t c = o; c < o + dh; ++c) v[c] = m * vl[c] + (Real(1) - m) * v1[c];
+    }
+}
+
+template <class Real>
+void value_mix_backward(Real* dvl, Real* dv1, Real* dz, const Real* dv, const Real* vl, const Real* v1, const Real* z,
+                        int64_t N, int64_t H, int64_t dh, int threads) {
+#pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, N / 64 + 1))
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t h = 0; h < H; ++h) {
+      const Real m = sigmoid(z[n * H + h]);
+      const int64_t o = (n * H + h) * dh;
+      Real s = 0;
+      for (int64_t c = o; c < o + dh; ++c) {
+        const Real d = dv[c];
+        s += d * (vl[c] - v1[c]);
+        dv1[c] += (Real(1) - m) * d;
+        dvl[c] = m * d;
+      }
+      dz[n * H + h] = m * (Real(1) - m) * s;
+    }
+}
+
 template <class Real>
 void embedding_forward(Real* y, const int32_t* tokens, const Real* wte, int64_t N, int64_t C, int threads) {
 #pragma omp parallel for schedule(static) num_threads(clamp_threads(threads, N / 64 + 1))
@@ -242,17 +335,26 @@ template void linear_forward<double>(double*, const double*, const double*, int6
 template void linear_backward<double>(double*, double*, const double*, const double*, const double*, int64_t,
                                       int64_t, int64_t, bool, int);
 
-#define ATTNBENCH_GPT_INSTANTIATE(Real)                                                                          \
-  template void layernorm_forward<Real>(Real*, Real*, Real*, const Real*, const Real*, int64_t, int64_t, Real, \
-                                        int);                                                                  \
-  template void layernorm_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, const Real*,     \
-                                         const Real*, int64_t, int64_t, int);                                  \
-  template void relu_forward<Real>(Real*, const Real*, int64_t, int);                                          \
-  template void relu_backward<Real>(Real*, const Real*, const Real*, int64_t, int);                            \
-  template void embedding_forward<Real>(Real*, const int32_t*, const Real*, int64_t, int64_t, int);            \
-  template void embedding_backward<Real>(Real*, const Real*, const int32_t*, int64_t, int64_t, int64_t);       \
-  template CrossEntropyStats cross_entropy<Real>(Real*, Real*, const Real*, const int32_t*, int64_t, int64_t,  \
-                                                 Real, int);                                                   \
+#define ATTNBENCH_GPT_INSTANTIATE(Real)                                                                                \
+  template void layernorm_forward<Real>(Real*, Real*, Real*, const Real*, const Real*, int64_t, int64_t, Real, int);   \
+  template void layernorm_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, const Real*,             \
+                                         const Real*, int64_t, int64_t, int);                                          \
+  template void relu_forward<Real>(Real*, const Real*, int64_t, int);                                                  \
+  template void relu_backward<Real>(Real*, const Real*, const Real*, int64_t, int);                                    \
+  template void sigmoid_gate_forward<Real>(Real*, Real*, const Real*, int64_t, int);                                   \
+  template void sigmoid_gate_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, int64_t, int);        \
+  template void swiglu_forward<Real>(Real*, const Real*, const Real*, int64_t, int);                                   \
+  template void swiglu_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, int64_t, int);              \
+  template void scaled_residual_forward<Real>(Real*, const Real*, const Real*, const Real*, int64_t, int64_t, int);    \
+  template void scaled_residual_backward<Real>(Real*, Real*, const Real*, const Real*, const Real*, int64_t, int64_t,  \
+                                               int);                                                                   \
+  template void value_mix_forward<Real>(Real*, const Real*, const Real*, const Real*, int64_t, int64_t, int64_t, int); \
+  template void value_mix_backward<Real>(Real*, Real*, Real*, const Real*, const Real*, const Real*, const Real*,      \
+                                         int64_t, int64_t, int64_t, int);                                              \
+  template void embedding_forward<Real>(Real*, const int32_t*, const Real*, int64_t, int64_t, int);                    \
+  template void embedding_backward<Real>(Real*, const Real*, const int32_t*, int64_t, int64_t, int64_t);               \
+  template CrossEntropyStats cross_entropy<Real>(Real*, Real*, const Real*, const int32_t*, int64_t, int64_t, Real,    \
+                                                 int);                                                                 \
   template void adam_update<Real>(Real*, const Real*, Real*, Real*, int64_t, const AdamParams&, int);
 
 ATTNBENCH_GPT_INSTANTIATE(float)

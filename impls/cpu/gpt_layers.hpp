@@ -1,6 +1,7 @@
 // The tiny GPT's layers (DESIGN §5 "Tiny GPT"), forward and hand-written
 // backward, on raw row-major pointers: linear (no bias), LayerNorm (gain, no
-// bias), ReLU, embedding, softmax cross-entropy and Adam. Templated on the
+// bias), ReLU, the block options' gate, SwiGLU, LayerScale and value mix,
+// embedding, softmax cross-entropy and Adam. Templated on the
 // arithmetic type (float for training, double for the f64 oracle in the
 // tests); both are instantiated in impls/cpu/gpt_layers.cpp.
 //
@@ -41,6 +42,43 @@ void relu_forward(Real* y, const Real* x, int64_t n, int threads);
 /// dx = dy where x > 0, else 0 (dx may alias dy).
 template <class Real>
 void relu_backward(Real* dx, const Real* dy, const Real* x, int64_t n, int threads);
+
+/// The block options' element-wise layers (docs/train.md "Block options").
+/// Attention output gating (AlphaFold 2): g = σ(g) in place (g holds the
+/// gate's pre-activation on entry), y = g ∘ a.
+template <class Real>
+void sigmoid_gate_forward(Real* y, Real* g, const Real* a, int64_t n, int threads);
+/// da = dy ∘ g and dpre = dy ∘ a ∘ g (1 − g), both overwritten (da may alias dy).
+template <class Real>
+void sigmoid_gate_backward(Real* da, Real* dpre, const Real* dy, const Real* a, const Real* g, int64_t n, int threads);
+
+/// Gated FFN (SwiGLU): y = silu(h) ∘ u, silu(z) = z σ(z).
+template <class Real>
+void swiglu_forward(Real* y, const Real* h, const Real* u, int64_t n, int threads);
+/// dh = dy ∘ u ∘ silu'(h) and du = dy ∘ silu(h), both overwritten (dh may alias dy).
+template <class Real>
+void swiglu_backward(Real* dh, Real* du, const Real* dy, const Real* h, const Real* u, int64_t n, int threads);
+
+/// LayerScale on a residual branch: r (N, C) = x + γ ∘ f, γ (C) per channel.
+template <class Real>
+void scaled_residual_forward(Real* r, const Real* x, const Real* gamma, const Real* f, int64_t N, int64_t C,
+                             int threads);
+/// df = γ ∘ dr and dγ = Σ_n dr ∘ f (a fixed serial order over rows), both overwritten.
+template <class Real>
+void scaled_residual_backward(Real* df, Real* dgamma, const Real* dr, const Real* f, const Real* gamma, int64_t N,
+                              int64_t C, int threads);
+
+/// Value residual learning (ResFormer): rows of N tokens, H heads of dh
+/// channels side by side; per token and head, m = σ(z[n·H + h]) and
+/// v = m · vl + (1 − m) · v1 (vl this layer's values, v1 the first layer's).
+template <class Real>
+void value_mix_forward(Real* v, const Real* vl, const Real* v1, const Real* z, int64_t N, int64_t H, int64_t dh,
+                       int threads);
+/// dvl = m · dv (overwritten; may alias dv), dv1 += (1 − m) · dv, and
+/// dz = m (1 − m) · Σ over the head's channels of dv ∘ (vl − v1) (overwritten).
+template <class Real>
+void value_mix_backward(Real* dvl, Real* dv1, Real* dz, const Real* dv, const Real* vl, const Real* v1, const Real* z,
+                        int64_t N, int64_t H, int64_t dh, int threads);
 
 /// y (N, C) = rows tokens[n] of wte (V, C).
 template <class Real>
