@@ -157,17 +157,99 @@ def validate_results(path, doc):
     return ResultsFile(path=path, suite=suite.value, context=ctx.value, records=records)
 
 
-def load_results(path):
+def _read_json(path):
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
     try:
-        doc = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
             from None
-    return validate_results(str(path), doc)
+
+
+def load_results(path):
+    return validate_results(str(path), _read_json(path))
+
+
+# --- attnbench train's output (docs/train.md) ----------------------------------
+
+
+@dataclass
+class TrainResults:
+    """`attnbench train`'s train.json with each run's JSONL log from beside it."""
+    path: str
+    suite: str
+    table: list  # per attention kind: attention, params, eval_loss/eval_top1/tokens_per_s {mean, ci95}
+    runs: list   # per run: attention, seed, eval_loss, eval_top1, ...
+    logs: dict   # (attention, seed) -> rows {step, loss, step_s[, eval_loss, eval_top1]}
+
+
+def _is_train_results(doc):
+    return isinstance(doc, dict) and doc.get("kind") == "train"
+
+
+def validate_train_results(path, doc):
+    """train.json and the logs `<attention>-seed<seed>.jsonl` beside it (a missing log: no curve)."""
+    top = _Obj(path, "", doc)
+    suite = top.req("suite", "str")
+    table = top.req("table", "list")
+    for i, raw in enumerate(table):
+        row = _Obj(path, f"table[{i}]", raw)
+        row.req("attention", "str")
+        row.req("params", "int")
+        for key in ("eval_loss", "eval_top1", "tokens_per_s"):
+            stat = row.sub(key)
+            stat.req("mean", "num")
+            stat.req("ci95", "num")
+    runs = top.req("runs", "list")
+    logs = {}
+    for i, raw in enumerate(runs):
+        run = _Obj(path, f"runs[{i}]", raw)
+        attention, seed = run.req("attention", "str"), run.req("seed", "int")
+        run.req("eval_loss", "num")
+        log = Path(path).parent / f"{attention}-seed{int(seed)}.jsonl"
+        if log.exists():
+            logs[(attention, int(seed))] = _load_train_log(log)
+    return TrainResults(path, suite, table, runs, logs)
+
+
+def _load_train_log(path):
+    """One `attnbench train` run's JSONL: step, loss, step_s and, at evaluations, eval_loss and eval_top1."""
+    rows = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
+        obj = _Obj(str(path), f"line {n}", raw, sep=": ")
+        obj.req("step", "int")
+        obj.req("loss", "num")
+        obj.req("step_s", "num")
+        obj.opt("eval_loss", "num")
+        obj.opt("eval_top1", "num")
+        rows.append(raw)
+    return rows
+
+
+def _is_train_log(path):
+    """An `attnbench train` run log (step_s, no split): plotted through its train.json."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    first = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(first, dict) and "step_s" in first and "split" not in first
+    return False
 
 
 # --- trainer logs -------------------------------------------------------------
@@ -224,6 +306,7 @@ class Inputs:
     results: list  # ResultsFile
     training: list  # (path, rows)
     notes: list     # one-line notes for the user
+    trained: list = None  # TrainResults (attnbench train's train.json)
 
 
 def collect(paths):
@@ -233,15 +316,25 @@ def collect(paths):
     In directories, *.json are results and *.jsonl trainer logs; the results
     streams `attnbench run` writes beside its .json (same records) are skipped.
     """
-    results, training, notes = [], [], []
+    results, training, notes, trained = [], [], [], []
+
+    def add_json(f):
+        doc = _read_json(f)
+        if _is_train_results(doc):
+            trained.append(validate_train_results(str(f), doc))
+        else:
+            results.append(validate_results(str(f), doc))
+
     for arg in paths:
         p = Path(arg)
         if p.is_dir():
             for f in sorted(p.glob("*.json")):
-                if f.name == "figures.json":
-                    continue
-                results.append(load_results(f))
+                if f.name == "figures.json" or f.name.endswith(".result.json"):
+                    continue  # a run's record of attnbench train: its train.json has it
+                add_json(f)
             for f in sorted(p.glob("*.jsonl")):
+                if _is_train_log(f):
+                    continue  # read through the train.json beside it
                 if _looks_like_training(f):
                     training.append((str(f), load_training(f)))
                 else:
@@ -250,6 +343,9 @@ def collect(paths):
         elif p.suffix == ".jsonl":
             if not p.exists():
                 raise InputError(f"{p}: no such file")
+            if _is_train_log(p):
+                raise InputError(f"{p}: an attnbench train run log: plot its folder or the train.json "
+                                 f"beside it (the curves average over seeds)")
             if not _looks_like_training(p):
                 raise InputError(f"{p}: not a trainer log (first line lacks \"step\"/\"loss\"); "
                                  f"plot the results .json instead")
@@ -257,8 +353,8 @@ def collect(paths):
         else:
             if not p.exists():
                 raise InputError(f"{p}: no such file or directory")
-            results.append(load_results(p))
-    return Inputs(results, training, notes)
+            add_json(p)
+    return Inputs(results, training, notes, trained)
 
 
 # --- records ------------------------------------------------------------------

@@ -643,5 +643,109 @@ def training_curves(ctx, logs):
                               "training curves", pdf.name, png.name))
 
 
+# --- 10. attnbench train: curves over seeds, final quality --------------------------------------
+
+# Student t 0.975 quantiles by degrees of freedom (harness/train/trainer.cpp's mean_ci95, the table's).
+_T975 = [0, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]
+
+
+def mean_ci95(xs):
+    """Mean and half-width of the 95 % Student t interval (0 for one value)."""
+    n = len(xs)
+    mean = sum(xs) / n
+    if n < 2:
+        return mean, 0.0
+    sd = (sum((x - mean) ** 2 for x in xs) / (n - 1)) ** 0.5
+    return mean, (_T975[n - 1] if n - 1 <= 30 else 1.96) * sd / n ** 0.5
+
+
+def _band(ax, per_step, colour, lw, alpha, clip=None):
+    """Mean over seeds at each step every seed has, with its 95 % interval shaded (clipped to `clip`)."""
+    steps = sorted(per_step)
+    if not steps:
+        return
+    stats = [mean_ci95(per_step[k]) for k in steps]
+    lo = [m - h for m, h in stats]
+    hi = [m + h for m, h in stats]
+    if clip:
+        lo, hi = [max(clip[0], v) for v in lo], [min(clip[1], v) for v in hi]
+    ax.plot(steps, [m for m, _ in stats], color=colour, linewidth=lw)
+    ax.fill_between(steps, lo, hi, color=colour, alpha=alpha, linewidth=0)
+
+
+def _smoothed(rows, key, window):
+    """(step, mean of `key` over the last `window` logged steps) of one run."""
+    out, recent = [], []
+    for r in rows:
+        recent = (recent + [r[key]])[-window:]
+        out.append((r["step"], sum(recent) / len(recent)))
+    return out
+
+
+def train_curves(ctx, tr):
+    """Held-out loss and top-1, and the training loss (each run's running mean over 1/50 of its
+    steps), vs step per attention kind: mean over seeds with a 95 % band (steps every seed logged)."""
+    kinds = [row["attention"] for row in tr.table]
+    if not any(a in kinds for a, _ in tr.logs):
+        return
+    pal = style.Palette(kinds, avoid_black=True)
+    panels = [("eval_loss", "held-out loss (nats/token)"), ("loss", "training loss (nats/token)"),
+              ("eval_top1", "held-out top-1 accuracy")]
+    fig, axes = style.figure(len(panels), ncols=3, sharey=False)
+    for ax, (key, ylabel) in zip(axes, panels):
+        for kind in kinds:
+            logs = [rows for (a, _s), rows in sorted(tr.logs.items()) if a == kind]
+            if not logs:
+                continue
+            per_step = defaultdict(list)
+            for rows in logs:
+                if key == "loss":
+                    for step, v in _smoothed(rows, key, max(1, len(rows) // 50)):
+                        per_step[step].append(v)
+                else:
+                    for r in rows:
+                        if r.get(key) is not None:
+                            per_step[r["step"]].append(r[key])
+            every = {k: v for k, v in per_step.items() if len(v) == len(logs)}
+            _band(ax, every, pal.colour(kind), 0.9 if key == "loss" else 1.3, 0.2,
+                  (0.0, 1.0) if key == "eval_top1" else None)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        if key == "eval_top1":
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+    seeds = {kind: sum(1 for a, _ in tr.logs if a == kind) for kind in kinds}
+    handles = [Line2D([], [], color=pal.colour(k), linewidth=1.3, label=f"{k} ({seeds[k]} seeds)")
+               for k in kinds if seeds[k]]
+    style.legend_above(fig, handles, [h.get_label() for h in handles])
+    ctx.finish(fig, "train_curves", tr.suite,
+               f"{tr.suite}: training curves, mean over seeds with 95 % intervals")
+
+
+def train_final(ctx, tr):
+    """Final held-out loss and top-1 per attention kind, mean ± 95 % interval over seeds (the table)."""
+    if not tr.table:
+        return
+    kinds = [row["attention"] for row in tr.table]
+    pal = style.Palette(kinds, avoid_black=True)
+    fig, axes = style.figure(2, ncols=2, sharey=False)
+    for ax, (key, ylabel) in zip(axes, [("eval_loss", "final held-out loss (nats/token)"),
+                                        ("eval_top1", "final held-out top-1 accuracy")]):
+        for i, row in enumerate(tr.table):
+            ax.errorbar([i], [row[key]["mean"]], yerr=[row[key]["ci95"]], fmt="o", capsize=3,
+                        color=pal.colour(row["attention"]), markersize=4)
+        ax.set_xticks(range(len(kinds)))
+        ax.set_xticklabels([f"{row['attention']}\n{row['params'] / 1e3:.0f}k params\n"
+                            f"{row['tokens_per_s']['mean']:.0f} tok/s" for row in tr.table], fontsize=6)
+        ax.set_xlim(-0.6, len(kinds) - 0.4)
+        ax.set_ylabel(ylabel)
+        if key == "eval_top1":
+            ax.yaxis.set_major_formatter(ticker.PercentFormatter(1.0, decimals=0))
+    n = max((row.get("seeds", 1) for row in tr.table), default=1)
+    ctx.finish(fig, "train_final", tr.suite,
+               f"{tr.suite}: final quality per attention kind, mean ± 95 % interval over {n} seeds")
+
+
 ALL_RECORD_FIGURES = [time_vs_n, throughput_vs_n, memory_vs_n, speedup_vs_n, error_vs_n,
                       se3_vs_scale, sparsity_speedup, breakdown]

@@ -4,10 +4,12 @@
     python3 plots/plot.py results/*.json [more files or directories] --out plots/out/
 
 Reads results files (docs/results.md; directories: every *.json inside) and
-trainer logs (*.jsonl, docs/plots.md), and writes for each variant every
+trainer logs (*.jsonl, docs/plots.md) and `attnbench train` outputs (its
+train.json with the run logs beside it), and writes for each variant every
 figure its records have data for (time, throughput, memory, speedup, error,
 SE(3) invariance, block-sparse speedup, per-operation breakdown) plus the
-training curves, each as PDF and PNG, and OUT/figures.json listing them.
+training curves (with bands over seeds) and final quality per attention kind,
+each as PDF and PNG, and OUT/figures.json listing them.
 
 Exit codes: 0 done, 2 bad input (one line naming the file and field),
 3 matplotlib missing.
@@ -65,7 +67,7 @@ def main(argv):
         print(f"plot.py: note: {note}", file=sys.stderr)
     if args.check:
         return 0
-    if not inputs.results and not inputs.training:
+    if not inputs.results and not inputs.training and not inputs.trained:
         print("plot.py: no results files or trainer logs in " + " ".join(args.inputs),
               file=sys.stderr)
         return 2
@@ -95,6 +97,9 @@ def main(argv):
             draw(ctx, variant, by_variant[variant])
     if inputs.training:
         figures.training_curves(ctx, inputs.training)
+    for tr in inputs.trained:
+        figures.train_curves(ctx, tr)
+        figures.train_final(ctx, tr)
 
     manifest = [{"kind": f.kind, "variant": f.variant, "title": f.title, "pdf": f.pdf,
                  "png": f.png} for f in ctx.figures]

@@ -201,3 +201,52 @@ TEST_CASE("plot.py names a missing input", "[plots]") {
   CHECK(r.rc == 2);
   CHECK(r.err.find("nope.json") != std::string::npos);
 }
+
+TEST_CASE("plot.py draws attnbench train's output: curves over seeds and the final table", "[plots][train]") {
+  if (!have_python()) {
+    WARN("python3 not found: not tested");
+    return;
+  }
+  const fs::path dir = scratch("train");
+  const json suite{{"kind", "train"},
+                   {"name", "tiny"},
+                   {"data", {{"kind", "mqar"}, {"pairs", 3}, {"keys", 8}, {"values", 8}}},
+                   {"model", {{"d", 16}, {"heads", 2}, {"layers", 1}, {"window", 5}}},
+                   {"attention", {"standard", "window"}},
+                   {"seeds", {1, 2}},
+                   {"steps", 6},
+                   {"batch", 2},
+                   {"context", 16},
+                   {"eval_interval", 3},
+                   {"eval_batches", 1},
+                   {"threads", 1}};
+  std::ofstream(dir / "s.json") << suite.dump();
+  REQUIRE(shell(std::string(ATTNBENCH_BINARY) + " train " + quote(dir / "s.json") + " --out " + quote(dir / "out") +
+                " --quiet >/dev/null 2>&1") == 0);
+  // The folder (train.json, the run logs and records beside it) validates; a lone run log does not.
+  CHECK(plot("python3", quote(dir / "out") + " --check --out " + quote(dir / "o"), dir).rc == 0);
+  const Run lone = plot("python3", quote(dir / "out" / "window-seed2.jsonl") + " --out " + quote(dir / "o"), dir);
+  CHECK(lone.rc == 2);
+  CHECK(lone.err.find("an attnbench train run log") != std::string::npos);
+  json bad = json::parse(read(dir / "out" / "train.json"));
+  bad["table"][1]["eval_loss"]["mean"] = "low";
+  std::ofstream(dir / "out" / "bad.json") << bad.dump();
+  const Run b = plot("python3", quote(dir / "out" / "bad.json") + " --out " + quote(dir / "o"), dir);
+  CHECK(b.rc == 2);
+  CHECK(b.err.find("table[1].eval_loss.mean") != std::string::npos);
+  fs::remove(dir / "out" / "bad.json");
+
+  const std::string py = plotting_python();
+  if (py.empty()) {
+    WARN("no python3 with matplotlib: figures not drawn");
+    return;
+  }
+  REQUIRE(plot(py, quote(dir / "out") + " --out " + quote(dir / "fig"), dir).rc == 0);
+  const json figs = json::parse(read(dir / "fig" / "figures.json"));
+  std::set<std::string> kinds;
+  for (const json& f : figs["figures"]) {
+    kinds.insert(f["kind"].get<std::string>());
+    CHECK(fs::file_size(dir / "fig" / f["png"].get<std::string>()) > 1000);
+  }
+  CHECK(kinds == std::set<std::string>{"train_curves", "train_final"});
+}
