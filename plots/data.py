@@ -218,59 +218,39 @@ def validate_train_results(path, doc):
 def _load_train_log(path):
     """One `attnbench train` run's JSONL: step, loss, step_s and, at evaluations, eval_loss and eval_top1."""
     rows = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        obj = _Obj(str(path), f"line {n}", raw, sep=": ")
+    for obj in _jsonl_objects(path):
         obj.req("step", "int")
         obj.req("loss", "num")
         obj.req("step_s", "num")
         obj.opt("eval_loss", "num")
         obj.opt("eval_top1", "num")
-        rows.append(raw)
+        rows.append(obj.value)
     return rows
 
 
 def _is_train_log(path):
     """An `attnbench train` run log (step_s, no split): plotted through its train.json."""
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    first = json.loads(line)
-                except json.JSONDecodeError:
-                    return False
-                return isinstance(first, dict) and "step_s" in first and "split" not in first
-    return False
+    first = _first_line_object(path)
+    return isinstance(first, dict) and "step_s" in first and "split" not in first
 
 
 # --- trainer logs -------------------------------------------------------------
 
 
-def _looks_like_training(path):
-    """True when the first line of a .jsonl file is a trainer log line."""
+def _first_line_object(path):
+    """The first non-empty line of a .jsonl file, parsed; "invalid" when it is not JSON, None when empty."""
     with open(path, encoding="utf-8") as f:
         for line in f:
             if line.strip():
                 try:
-                    first = json.loads(line)
+                    return json.loads(line)
                 except json.JSONDecodeError:
-                    return True  # let load_training report the error
-                return isinstance(first, dict) and "step" in first and "loss" in first
-    return False
+                    return "invalid"
+    return None
 
 
-def load_training(path):
-    """Trainer JSONL: one object per line with TRAIN_FIELDS (docs/plots.md)."""
-    rows = []
+def _jsonl_objects(path):
+    """Each non-empty line of a JSONL file as an _Obj ("<path>: line <n>: <field>" in errors)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -282,7 +262,22 @@ def load_training(path):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {n}: not valid JSON ({e.msg})") from None
-        obj = _Obj(path, f"line {n}", row, sep=": ")
+        yield _Obj(str(path), f"line {n}", row, sep=": ")
+
+
+def _looks_like_training(path):
+    """True when the first line of a .jsonl file is a trainer log line."""
+    first = _first_line_object(path)
+    if first == "invalid":
+        return True  # let load_training report the error
+    return isinstance(first, dict) and "step" in first and "loss" in first
+
+
+def load_training(path):
+    """Trainer JSONL: one object per line with TRAIN_FIELDS (docs/plots.md)."""
+    rows = []
+    for obj in _jsonl_objects(path):
+        row = obj.value
         for key, kind in TRAIN_FIELDS.items():
             want = {str: "str", int: "int", float: "num"}[kind]
             if key == "top1":
@@ -290,7 +285,7 @@ def load_training(path):
             else:
                 obj.req(key, want)
         if row["split"] not in ("train", "val"):
-            raise InputError(f"{path}: line {n}: split: expected \"train\" or \"val\", got "
+            raise InputError(f"{path}: {obj.where}: split: expected \"train\" or \"val\", got "
                              f"\"{row['split']}\"")
         rows.append(row)
     if not rows:

@@ -686,7 +686,7 @@ def _smoothed(rows, key, window):
 
 def train_curves(ctx, tr):
     """Held-out loss and top-1, and the training loss (each run's running mean over 1/50 of its
-    steps), vs step per attention kind: mean over seeds with a 95 % band (steps every seed logged)."""
+    steps), vs step per attention kind: mean over seeds with a 95 % band, clipped to the metric's range (steps every seed logged)."""
     kinds = [row["attention"] for row in tr.table]
     if not any(a in kinds for a, _ in tr.logs):
         return
@@ -710,7 +710,7 @@ def train_curves(ctx, tr):
                             per_step[r["step"]].append(r[key])
             every = {k: v for k, v in per_step.items() if len(v) == len(logs)}
             _band(ax, every, pal.colour(kind), 0.9 if key == "loss" else 1.3, 0.2,
-                  (0.0, 1.0) if key == "eval_top1" else None)
+                  (0.0, 1.0) if key == "eval_top1" else (0.0, float("inf")))
         ax.set_xlabel("training step")
         ax.set_ylabel(ylabel)
         if key == "eval_top1":

@@ -1,8 +1,9 @@
 """PyTorch parity of `attnbench train`'s GPT (llm.c's test_gpt2 pattern).
 
-The model is written here in PyTorch from docs/train.md and docs/selective.md
-(post-LN blocks, half-split RoPE, causal / sliding-window / selective
-attention, the block options), in float64, autograd doing the backward. For
+The model is scripts/torch_gpt.py, written in PyTorch from docs/train.md and
+docs/selective.md (post-LN blocks, half-split RoPE, causal / sliding-window /
+selective attention, the block options), run here in float64, autograd doing
+the backward. For
 each configuration below: `attnbench train` runs one step of a tiny MQAR suite
 and saves a checkpoint (parameters, Adam moments, step 1); this script loads
 it, draws one batch and runs `attnbench gpt-steps` on it (10 steps on that
@@ -18,20 +19,20 @@ Exit 77 (CTest's SKIP_RETURN_CODE) when torch is not installed.
 """
 
 import json
-import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 
 try:
     import torch
-    import torch.nn.functional as F
 except ImportError:
     print("SKIP: torch is not installed (an optional dependency: pip install torch in a venv)")
     sys.exit(77)
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+from torch_gpt import forward, loss_of, read_safetensors  # noqa: E402
 
 torch.set_default_dtype(torch.float64)
 
@@ -47,121 +48,6 @@ CONFIGS = [
     ("selective", {}),
     ("selective", {"gate": True, "glu": True}),
 ]
-
-
-def read_safetensors(path):
-    """(tensors as float64 torch tensors, metadata) of a safetensors file."""
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    meta = header.pop("__metadata__", {})
-    dtypes = {"F32": torch.float32, "F64": torch.float64}
-    out = {}
-    for name, h in header.items():
-        lo, hi = h["data_offsets"]
-        t = torch.frombuffer(bytearray(data[lo:hi]), dtype=dtypes[h["dtype"]]) if hi > lo else torch.zeros(0)
-        out[name] = t.reshape(h["shape"]).to(torch.float64)
-    return out, meta
-
-
-def rope(x, pos):
-    """Half-split RoPE of x (..., T, dh) at positions pos (T): pairs (t, t + dh/2) by pos * 10000^(-2t/dh)."""
-    dh = x.shape[-1]
-    half = dh // 2
-    theta = 10000.0 ** (-2.0 * torch.arange(half, dtype=torch.float64) / dh)
-    ang = pos.to(torch.float64)[:, None] * theta[None, :]
-    c, s = torch.cos(ang), torch.sin(ang)
-    a, b = x[..., :half], x[..., half:]
-    return torch.cat([a * c - b * s, b * c + a * s], dim=-1)
-
-
-def heads(x, H):
-    """(B, T, d) -> (B, H, T, dh)."""
-    B, T, d = x.shape
-    return x.reshape(B, T, H, d // H).transpose(1, 2)
-
-
-def merge(x):
-    """(B, H, T, dh) -> (B, T, d)."""
-    B, H, T, dh = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * dh)
-
-
-def attention(q, k, v, allowed, scale):
-    """Softmax attention per head; allowed (T, T) boolean."""
-    s = (q @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
-
-
-def selective(x, wq, wk, wv, H, use_rope):
-    """Selective attention, materialized (docs/selective.md): k_ij = wk [q_i; x_j], v_ij = wv [q_i; x_j]."""
-    B, T, d = x.shape
-    dh = d // H
-    q = x @ wq.T
-    A, Bk = wk[:, :d], wk[:, d:]
-    C, D = wv[:, :d], wv[:, d:]
-    k = (q @ A.T)[:, :, None, :] + (x @ Bk.T)[:, None, :, :]  # (B, i, j, d)
-    v = (q @ C.T)[:, :, None, :] + (x @ D.T)[:, None, :, :]
-    qh = q.reshape(B, T, H, dh)
-    kh = k.reshape(B, T, T, H, dh)
-    vh = v.reshape(B, T, T, H, dh)
-    pos = torch.arange(T)
-    if use_rope:
-        qh = rope(qh.transpose(1, 2), pos).transpose(1, 2)  # query i by position i
-        kh = rope(kh.permute(0, 1, 3, 2, 4), pos).permute(0, 1, 3, 2, 4)  # key k_ij by position j
-    s = torch.einsum("bihc,bijhc->bhij", qh, kh) / math.sqrt(dh)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-    return torch.einsum("bhij,bijhc->bihc", p, vh).reshape(B, T, d)
-
-
-def forward(P, cfg, tokens):
-    """Logits (B*T, V) of the GPT of docs/train.md."""
-    H, d, L = cfg["heads"], cfg["d"], cfg["layers"]
-    blk = cfg.get("block", {})
-    use_rope, kind = cfg["rope"], cfg["attention"]
-    T = tokens.shape[1]
-    pos = torch.arange(T)
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    allowed = (j <= i) if kind != "window" else ((i - j >= 0) & (i - j < cfg["window"]))
-    x = P["wte"][tokens]
-    v1 = None
-    for l in range(L):
-        p = lambda n: P[f"l{l}.{n}"]  # noqa: E731
-        if kind in ("selective", "selective_materialized"):
-            att = selective(x, p("wq"), p("wk"), p("wv"), H, use_rope)
-        else:
-            q, k, v = heads(x @ p("wq").T, H), heads(x @ p("wk").T, H), heads(x @ p("wv").T, H)
-            vr = blk.get("value_residual", "none")
-            if vr != "none":
-                if l == 0:
-                    v1 = v
-                else:
-                    z = p("vres")[None, :, None, None] if vr == "learned" else (x @ p("wvres").T).transpose(1, 2)[..., None]
-                    m = torch.sigmoid(z)
-                    v = m * v + (1 - m) * v1
-            if use_rope:
-                q, k = rope(q, pos), rope(k, pos)
-            att = merge(attention(q, k, v, allowed, 1.0 / math.sqrt(d // H)))
-        if blk.get("gate"):
-            att = torch.sigmoid(x @ p("wg").T) * att
-        ao = att @ p("wo").T
-        if blk.get("layer_scale", 0) > 0:
-            ao = p("ls1") * ao
-        x1 = F.layer_norm(x + ao, (d,), weight=p("ln1"), bias=None, eps=1e-5)
-        h = x1 @ p("w1").T
-        h = F.silu(h) * (x1 @ p("w3").T) if blk.get("glu") else torch.relu(h)
-        f = h @ p("w2").T
-        if blk.get("layer_scale", 0) > 0:
-            f = p("ls2") * f
-        x = F.layer_norm(x1 + f, (d,), weight=p("ln2"), bias=None, eps=1e-5)
-    return (x @ P["wout"].T).reshape(-1, cfg["vocab"])
-
-
-def loss_of(P, cfg, tokens, targets):
-    return F.cross_entropy(forward(P, cfg, tokens), targets.reshape(-1), ignore_index=-1)
 
 
 def rel_err(a, b):
