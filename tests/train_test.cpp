@@ -438,7 +438,8 @@ TEST_CASE("gpt: window attention is standard attention when the window spans the
   CHECK_THROWS_AS(Gpt<float>(bad, 1, 1), InputError);
 }
 
-TEST_CASE("gpt: LayerScale with gains 1 is the plain block and every other block option changes the loss", "[train][model]") {
+TEST_CASE("gpt: LayerScale with gains 1 is the plain block and every other block option changes the loss",
+          "[train][model]") {
   std::vector<int32_t> x, y;
   auto loss = [&](const BlockOptions& o) {
     GptConfig c = tiny_config(AttentionKind::standard, true);
@@ -743,8 +744,8 @@ TEST_CASE("train: text data, the results table and sampling", "[train][cli]") {
     batch["tokens"].push_back(tr), batch["targets"].push_back(yr);
   }
   write_file(dir / "b.json", batch.dump());
-  const auto st = test::run_attnbench("gpt-steps " + ck + " --batch " + (dir / "b.json").string() + " --steps 4 --out " +
-                                      (dir / "steps.safetensors").string());
+  const auto st = test::run_attnbench("gpt-steps " + ck + " --batch " + (dir / "b.json").string() +
+                                      " --steps 4 --out " + (dir / "steps.safetensors").string());
   INFO(st.text);
   REQUIRE(st.code == 0);
   const SafetensorsFile sf = read_safetensors((dir / "steps.safetensors").string());

@@ -70,7 +70,7 @@ void add_train(CLI::App& app, int& exit_code) {
   auto ga = std::make_shared<StepsArgs>();
   auto* g = app.add_subcommand("gpt-steps",
                                "Training steps of a checkpoint's model on one fixed batch: the first step's logits and "
-                               "gradients, every step's loss (for scripts/torch_gpt_parity.py)");
+                               "gradients, every step's loss (for tests/torch_gpt_parity_test.py)");
   g->add_option("checkpoint", ga->checkpoint, "Checkpoint (.safetensors) written by attnbench train")->required();
   g->add_option("--batch", ga->batch, "JSON {\"tokens\": [[...], ...], \"targets\": [[...], ...]}, rows of context ids")
       ->required();

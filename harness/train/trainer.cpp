@@ -667,8 +667,8 @@ void read_fixed_batch(const std::string& path, const GptConfig& c, std::vector<i
         throw InputError(wr + ": expected an array of context (" + std::to_string(c.context) + ") ids");
       for (const json& v : rows[r]) {
         if (!v.is_number_integer() || v.get<int64_t>() < lo || v.get<int64_t>() >= c.vocab)
-          throw InputError(wr + ": expected ids in [" + std::to_string(lo) + ", " + std::to_string(c.vocab) + "), got " +
-                           v.dump());
+          throw InputError(wr + ": expected ids in [" + std::to_string(lo) + ", " + std::to_string(c.vocab) +
+                           "), got " + v.dump());
         out->push_back(int32_t(v.get<int64_t>()));
       }
     }

@@ -68,7 +68,7 @@ struct LoadedCheckpoint {
 };
 LoadedCheckpoint load_checkpoint_model(const std::string& path);
 
-/// `attnbench gpt-steps` (llm.c's test_gpt2 pattern; scripts/torch_gpt_parity.py
+/// `attnbench gpt-steps` (llm.c's test_gpt2 pattern; tests/torch_gpt_parity_test.py
 /// compares it with PyTorch): `steps` training steps of the checkpoint's model
 /// on one fixed batch, Adam continuing the checkpoint's moments and step count
 /// at its config's lr. `batch_path`: JSON {"tokens": [[…], …], "targets": [[…], …]},
