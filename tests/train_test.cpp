@@ -305,7 +305,7 @@ BlockOptions all_options(AttentionKind k, ValueResidual vr) {
   BlockOptions o;
   o.gate = o.glu = true;
   o.layer_scale = 0.5;
-  if (k == AttentionKind::standard || k == AttentionKind::window) o.value_residual = vr;
+  if (has_shared_values(k)) o.value_residual = vr;
   return o;
 }
 
@@ -327,8 +327,7 @@ template <class Real>
 void leave_zero_init(Gpt<Real>& m) {
   Rng r(77);
   for (const ParamInfo& pi : m.layout()) {
-    const std::string w = pi.name.substr(pi.name.find('.') + 1);
-    if (w == "wg" || w == "vres")
+    if (pi.weight == "wg" || pi.weight == "vres")
       for (int64_t i = 0; i < pi.numel; ++i) m.params()[pi.offset + i] = Real(r.uniform(-0.5, 0.5));
   }
 }

@@ -64,10 +64,12 @@ std::string value_residual_name(ValueResidual v) {
 std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
   std::vector<ParamInfo> out;
   int64_t off = 0;
-  auto add = [&](std::string name, std::vector<int64_t> shape) {
+  int64_t layer = -1;
+  auto add = [&](const std::string& weight, std::vector<int64_t> shape) {
     int64_t n = 1;
     for (int64_t s : shape) n *= s;
-    out.push_back({std::move(name), std::move(shape), off, n});
+    const std::string name = layer < 0 ? weight : "l" + std::to_string(layer) + "." + weight;
+    out.push_back({name, std::move(shape), off, n, layer, weight});
     off += n;
   };
   const bool selective =
@@ -75,26 +77,27 @@ std::vector<ParamInfo> gpt_param_layout(const GptConfig& c) {
   const int64_t d = c.d, kv_in = selective ? 2 * d : d;
   add("wte", {c.vocab, d});
   for (int64_t l = 0; l < c.layers; ++l) {
-    const std::string p = "l" + std::to_string(l) + ".";
-    add(p + "wq", {d, d});
-    add(p + "wk", {d, kv_in});
-    add(p + "wv", {d, kv_in});
-    add(p + "wo", {d, d});
-    add(p + "ln1", {d});
-    add(p + "w1", {4 * d, d});
-    add(p + "w2", {d, 4 * d});
-    add(p + "ln2", {d});
+    layer = l;
+    add("wq", {d, d});
+    add("wk", {d, kv_in});
+    add("wv", {d, kv_in});
+    add("wo", {d, d});
+    add("ln1", {d});
+    add("w1", {4 * d, d});
+    add("w2", {d, 4 * d});
+    add("ln2", {d});
     // Block options, after the block's own weights (a config without them has the layout above).
     const BlockOptions& o = c.block;
-    if (o.gate) add(p + "wg", {d, d});
-    if (l > 0 && o.value_residual == ValueResidual::learned) add(p + "vres", {c.heads});
-    if (l > 0 && o.value_residual == ValueResidual::token) add(p + "wvres", {c.heads, d});
+    if (o.gate) add("wg", {d, d});
+    if (l > 0 && o.value_residual == ValueResidual::learned) add("vres", {c.heads});
+    if (l > 0 && o.value_residual == ValueResidual::token) add("wvres", {c.heads, d});
     if (o.layer_scale > 0) {
-      add(p + "ls1", {d});
-      add(p + "ls2", {d});
+      add("ls1", {d});
+      add("ls2", {d});
     }
-    if (o.glu) add(p + "w3", {4 * d, d});
+    if (o.glu) add("w3", {4 * d, d});
   }
+  layer = -1;
   add("wout", {c.vocab, d});
   return out;
 }
@@ -209,8 +212,7 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
     : cfg_(c), B_(B), N_(B * c.context), threads_(std::max(1, threads)) {
   if (c.d % c.heads != 0) throw InputError("model: d must be a multiple of heads");
   if (c.rope && c.d_head() % 2 != 0) throw InputError("model: d / heads must be even with rope");
-  if (c.block.value_residual != ValueResidual::none && c.attention != AttentionKind::standard &&
-      c.attention != AttentionKind::window)
+  if (c.block.value_residual != ValueResidual::none && !has_shared_values(c.attention))
     throw InputError("model: value_residual needs standard or window attention (" + attention_kind_name(c.attention) +
                      " attention makes its values per query)");
   if (!(c.block.layer_scale >= 0)) throw InputError("model: layer_scale must be >= 0");
@@ -303,14 +305,12 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
   for (const ParamInfo& pi : layout_) {
     Real* p = params_ + pi.offset;
     Real* g = grads_ + pi.offset;
-    const size_t dot = pi.name.find('.');
-    if (dot == std::string::npos) {
-      (pi.name == "wte" ? wte_ : wout_) = p;
-      (pi.name == "wte" ? dwte_ : dwout_) = g;
+    if (pi.layer < 0) {
+      (pi.weight == "wte" ? wte_ : wout_) = p;
+      (pi.weight == "wte" ? dwte_ : dwout_) = g;
       continue;
     }
-    Layer& ly = layers_[std::stoul(pi.name.substr(1, dot - 1))];
-    const std::string w = pi.name.substr(dot + 1);
+    Layer& ly = layers_[size_t(pi.layer)];
     struct View {
       const char* name;
       Real* Layer::*p;
@@ -324,7 +324,7 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
                                      {"wvres", &Layer::wvres, &Layer::dwvres}, {"ls1", &Layer::ls1, &Layer::dls1},
                                      {"ls2", &Layer::ls2, &Layer::dls2},       {"w3", &Layer::w3, &Layer::dw3}};
     for (const View& v : views)
-      if (w == v.name) ly.*v.p = p, ly.*v.g = g;
+      if (pi.weight == v.name) ly.*v.p = p, ly.*v.g = g;
   }
 }
 
@@ -338,7 +338,7 @@ void Gpt<Real>::init(uint64_t seed) {
   for (const ParamInfo& pi : layout_) {
     Rng rng(seed, "gpt-init", pi.name);
     Real* p = params_ + pi.offset;
-    const std::string w = pi.name.substr(pi.name.find('.') + 1);
+    const std::string& w = pi.weight;
     if (w == "ln1" || w == "ln2") {
       std::fill(p, p + pi.numel, Real(1));
     } else if (w == "ls1" || w == "ls2") {
@@ -505,7 +505,7 @@ void Gpt<Real>::attention_backward(size_t l, const Real* x, Real* dx) {
         for (int64_t n = 0; n < N; ++n)
           for (int64_t h = 0; h < H; ++h) ly.dvres[h] += dZ_[n * H + h];
       }
-    } else if (dV1_) {  // the first block: its values also feed every later block's mix
+    } else if (c.block.value_residual != ValueResidual::none) {  // the first block: its values feed every later mix
       for (int64_t i = 0; i < N * d; ++i) dv_[i] += dV1_[i];
     }
     gpt::linear_backward(dx, ly.dwq, dq_, x, ly.wq, N, d, d, true, threads_);

@@ -28,6 +28,8 @@ namespace attnbench::train {
 enum class AttentionKind { standard, selective, selective_materialized, window };
 
 AttentionKind parse_attention_kind(const std::string& s, const std::string& where);
+/// Whether value residual learning applies: the kind computes one value per key from W_v x.
+inline bool has_shared_values(AttentionKind k) { return k == AttentionKind::standard || k == AttentionKind::window; }
 std::string attention_kind_name(AttentionKind k);
 std::vector<std::string> attention_kind_names();
 
@@ -60,9 +62,11 @@ struct GptConfig {
 
 /// One named parameter tensor (PyTorch [out, in] layout) inside the arena.
 struct ParamInfo {
-  std::string name;
+  std::string name;  // "l<layer>.<weight>" inside a block, else the weight ("wte", "wout")
   std::vector<int64_t> shape;
   int64_t offset = 0, numel = 0;  // in elements from the start of the parameters
+  int64_t layer = -1;             // the block, −1 outside the blocks
+  std::string weight;             // the name without its block prefix ("wq", "ln1", …)
 };
 
 /// The parameter names and shapes of a config, in arena order.

@@ -481,7 +481,7 @@ TrainSuite parse_train_suite(const json& j, const std::string& where) {
   }
   if (s.block.value_residual != ValueResidual::none)
     for (AttentionKind k : s.attention)
-      if (k != AttentionKind::standard && k != AttentionKind::window)
+      if (!has_shared_values(k))
         throw InputError(where + ".model.value_residual: needs standard or window attention; the suite trains '" +
                          attention_kind_name(k) + "', whose values are made per query");
   if (j.contains("seeds")) {
