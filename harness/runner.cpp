@@ -276,6 +276,8 @@ nlohmann::json CaseRunner::run(const CaseSpec& c) {
     return skip(fmt::format("variant '{}' has no backward (forward only)", v.name()));
   if (std::find(impl->passes.begin(), impl->passes.end(), c.pass) == impl->passes.end())
     return skip(fmt::format("{} has no {} pass", c.impl, pass_name(c.pass)));
+  if (impl->unsupported)
+    if (std::string why = impl->unsupported(c.params); !why.empty()) return skip(why);
   if (impl->device == Device::cuda && !cuda_usable()) return skip(cuda_unusable_reason());
 
   bool do_check = o_.check;

@@ -84,6 +84,9 @@ struct Impl {
   std::vector<DType> dtypes;  // dtypes it accepts
   std::function<std::unique_ptr<Instance>(const ImplArgs&)> make;
   std::vector<Pass> passes = {Pass::fwd};  // passes it implements; others are recorded as skipped
+  /// Why it cannot run a case's parameters (recorded as the skip reason), or "" when it can;
+  /// unset: every valid case.
+  std::function<std::string(const Params&)> unsupported = nullptr;
   /// The precision it computes and stores in when its inputs are bf16/f16
   /// (DESIGN §3): f32 arithmetic and output are held to the f32 rule on the
   /// rounded inputs. nullopt: the input dtype itself (the reference, which

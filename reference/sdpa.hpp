@@ -1,12 +1,14 @@
 // Scaled-dot-product attention, the plain reference (DESIGN §5 "SDPA").
 //
-//   q: (B, H, Nq, D)   k, v: (B, Hkv, Nkv, D)   kv_len: (B,) int32
+//   q: (B, H, Nq, D)   k: (B, Hkv, Nkv, D)   v: (B, Hkv, Nkv, Dv)   kv_len: (B,) int32
 //   head h reads kv head h / (H / Hkv)                              (GQA)
 //   q, k ← RoPE(q, k)   query i at position i + Nkv − Nq, key j at j  (optional)
 //   s_ij = scale · q_i · k_j,   scale = 1 / sqrt(D)
 //   allowed(i, j) = j < kv_len[b]  and (not causal or j ≤ i + Nkv − Nq)
 //   p_ij = softmax_j(s_ij over allowed j)   (0 when row i has no allowed key)
-//   o_i  = Σ_j p_ij v_j                      o: (B, H, Nq, D)   weights p: (B, H, Nq, Nkv)
+//   o_i  = Σ_j p_ij v_j                      o: (B, H, Nq, Dv)  weights p: (B, H, Nq, Nkv)
+// Dv, the values' head dimension, is D unless set otherwise (MLA-style heads; the
+// fused selective attention's values, docs/selective.md).
 //
 // RoPE rotates dims (a, b) by pos · θ_i, θ_i = 10000^(−2i/D), i < D/2:
 // a' = a cos − b sin, b' = b cos + a sin, with (a, b) = (i, i + D/2) for the
@@ -50,6 +52,8 @@ struct SdpaDims {
   int64_t B = 1, H = 1, Hkv = 1, Nq = 1, Nkv = 1, D = 1;
   bool causal = false;
   RopeMode rope = RopeMode::none;
+  int64_t Dv = 0;  // head dimension of v, o and dout; 0 = D
+  int64_t dv() const { return Dv > 0 ? Dv : D; }
 };
 
 /// Key j is visible to query i (causal aligned bottom-right, keys ≥ kv_len padded).
@@ -84,14 +88,14 @@ void rope_rotate_rows(Matrix<Scalar>& x, int64_t pos0, RopeMode mode, bool inver
 /// `weights` may be null.
 template <class Scalar>
 void sdpa_forward_reference(const SdpaDims& d, DType round,
-                            double* o,              // (B, H, Nq, D)
+                            double* o,              // (B, H, Nq, Dv)
                             double* weights,        // (B, H, Nq, Nkv) or null
                             const double* q,        // (B, H, Nq, D)
                             const double* k,        // (B, Hkv, Nkv, D)
-                            const double* v,        // (B, Hkv, Nkv, D)
+                            const double* v,        // (B, Hkv, Nkv, Dv)
                             const int32_t* kv_len)  // (B,)
 {
-  const int64_t group = d.H / d.Hkv;
+  const int64_t group = d.H / d.Hkv, Dv = d.dv();
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(d.D));
   const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
   for (int64_t b = 0; b < d.B; ++b) {
@@ -99,10 +103,10 @@ void sdpa_forward_reference(const SdpaDims& d, DType round,
       const int64_t hk = h / group;
       const double* qp = q + (b * d.H + h) * d.Nq * d.D;
       const double* kp = k + (b * d.Hkv + hk) * d.Nkv * d.D;
-      const double* vp = v + (b * d.Hkv + hk) * d.Nkv * d.D;
+      const double* vp = v + (b * d.Hkv + hk) * d.Nkv * Dv;
       Matrix<Scalar> Q = Eigen::Map<const Matrix<double>>(qp, d.Nq, d.D).cast<Scalar>();
       Matrix<Scalar> K = Eigen::Map<const Matrix<double>>(kp, d.Nkv, d.D).cast<Scalar>();
-      Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(vp, d.Nkv, d.D).cast<Scalar>();
+      Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(vp, d.Nkv, Dv).cast<Scalar>();
       rope_rotate_rows(Q, d.Nkv - d.Nq, d.rope);
       rope_rotate_rows(K, 0, d.rope);
       round_inplace(Q, round);
@@ -122,8 +126,8 @@ void sdpa_forward_reference(const SdpaDims& d, DType round,
       Matrix<Scalar> O = S * V;
       round_inplace(O, round);
 
-      double* op = o + (b * d.H + h) * d.Nq * d.D;
-      Eigen::Map<Matrix<double>>(op, d.Nq, d.D) = O.template cast<double>();
+      double* op = o + (b * d.H + h) * d.Nq * Dv;
+      Eigen::Map<Matrix<double>>(op, d.Nq, Dv) = O.template cast<double>();
       if (weights) {
         double* wp = weights + (b * d.H + h) * d.Nq * d.Nkv;
         Eigen::Map<Matrix<double>>(wp, d.Nq, d.Nkv) = S.template cast<double>();
@@ -133,37 +137,37 @@ void sdpa_forward_reference(const SdpaDims& d, DType round,
 }
 
 /// The backward pass of sdpa_forward_reference: dq, dk, dv (dense, overwritten)
-/// from the inputs and the cotangent dout (B, H, Nq, D), with the same stage
+/// from the inputs and the cotangent dout (B, H, Nq, Dv), with the same stage
 /// rounding (`round`) as the forward: after RoPE, the scores, the softmax and
 /// O as there, then after dP, dS, each gradient product and the rotation back.
 template <class Scalar>
 void sdpa_backward_reference(const SdpaDims& d, DType round,
-                             double* dq,              // (B, H, Nq, D)
-                             double* dk,              // (B, Hkv, Nkv, D)
-                             double* dv,              // (B, Hkv, Nkv, D)
-                             const double* q,         // (B, H, Nq, D)
-                             const double* k,         // (B, Hkv, Nkv, D)
-                             const double* v,         // (B, Hkv, Nkv, D)
-                             const int32_t* kv_len,   // (B,)
-                             const double* dout)      // (B, H, Nq, D)
+                             double* dq,             // (B, H, Nq, D)
+                             double* dk,             // (B, Hkv, Nkv, D)
+                             double* dv,             // (B, Hkv, Nkv, Dv)
+                             const double* q,        // (B, H, Nq, D)
+                             const double* k,        // (B, Hkv, Nkv, D)
+                             const double* v,        // (B, Hkv, Nkv, Dv)
+                             const int32_t* kv_len,  // (B,)
+                             const double* dout)     // (B, H, Nq, Dv)
 {
-  const int64_t group = d.H / d.Hkv;
+  const int64_t group = d.H / d.Hkv, Dv = d.dv();
   const Scalar scale = Scalar(1) / std::sqrt(Scalar(d.D));
   const Scalar neg_inf = -std::numeric_limits<Scalar>::infinity();
   for (int64_t b = 0; b < d.B; ++b) {
     for (int64_t hk = 0; hk < d.Hkv; ++hk) {
       const double* kp = k + (b * d.Hkv + hk) * d.Nkv * d.D;
-      const double* vp = v + (b * d.Hkv + hk) * d.Nkv * d.D;
+      const double* vp = v + (b * d.Hkv + hk) * d.Nkv * Dv;
       Matrix<Scalar> K = Eigen::Map<const Matrix<double>>(kp, d.Nkv, d.D).cast<Scalar>();
-      const Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(vp, d.Nkv, d.D).cast<Scalar>();
+      const Matrix<Scalar> V = Eigen::Map<const Matrix<double>>(vp, d.Nkv, Dv).cast<Scalar>();
       rope_rotate_rows(K, 0, d.rope);
       round_inplace(K, round);
-      Matrix<Scalar> dK = Matrix<Scalar>::Zero(d.Nkv, d.D), dV = Matrix<Scalar>::Zero(d.Nkv, d.D);
+      Matrix<Scalar> dK = Matrix<Scalar>::Zero(d.Nkv, d.D), dV = Matrix<Scalar>::Zero(d.Nkv, Dv);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         const double* qp = q + (b * d.H + h) * d.Nq * d.D;
-        const double* gp = dout + (b * d.H + h) * d.Nq * d.D;
+        const double* gp = dout + (b * d.H + h) * d.Nq * Dv;
         Matrix<Scalar> Q = Eigen::Map<const Matrix<double>>(qp, d.Nq, d.D).cast<Scalar>();
-        const Matrix<Scalar> dO = Eigen::Map<const Matrix<double>>(gp, d.Nq, d.D).cast<Scalar>();
+        const Matrix<Scalar> dO = Eigen::Map<const Matrix<double>>(gp, d.Nq, Dv).cast<Scalar>();
         rope_rotate_rows(Q, d.Nkv - d.Nq, d.rope);
         round_inplace(Q, round);
 
@@ -200,7 +204,7 @@ void sdpa_backward_reference(const SdpaDims& d, DType round,
       round_inplace(dK, round);
       round_inplace(dV, round);
       Eigen::Map<Matrix<double>>(dk + (b * d.Hkv + hk) * d.Nkv * d.D, d.Nkv, d.D) = dK.template cast<double>();
-      Eigen::Map<Matrix<double>>(dv + (b * d.Hkv + hk) * d.Nkv * d.D, d.Nkv, d.D) = dV.template cast<double>();
+      Eigen::Map<Matrix<double>>(dv + (b * d.Hkv + hk) * d.Nkv * Dv, d.Nkv, Dv) = dV.template cast<double>();
     }
   }
 }

@@ -2,11 +2,11 @@
 // aligned), key padding, RoPE and optional attention weights (DESIGN §5 "SDPA";
 // math in reference/sdpa.hpp, kernels in impls/cpu/sdpa.cpp and impls/cuda/sdpa.cu).
 //
-// Parameters: B, H, Hkv (0 = H), N, Nq (0 = N), Nkv (0 = N), D, causal,
-// padding (draw kv_len[b] uniformly in [0, Nkv], 0 included, instead of Nkv),
-// rope ("none" | "half" | "interleaved"), need_weights.
-// Inputs: q (B, H, Nq, D), k and v (B, Hkv, Nkv, D), standard normal; kv_len (B,) int32.
-// Outputs: o (B, H, Nq, D) and, with need_weights, weights (B, H, Nq, Nkv): f32
+// Parameters: B, H, Hkv (0 = H), N, Nq (0 = N), Nkv (0 = N), D, Dv (0 = D),
+// causal, padding (draw kv_len[b] uniformly in [0, Nkv], 0 included, instead
+// of Nkv), rope ("none" | "half" | "interleaved"), need_weights.
+// Inputs: q (B, H, Nq, D), k (B, Hkv, Nkv, D), v (B, Hkv, Nkv, Dv), standard normal; kv_len (B,) int32.
+// Outputs: o (B, H, Nq, Dv) and, with need_weights, weights (B, H, Nq, Nkv): f32
 // for every input dtype (all kernels accumulate in f32 and store f32; the bf16/f16
 // reference rounds its stages to the dtype and stores the rounded values), f64
 // for the f64 oracle.
@@ -51,6 +51,7 @@ SdpaCase case_of(const Params& p) {
   c.d.Nq = get_int(p, "Nq") > 0 ? get_int(p, "Nq") : N;
   c.d.Nkv = get_int(p, "Nkv") > 0 ? get_int(p, "Nkv") : N;
   c.d.D = get_int(p, "D");
+  c.d.Dv = get_int(p, "Dv") > 0 ? get_int(p, "Dv") : c.d.D;
   c.d.causal = p.at("causal").get<bool>();
   c.d.rope = ref::parse_rope_mode(p.at("rope").get<std::string>());
   c.padding = p.at("padding").get<bool>();
@@ -60,6 +61,8 @@ SdpaCase case_of(const Params& p) {
 
 Shape q_shape(const ref::SdpaDims& d) { return {d.B, d.H, d.Nq, d.D}; }
 Shape kv_shape(const ref::SdpaDims& d) { return {d.B, d.Hkv, d.Nkv, d.D}; }
+Shape v_shape(const ref::SdpaDims& d) { return {d.B, d.Hkv, d.Nkv, d.dv()}; }
+Shape o_shape(const ref::SdpaDims& d) { return {d.B, d.H, d.Nq, d.dv()}; }
 Shape w_shape(const ref::SdpaDims& d) { return {d.B, d.H, d.Nq, d.Nkv}; }
 
 /// Query-key pairs the causal mask allows (all pairs without it); padding is
@@ -87,12 +90,14 @@ SdpaRope rope_of(ref::RopeMode m) {
 SdpaParams kernel_params(const SdpaCase& c, DType dtype) {
   const ref::SdpaDims& d = c.d;
   SdpaParams p;
-  p.B = d.B, p.H = d.H, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nkv = d.Nkv, p.D = d.D;
+  p.B = d.B, p.H = d.H, p.Hkv = d.Hkv, p.Nq = d.Nq, p.Nkv = d.Nkv, p.D = d.D, p.Dv = d.dv();
   p.causal = d.causal;
   p.rope = rope_of(d.rope);
   p.dtype = dtype;
-  p.q_strides = p.o_strides = sdpa_dense_strides(d.H, d.Nq, d.D);
-  p.k_strides = p.v_strides = sdpa_dense_strides(d.Hkv, d.Nkv, d.D);
+  p.q_strides = sdpa_dense_strides(d.H, d.Nq, d.D);
+  p.o_strides = sdpa_dense_strides(d.H, d.Nq, d.dv());
+  p.k_strides = sdpa_dense_strides(d.Hkv, d.Nkv, d.D);
+  p.v_strides = sdpa_dense_strides(d.Hkv, d.Nkv, d.dv());
   p.w_strides = sdpa_dense_strides(d.H, d.Nq, d.Nkv);
   return p;
 }
@@ -119,11 +124,11 @@ class SdpaCpuInstance final : public Instance {
       if (pass_ == Pass::bwd) {
         // The backward reads o: keep the forward's copy where the harness cannot NaN-fill it.
         float* o_out = p_.o;
-        p_.o = a.workspace.alloc<float>(size_t(p_.B * p_.H * p_.Nq * p_.D));
-        p_.o_strides = sdpa_dense_strides(p_.H, p_.Nq, p_.D);
+        const size_t n_o = size_t(p_.B * p_.H * p_.Nq * p_.Dv);
+        p_.o = a.workspace.alloc<float>(n_o);
         scratch_ = a.workspace.allocate(bytes);
         cpu::sdpa_forward_fused(p_, scratch_, threads_);
-        std::copy_n(p_.o, size_t(p_.B * p_.H * p_.Nq * p_.D), o_out);
+        std::copy_n(p_.o, n_o, o_out);
       }
       b_.fwd = p_;
     }
@@ -147,8 +152,8 @@ class SdpaCpuInstance final : public Instance {
   static SdpaBackwardParams backward_params(const SdpaParams& p, const ImplArgs& a) {
     SdpaBackwardParams b;
     b.dout = require(a.inputs, grad_name("o"), "sdpa cpu").raw();
-    b.do_strides = b.dq_strides = p.q_strides;
-    b.dk_strides = b.dv_strides = p.k_strides;
+    b.dq_strides = p.q_strides, b.do_strides = p.o_strides;
+    b.dk_strides = p.k_strides, b.dv_strides = p.v_strides;
     b.dq = a.outputs.at(grad_name("q")).data<float>();
     b.dk = a.outputs.at(grad_name("k")).data<float>();
     b.dv = a.outputs.at(grad_name("v")).data<float>();
@@ -182,8 +187,8 @@ class SdpaCudaInstance final : public CudaInstance {
     if (a.inputs.count(grad_name("weights")))
       throw std::runtime_error("sdpa cuda: the backward takes no cotangent of the weights");
     bp_.dout = in_.get(grad_name("o"));
-    bp_.do_strides = bp_.dq_strides = p_.q_strides;
-    bp_.dk_strides = bp_.dv_strides = p_.k_strides;
+    bp_.dq_strides = p_.q_strides, bp_.do_strides = p_.o_strides;
+    bp_.dk_strides = p_.k_strides, bp_.dv_strides = p_.v_strides;
     bp_.dq = out_.ptr<float>(grad_name("q"));
     bp_.dk = out_.ptr<float>(grad_name("k"));
     bp_.dv = out_.ptr<float>(grad_name("v"));
@@ -232,7 +237,10 @@ class SdpaVariant final : public Variant {
         {"N", 1024, "sequence length used for Nq and Nkv when those are 0"},
         {"Nq", 0, "query length; 0 = N"},
         {"Nkv", 0, "key/value length; 0 = N"},
-        {"D", 64, "head dimension (even with RoPE)"},
+        {"D", 64, "head dimension of q and k (even with RoPE)"},
+        {"Dv", 0,
+         "head dimension of v and o (MLA-style heads; the fused selective attention's values); 0 = D. "
+         "CPU only: cuda records it as skipped"},
         {"causal", false, "causal mask, bottom-right aligned: query i sees keys j <= i + Nkv - Nq"},
         {"padding", false, "draw key lengths kv_len[b] uniformly in [0, Nkv] (0 gives empty rows) instead of Nkv"},
         {"rope", "none", "rotary embedding: \"none\", \"half\" (pairs i, i+D/2) or \"interleaved\" (2i, 2i+1)"},
@@ -259,13 +267,17 @@ class SdpaVariant final : public Variant {
 #endif
                  }});
     v.back().passes = {Pass::fwd, Pass::bwd, Pass::fwd_bwd};
+    v.back().unsupported = [](const Params& p) {
+      const SdpaCase c = case_of(p);
+      return c.d.dv() == c.d.D ? std::string() : "cuda has one head dimension for q, k and v (Dv != D is CPU only)";
+    };
     return v;
   }
 
   void validate(const Params& p) const override {
     for (const char* name : {"B", "H", "N", "D"})
       if (get_int(p, name) < 1) throw InputError(std::string(name) + ": expected >= 1, got " + p.at(name).dump());
-    for (const char* name : {"Hkv", "Nq", "Nkv"})
+    for (const char* name : {"Hkv", "Nq", "Nkv", "Dv"})
       if (get_int(p, name) < 0)
         throw InputError(std::string(name) + ": expected >= 0 (0 = default), got " + p.at(name).dump());
     const std::string rope = p.at("rope").get<std::string>();
@@ -291,7 +303,7 @@ class SdpaVariant final : public Variant {
     };
     normal("q", q_shape(c.d));
     normal("k", kv_shape(c.d));
-    normal("v", kv_shape(c.d));
+    normal("v", v_shape(c.d));
     Tensor len(DType::i32, {c.d.B});
     Rng rng(seed, key, "kv_len");
     for (int64_t b = 0; b < c.d.B; ++b) len.data<int32_t>()[b] = int32_t(c.padding ? rng.integer(0, c.d.Nkv) : c.d.Nkv);
@@ -302,7 +314,7 @@ class SdpaVariant final : public Variant {
   std::vector<OutputSpec> outputs(const Params& p, DType dtype) const override {
     const SdpaCase c = case_of(p);
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
-    std::vector<OutputSpec> o{{"o", out, q_shape(c.d)}};
+    std::vector<OutputSpec> o{{"o", out, o_shape(c.d)}};
     if (c.need_weights) o.push_back({"weights", out, w_shape(c.d)});
     return o;
   }
@@ -335,7 +347,7 @@ class SdpaVariant final : public Variant {
     const Tensor& len_t = require(in, "kv_len", "sdpa reference");
     std::vector<int32_t> kv_len(size_t(c.d.B));
     for (int64_t b = 0; b < c.d.B; ++b) kv_len[size_t(b)] = int32_t(len_t.get(b));
-    std::vector<double> o(size_t(numel(q_shape(c.d))));
+    std::vector<double> o(size_t(numel(o_shape(c.d))));
     std::vector<double> w(c.need_weights ? size_t(numel(w_shape(c.d))) : 0);
     double* wp = c.need_weights ? w.data() : nullptr;
     if (dtype == DType::f64)
@@ -344,7 +356,7 @@ class SdpaVariant final : public Variant {
       ref::sdpa_forward_reference<float>(c.d, dtype, o.data(), wp, q.data(), k.data(), v.data(), kv_len.data());
     const DType out = dtype == DType::f64 ? DType::f64 : DType::f32;
     TensorMap r;
-    r.emplace("o", Tensor::from_f64(o, out, q_shape(c.d)));
+    r.emplace("o", Tensor::from_f64(o, out, o_shape(c.d)));
     if (c.need_weights) r.emplace("weights", Tensor::from_f64(w, out, w_shape(c.d)));
     return r;
   }
@@ -359,7 +371,7 @@ class SdpaVariant final : public Variant {
     const auto q = require(in, "q", "sdpa reference backward").to_f64_vector();
     const auto k = require(in, "k", "sdpa reference backward").to_f64_vector();
     const auto v = require(in, "v", "sdpa reference backward").to_f64_vector();
-    const auto dout = require_shape(in, grad_name("o"), q_shape(c.d), "sdpa reference backward").to_f64_vector();
+    const auto dout = require_shape(in, grad_name("o"), o_shape(c.d), "sdpa reference backward").to_f64_vector();
     const Tensor& len_t = require(in, "kv_len", "sdpa reference backward");
     std::vector<int32_t> kv_len(size_t(c.d.B));
     for (int64_t b = 0; b < c.d.B; ++b) kv_len[size_t(b)] = int32_t(len_t.get(b));
@@ -374,16 +386,17 @@ class SdpaVariant final : public Variant {
     TensorMap r;
     r.emplace(grad_name("q"), Tensor::from_f64(dq, out, q_shape(c.d)));
     r.emplace(grad_name("k"), Tensor::from_f64(dk, out, kv_shape(c.d)));
-    r.emplace(grad_name("v"), Tensor::from_f64(dv, out, kv_shape(c.d)));
+    r.emplace(grad_name("v"), Tensor::from_f64(dv, out, v_shape(c.d)));
     return r;
   }
 
-  /// 4·B·H·D·pairs: QKᵀ and PV, 2 FLOPs per multiply-add each, over the pairs
-  /// the causal mask allows (exactly: Nq·Nkv without it, N(N+1)/2 for Nq = Nkv).
-  /// Padding (data-dependent) and the need_weights recomputation are not counted.
+  /// 2·B·H·(D + Dv)·pairs (4·B·H·D·pairs for Dv = D): QKᵀ and PV, 2 FLOPs per
+  /// multiply-add each, over the pairs the causal mask allows (exactly: Nq·Nkv
+  /// without it, N(N+1)/2 for Nq = Nkv). Padding (data-dependent) and the
+  /// need_weights recomputation are not counted.
   double flops(const Params& p) const override {
     const SdpaCase c = case_of(p);
-    return 4.0 * double(c.d.B) * double(c.d.H) * double(c.d.D) * allowed_pairs(c.d);
+    return 2.0 * double(c.d.B) * double(c.d.H) * double(c.d.D + c.d.dv()) * allowed_pairs(c.d);
   }
 
   /// Inputs, outputs and scratch of one call: the reference materializes one
@@ -394,8 +407,8 @@ class SdpaVariant final : public Variant {
     const SdpaCase c = case_of(p);
     const ref::SdpaDims& d = c.d;
     const double es = double(dtype_size(dtype)), os = dtype == DType::f64 ? 8.0 : 4.0;
-    const double n_in = double(numel(q_shape(d)) + 2 * numel(kv_shape(d)));
-    const double n_out = double(numel(q_shape(d))) + (c.need_weights ? double(numel(w_shape(d))) : 0.0);
+    const double n_in = double(numel(q_shape(d)) + numel(kv_shape(d)) + numel(v_shape(d)));
+    const double n_out = double(numel(o_shape(d))) + (c.need_weights ? double(numel(w_shape(d))) : 0.0);
     const double io = n_in * es + n_out * os + 4.0 * double(d.B);
     if (impl == "reference") {
       const double cs = dtype == DType::f64 ? 8.0 : 4.0;
@@ -427,12 +440,14 @@ class SdpaVariant final : public Variant {
     const SdpaCase c = case_of(p);
     const ref::SdpaDims& d = c.d;
     const double os = dtype == DType::f64 ? 8.0 : 4.0;
-    const double nq = double(numel(q_shape(d))), nkv = double(numel(kv_shape(d)));
-    const double grads = (nq + 2.0 * nkv) * os, cot = nq * double(dtype_size(dtype)), lse = 4.0 * double(d.B * d.H * d.Nq);
+    const double nq = double(numel(q_shape(d))), nkv = double(numel(kv_shape(d)) + numel(v_shape(d))) / 2.0;
+    const double no = double(numel(o_shape(d)));
+    const double grads = (nq + 2.0 * nkv) * os, cot = no * double(dtype_size(dtype)),
+                 lse = 4.0 * double(d.B * d.H * d.Nq);
     if (impl == "reference") {
       const double cs = dtype == DType::f64 ? 8.0 : 4.0;
-      return grads + cot + 8.0 * (nq + 2.0 * nkv + nq) + 4.0 * cs * double(d.Nq) * double(d.Nkv) +
-             6.0 * cs * double(d.Nq + d.Nkv) * double(d.D);
+      return grads + cot + 8.0 * (nq + 2.0 * nkv + no) + 4.0 * cs * double(d.Nq) * double(d.Nkv) +
+             6.0 * cs * double(d.Nq + d.Nkv) * double(std::max(d.D, d.dv()));
     }
     if (impl == "cpu") {
       SdpaBackwardParams bp;
@@ -440,9 +455,9 @@ class SdpaVariant final : public Variant {
       const int threads = omp_get_max_threads();
       const double fwd = double(cpu::sdpa_forward_fused_scratch_bytes(bp.fwd, threads));
       const double bwd = double(cpu::sdpa_backward_fused_scratch_bytes(bp, threads));
-      return grads + cot + lse + 4.0 * nq + std::max(0.0, bwd - fwd);
+      return grads + cot + lse + 4.0 * no + std::max(0.0, bwd - fwd);
     }
-    return grads + cot + lse + 4.0 * nq;
+    return grads + cot + lse + 4.0 * no;
   }
 
   std::vector<Params> test_shapes() const override {
@@ -468,6 +483,18 @@ class SdpaVariant final : public Variant {
          {"padding", true},
          {"need_weights", true}},
         {{"B", 1}, {"H", 1}, {"N", 1000}, {"D", 40}, {"causal", true}, {"rope", "half"}},
+        // Dv != D: the fused selective attention's shape (q, k of 2·dh, values of dh) and the reverse.
+        {{"B", 2},
+         {"H", 4},
+         {"Hkv", 2},
+         {"Nq", 33},
+         {"Nkv", 47},
+         {"D", 64},
+         {"Dv", 24},
+         {"causal", true},
+         {"padding", true},
+         {"rope", "half"}},
+        {{"B", 1}, {"H", 2}, {"N", 129}, {"D", 40}, {"Dv", 72}, {"need_weights", true}},
     };
   }
 
@@ -476,10 +503,11 @@ class SdpaVariant final : public Variant {
     return {{"Nq", c.d.Nq},
             {"Nkv", c.d.Nkv},
             {"Hkv", c.d.Hkv},
+            {"Dv", c.d.dv()},
             {"density", allowed_pairs(c.d) / (double(c.d.Nq) * double(c.d.Nkv))}};
   }
 
-  /// Shapes from q (B, H, Nq, D) and k (B, Hkv, Nkv, D); need_weights when the
+  /// Shapes from q (B, H, Nq, D), k (B, Hkv, Nkv, D) and v (Dv); need_weights when the
   /// file holds weights, padding when some kv_len is below Nkv. causal and rope
   /// are not visible in tensors: they come from the case file's metadata.
   Params params_from_tensors(const TensorMap& t) const override {
@@ -492,6 +520,7 @@ class SdpaVariant final : public Variant {
     if (auto it = t.find("kv_len"); it != t.end())
       for (int64_t b = 0; b < it->second.numel(); ++b) padded = padded || it->second.get(b) < double(k.dim(2));
     p["padding"] = padded;
+    if (auto it = t.find("v"); it != t.end() && it->second.rank() == 4) p["Dv"] = it->second.dim(3);
     return p;
   }
 };

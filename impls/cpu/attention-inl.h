@@ -21,8 +21,9 @@
 //   q  (rows, D)        query rows (any alignment), RoPE-rotated and pre-scaled
 //   kt (D, kt_stride)   a packed key tile: kt[d * kt_stride + j] = k_j[d] (aligned)
 //   s  (rows, s_stride) scores / probabilities of the tile (aligned)
-//   v  (keys, v_stride) value rows, D padded to a multiple of 16 lanes (any alignment)
+//   v  (keys, v_stride) value rows, Dv padded to a multiple of 16 lanes (any alignment)
 //   o  (rows, o_stride) the output accumulator, same padding as v (aligned)
+// Dv, the head dimension of v, o and dO, may differ from D, that of q and k.
 // The backward uses the same two kernels on transposed operands: dP = dO·Vᵀ is
 // a score kernel over packed Vᵀ, dVᵀ = dOᵀ·P and dKᵀ = Qᵀ·dS are accumulate
 // kernels whose "probabilities" are the transposed query side (D, rows).
@@ -134,13 +135,17 @@ inline int64_t forward_tile_floats(int64_t rows, int64_t D, int64_t s_ld, int64_
   return round_up(rows * D, 16) + rows * s_ld + rows * o_ld + 3 * r16 + rows * kMaxLanes + r16;
 }
 
+/// Floats of PackKeyTile's `rows` buffer: 16 rows of D (keys) or Dv (values).
+inline int64_t pack_rows_floats(int64_t D, int64_t Dv) { return 16 * round_up(std::max(D, Dv), 16); }
+
 /// Floats of one forward thread's scratch: its tile (ForwardTile for `rows` rows,
-/// `cols` keys), 16 key rows for packing and, with the native bf16 products, the
-/// raw bf16 query tile (dk = D rounded up to 32) and AMX's three bf16 parts of P.
-inline int64_t forward_thread_floats(int64_t rows, int64_t D, int64_t cols, int64_t Dp, bool bf16) {
+/// `cols` keys, output rows of Dvp floats), 16 key rows for packing and, with the
+/// native bf16 products, the raw bf16 query tile (dk = D rounded up to 32) and
+/// AMX's three bf16 parts of P.
+inline int64_t forward_thread_floats(int64_t rows, int64_t D, int64_t cols, int64_t Dvp, bool bf16) {
   const int64_t dk = round_up(D, 32);
   const int64_t b16 = bf16 ? round_up(rows * dk / 2, 16) + round_up(3 * rows * cols / 2, 16) : 0;
-  return round_up(forward_tile_floats(rows, D, cols, Dp), 16) + 16 * round_up(D, 16) + b16;
+  return round_up(forward_tile_floats(rows, D, cols, Dvp), 16) + pack_rows_floats(D, Dvp) + b16;
 }
 
 /// Natural-log log-sum-exp of a row from its online-softmax state (base-2 max m,
@@ -433,20 +438,20 @@ HWY_INLINE void RopeTables(int64_t pos_min, int64_t n_pos, int64_t D, float* HWY
 /// Where a key tile is packed; parts a kernel does not need are null.
 struct KeyPack {
   float* kt = nullptr;     // (D, ld) rotated keys, transposed (score kernel operand)
-  float* vt = nullptr;     // (D, ld) values, transposed (backward: dP = dO·Vᵀ)
-  float* vrows = nullptr;  // (span, v_ld) values, D zero-padded to v_ld (forward: O += P·V)
+  float* vt = nullptr;     // (Dv, ld) values, transposed (backward: dP = dO·Vᵀ)
+  float* vrows = nullptr;  // (span, v_ld) values, Dv zero-padded to v_ld (forward: O += P·V)
   float* krows = nullptr;  // (padded, k_ld) rotated keys, D zero-padded (backward: dQ += dS·K)
   int64_t ld = 0, v_ld = 0, k_ld = 0;
 };
 
-/// Packs keys 0 … padded − 1 of a tile (key jt at k_row(jt), v_row(jt); keys
-/// jt ≥ span are zero, and have no value row), key rows rotated with RoPE row
-/// rope_row0 + jt. Rows go
-/// through `rows` (16, D) in blocks of 16 so that the transposed stores fill
-/// whole cache lines. `padded` is a multiple of 16.
+/// Packs keys 0 … padded − 1 of a tile (key jt at k_row(jt) with D elements,
+/// its value at v_row(jt) with Dv; keys jt ≥ span are zero, and have no value
+/// row), key rows rotated with RoPE row rope_row0 + jt. Rows go through `rows`
+/// (pack_rows_floats) in blocks of 16 so that the transposed stores fill whole
+/// cache lines. `padded` is a multiple of 16.
 template <class T, class KRow, class VRow>
-void PackKeyTile(int64_t D, int64_t span, int64_t padded, const KRow& k_row, const VRow& v_row, const Rope& rope,
-                 int64_t rope_row0, const KeyPack& out, float* rows) {
+void PackKeyTile(int64_t D, int64_t Dv, int64_t span, int64_t padded, const KRow& k_row, const VRow& v_row,
+                 const Rope& rope, int64_t rope_row0, const KeyPack& out, float* rows) {
   constexpr int64_t kBlock = 16;
   for (int64_t jb = 0; jb < padded; jb += kBlock) {
     for (int64_t jj = 0; jj < kBlock; ++jj) {
@@ -464,8 +469,8 @@ void PackKeyTile(int64_t D, int64_t span, int64_t padded, const KRow& k_row, con
       if (out.vrows && jt < span) {
         float* vr = out.vrows + jt * out.v_ld;
         const T* v = v_row(jt);
-        for (int64_t d = 0; d < D; ++d) vr[d] = load_elem(v, d);
-        std::fill(vr + D, vr + out.v_ld, 0.0f);
+        for (int64_t d = 0; d < Dv; ++d) vr[d] = load_elem(v, d);
+        std::fill(vr + Dv, vr + out.v_ld, 0.0f);
       }
     }
     if (out.kt)
@@ -474,16 +479,16 @@ void PackKeyTile(int64_t D, int64_t span, int64_t padded, const KRow& k_row, con
     if (out.vt) {
       for (int64_t jj = 0; jj < kBlock; ++jj) {
         const int64_t jt = jb + jj;
-        float* vrow = rows + jj * D;
+        float* vrow = rows + jj * Dv;
         if (jt < span) {
           const T* v = v_row(jt);
-          for (int64_t d = 0; d < D; ++d) vrow[d] = load_elem(v, d);
+          for (int64_t d = 0; d < Dv; ++d) vrow[d] = load_elem(v, d);
         } else {
-          std::fill_n(vrow, D, 0.0f);
+          std::fill_n(vrow, Dv, 0.0f);
         }
       }
-      for (int64_t d = 0; d < D; ++d)
-        for (int64_t jj = 0; jj < kBlock; ++jj) out.vt[d * out.ld + jb + jj] = rows[jj * D + d];
+      for (int64_t d = 0; d < Dv; ++d)
+        for (int64_t jj = 0; jj < kBlock; ++jj) out.vt[d * out.ld + jb + jj] = rows[jj * Dv + d];
     }
   }
 }
@@ -494,7 +499,7 @@ void PackKeyTile(int64_t D, int64_t span, int64_t padded, const KRow& k_row, con
 struct ForwardTile {
   float* q;      // (rows, D)    rotated query rows × log2(e)/√D (base-2 scores)
   float* s;      // (rows, s_ld) scores, then probabilities
-  float* o;      // (rows, o_ld) output accumulator (o_ld: D padded to 16)
+  float* o;      // (rows, o_ld) output accumulator (o_ld: Dv padded to 16)
   float* m;      // (rows,) running max (log2 units)
   float* l;      // (rows,) running sum
   float* alpha;  // (rows,) rescale factor of the current tile
@@ -603,14 +608,14 @@ HWY_INLINE void ForwardRows(DF df, const ForwardTile& w, int64_t rows, int64_t D
   });
 }
 
-/// Writes row r's output o_row(r)[0:D] = O/l (0 for a row without keys) and, when
+/// Writes row r's output o_row(r)[0:Dv] = O/l (0 for a row without keys) and, when
 /// lse_row(r) is not null, its natural-log log-sum-exp.
 template <class ORow, class LseRow>
-HWY_INLINE void FinishRows(const ForwardTile& w, int64_t rows, int64_t D, ORow&& o_row, LseRow&& lse_row) {
+HWY_INLINE void FinishRows(const ForwardTile& w, int64_t rows, int64_t Dv, ORow&& o_row, LseRow&& lse_row) {
   for (int64_t r = 0; r < rows; ++r) {
     const float inv = w.l[r] > 0.0f ? 1.0f / w.l[r] : 0.0f;
     float* o = o_row(r);
-    for (int64_t d = 0; d < D; ++d) o[d] = w.o[r * w.o_ld + d] * inv;
+    for (int64_t d = 0; d < Dv; ++d) o[d] = w.o[r * w.o_ld + d] * inv;
     if (float* lse = lse_row(r)) *lse = row_lse(w.m[r], w.l[r]);
   }
 }
@@ -621,9 +626,9 @@ HWY_INLINE void FinishRows(const ForwardTile& w, int64_t rows, int64_t D, ORow&&
 /// flattened): every row's operands for the backward, built once per call.
 struct QuerySide {
   float* qs;     // (rows, D)  rotated queries × log2(e)/√D (the forward's base-2 scores)
-  float* dout;   // (rows, D)  the cotangent dO, widened
+  float* dout;   // (rows, Dv) the cotangent dO, widened
   float* qst;    // (D, ld)    qs transposed
-  float* dot;    // (D, ld)    dout transposed
+  float* dot;    // (Dv, ld)   dout transposed
   float* lse2;   // (ld,)      saved log-sum-exp in log2 units, high part (+inf for a row without keys)
   float* lse2lo; // (ld,)      and its low part
   float* delta;  // (ld,)      Δ_i = Σ_d dO_id · O_id
@@ -631,35 +636,39 @@ struct QuerySide {
 };
 
 /// Packs query row r of a query side: q (D elements, rotated with `rope` row r
-/// and scaled by log2(e)/√D), the cotangent and the forward's output (f32) and lse.
+/// and scaled by log2(e)/√D), the cotangent and the forward's output (Dv elements,
+/// f32) and lse.
 template <class T>
-HWY_INLINE void PackQueryRow(const QuerySide& qs, int64_t r, int64_t D, const T* q, const T* dout, const float* o,
-                             float lse, const Rope& rope, int64_t rope_row, float qscale) {
+HWY_INLINE void PackQueryRow(const QuerySide& qs, int64_t r, int64_t D, int64_t Dv, const T* q, const T* dout,
+                             const float* o, float lse, const Rope& rope, int64_t rope_row, float qscale) {
   load_row(qs.qs + r * D, q, D, rope, rope_row, qscale);
-  float* dr = qs.dout + r * D;
-  for (int64_t d = 0; d < D; ++d) dr[d] = load_elem(dout, d);
+  float* dr = qs.dout + r * Dv;
+  for (int64_t d = 0; d < Dv; ++d) dr[d] = load_elem(dout, d);
   // Δ = Σ_d dO·O as one MulAdd chain over d from zero: exactly the arithmetic by which
   // ScoresBlock forms each dP = dO·vᵀ. Where P sits on a single key, O = v (bitwise) and
   // dP − Δ must cancel; a lane-parallel sum left a few ulps of |dO|·|v| there, and a row with
   // one key got dq ≈ 1e-6 instead of 0 (sdpa N 1 in ci.json failed the rule on AVX2). The
-  // chain costs D dependent FMAs per row, against the row's D·Nkv·8 of the backward.
+  // chain costs Dv dependent FMAs per row, against the row's D·Nkv·8 of the backward.
   const hn::CappedTag<float, 1> d1;
   auto acc = hn::Zero(d1);
-  for (int64_t d = 0; d < D; ++d) acc = hn::MulAdd(hn::Set(d1, dr[d]), hn::Set(d1, o[d]), acc);
+  for (int64_t d = 0; d < Dv; ++d) acc = hn::MulAdd(hn::Set(d1, dr[d]), hn::Set(d1, o[d]), acc);
   qs.delta[r] = hn::GetLane(acc);
   backward_lse2(lse, qs.lse2[r], qs.lse2lo[r]);
 }
 
 /// Transposes rows r0 … r1 − 1 of qs and dout into qst and dot (pad columns up
 /// to ld zeroed by the call that covers the last row).
-HWY_INLINE void TransposeQueryRows(const QuerySide& qs, int64_t D, int64_t r0, int64_t r1, int64_t rows) {
-  for (int64_t d = 0; d < D; ++d) {
-    float* a = qs.qst + d * qs.ld;
-    float* b = qs.dot + d * qs.ld;
-    for (int64_t r = r0; r < r1; ++r) a[r] = qs.qs[r * D + d], b[r] = qs.dout[r * D + d];
-    if (r1 == rows)
-      for (int64_t r = rows; r < qs.ld; ++r) a[r] = b[r] = 0.0f;
-  }
+HWY_INLINE void TransposeQueryRows(const QuerySide& qs, int64_t D, int64_t Dv, int64_t r0, int64_t r1, int64_t rows) {
+  auto transpose = [&](const float* in, float* out, int64_t cols) {
+    for (int64_t d = 0; d < cols; ++d) {
+      float* a = out + d * qs.ld;
+      for (int64_t r = r0; r < r1; ++r) a[r] = in[r * cols + d];
+      if (r1 == rows)
+        for (int64_t r = rows; r < qs.ld; ++r) a[r] = 0.0f;
+    }
+  };
+  transpose(qs.qs, qs.qst, D);
+  transpose(qs.dout, qs.dot, Dv);
   if (r1 == rows)
     for (int64_t r = rows; r < qs.ld; ++r)
       qs.lse2[r] = std::numeric_limits<float>::infinity(), qs.lse2lo[r] = qs.delta[r] = 0.0f;
@@ -668,10 +677,10 @@ HWY_INLINE void TransposeQueryRows(const QuerySide& qs, int64_t D, int64_t r0, i
 /// One key tile's packed operands and gradient accumulators (one thread's).
 struct KeyTileGrads {
   float* kt;     // (D, ld)  rotated keys, transposed
-  float* vt;     // (D, ld)  values, transposed
+  float* vt;     // (Dv, ld) values, transposed
   float* krows;  // (ld, Dp) rotated keys
   float* dkt;    // (D, ld)  Σ Qsᵀ·dS (dK·√D·ln2 after the pass, transposed)
-  float* dvt;    // (D, ld)  Σ dOᵀ·P (dV, transposed)
+  float* dvt;    // (Dv, ld) Σ dOᵀ·P (dV, transposed)
   int64_t ld, Dp;
   KeyPack pack() const {
     KeyPack k;
@@ -698,13 +707,13 @@ struct PairTiles {
 ///   dVᵀ += dOᵀ·P;  dKᵀ += Qsᵀ·dS;  dQ[r0…] += dS·K   (dq: (·, Dp) rows of this query side)
 /// Scales (1/√D, ln 2) are applied when the gradients are stored.
 template <class Mask>
-HWY_INLINE void BackwardPair(DF df, int64_t D, const QuerySide& qs, float* dq, int64_t r0, int64_t rows, int64_t span,
-                             const KeyTileGrads& kg, const PairTiles& w, Mask&& mask) {
+HWY_INLINE void BackwardPair(DF df, int64_t D, int64_t Dv, const QuerySide& qs, float* dq, int64_t r0, int64_t rows,
+                             int64_t span, const KeyTileGrads& kg, const PairTiles& w, Mask&& mask) {
   const int64_t L = int64_t(hn::Lanes(df));
   const int64_t ncols = round_up(span, BlockCols(df));
   TileProduct<false>(df, rows, D, qs.qs + r0 * D, D, kg.kt, kg.ld, ncols, w.p, w.ld, nullptr);
   mask(w.p, ncols, w.dmod);
-  TileProduct<false>(df, rows, D, qs.dout + r0 * D, D, kg.vt, kg.ld, ncols, w.ds, w.ld, nullptr);
+  TileProduct<false>(df, rows, Dv, qs.dout + r0 * Dv, Dv, kg.vt, kg.ld, ncols, w.ds, w.ld, nullptr);
   for (int64_t r = 0; r < rows; ++r) {
     const VF lse = hn::Set(df, qs.lse2[r0 + r]), lse_lo = hn::Set(df, qs.lse2lo[r0 + r]);
     const VF delta = hn::Set(df, qs.delta[r0 + r]);
@@ -719,24 +728,22 @@ HWY_INLINE void BackwardPair(DF df, int64_t D, const QuerySide& qs, float* dq, i
       hn::Store(g, df, ds + j);
     }
   }
-  TileAccumulate(df, D, ncols, rows, qs.dot + r0, qs.ld, w.p, w.ld, nullptr, kg.dvt, kg.ld);
+  TileAccumulate(df, Dv, ncols, rows, qs.dot + r0, qs.ld, w.p, w.ld, nullptr, kg.dvt, kg.ld);
   TileAccumulate(df, D, ncols, rows, qs.qst + r0, qs.ld, w.ds, w.ld, nullptr, kg.dkt, kg.ld);
   TileAccumulate(df, rows, kg.Dp, span, w.ds, w.ld, kg.krows, kg.Dp, nullptr, dq + r0 * kg.Dp, kg.Dp);
 }
 
 /// Stores the gradients of keys 0 … span − 1 of a key tile: dk_row(jt) = ln2 ·
 /// dKᵀ column jt rotated back by RoPE row rope_row0 + jt (the forward scaled
-/// the queries by log2(e)/√D), dv_row(jt) = dVᵀ column jt.
+/// the queries by log2(e)/√D), dv_row(jt)[0:Dv] = dVᵀ column jt.
 template <class DkRow, class DvRow>
-HWY_INLINE void StoreKeyGrads(const KeyTileGrads& kg, int64_t D, int64_t span, const Rope& rope, int64_t rope_row0,
-                              DkRow&& dk_row, DvRow&& dv_row) {
+HWY_INLINE void StoreKeyGrads(const KeyTileGrads& kg, int64_t D, int64_t Dv, int64_t span, const Rope& rope,
+                              int64_t rope_row0, DkRow&& dk_row, DvRow&& dv_row) {
   for (int64_t jt = 0; jt < span; ++jt) {
     float* dk = dk_row(jt);
     float* dv = dv_row(jt);
-    for (int64_t d = 0; d < D; ++d) {
-      dk[d] = kLn2 * kg.dkt[d * kg.ld + jt];
-      dv[d] = kg.dvt[d * kg.ld + jt];
-    }
+    for (int64_t d = 0; d < D; ++d) dk[d] = kLn2 * kg.dkt[d * kg.ld + jt];
+    for (int64_t d = 0; d < Dv; ++d) dv[d] = kg.dvt[d * kg.ld + jt];
     if (rope.on()) rotate_pairs(dk, D, rope.pairs, rope.c(rope_row0 + jt), rope.s(rope_row0 + jt), true);
   }
 }

@@ -276,7 +276,7 @@ void PackTile(const MaskedParams& p, const Rope& krope, int64_t bh, int64_t kt, 
   const T* v = static_cast<const T*>(p.v) + bh * p.Nkv * p.D;
   const int64_t j0 = kt * p.tile_k;
   PackKeyTile<T>(
-      p.D, std::min(p.tile_k, p.Nkv - j0), Tkp, [&](int64_t jt) { return k + (j0 + jt) * p.D; },
+      p.D, p.D, std::min(p.tile_k, p.Nkv - j0), Tkp, [&](int64_t jt) { return k + (j0 + jt) * p.D; },
       [&](int64_t jt) { return v + (j0 + jt) * p.D; }, krope, j0, out, rows);
 }
 
@@ -471,11 +471,11 @@ void PackQueryRows(const MaskedBackwardParams& bp, const BackwardLayout& bl, con
   const T* q = static_cast<const T*>(p.q) + bh * p.Nq * p.D;
   const T* dout = static_cast<const T*>(bp.dout) + bh * p.Nq * p.D;
   for (int64_t i = i0; i < i1; ++i) {
-    PackQueryRow(qs, i, p.D, q + i * p.D, dout + i * p.D, p.o + (bh * p.Nq + i) * p.D, p.lse[bh * p.Nq + i], ropes.q,
-                 i, qscale);
+    PackQueryRow(qs, i, p.D, p.D, q + i * p.D, dout + i * p.D, p.o + (bh * p.Nq + i) * p.D, p.lse[bh * p.Nq + i],
+                 ropes.q, i, qscale);
     for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_h + s * bl.dq + i * bl.Dp, bl.Dp, 0.0f);
   }
-  TransposeQueryRows(qs, p.D, i0, i1, p.Nq);
+  TransposeQueryRows(qs, p.D, p.D, i0, i1, p.Nq);
 }
 
 /// Key tiles kt ≡ split (mod splits) of head bh into the split's accumulator dq,
@@ -508,7 +508,7 @@ void BackwardKeyTiles(const MaskedBackwardParams& bp, const BackwardLayout& bl, 
       const int64_t qt = qmap.index[(mb * p.n_kt + kt) * p.n_qt + n];
       const bool partial = mask::Tile(p.tiles[(mb * p.n_qt + qt) * p.n_kt + kt]) == mask::Tile::partial;
       const int64_t i0 = qt * p.tile_q, rows = std::min(p.tile_q, p.Nq - i0);
-      BackwardPair(df, p.D, qs, dq, i0, rows, span, kg, w, [&](float* s, int64_t ncols, float* dmod) {
+      BackwardPair(df, p.D, p.D, qs, dq, i0, rows, span, kg, w, [&](float* s, int64_t ncols, float* dmod) {
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = s + r * w.ld;
           const int64_t i = i0 + r;
@@ -524,7 +524,7 @@ void BackwardKeyTiles(const MaskedBackwardParams& bp, const BackwardLayout& bl, 
       });
     }
     StoreKeyGrads(
-        kg, p.D, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
+        kg, p.D, p.D, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
         [&](int64_t jt) { return dv_row(j0 + jt); });
   }
 }

@@ -1,7 +1,8 @@
 // Scaled-dot-product attention, fused CPU forward and backward (DESIGN §5 "SDPA").
 //
-//   q: (B, H, Nq, D)   k, v: (B, Hkv, Nkv, D)   kv_len: (B,)   head h reads kv head h/(H/Hkv)
-//   o_i = Σ_j softmax_j(RoPE(q_i)·RoPE(k_j)/√D + mask_ij) v_j            o: (B, H, Nq, D) f32
+//   q: (B, H, Nq, D)   k: (B, Hkv, Nkv, D)   v: (B, Hkv, Nkv, Dv)   kv_len: (B,)
+//   head h reads kv head h/(H/Hkv);  Dv = D unless p.Dv says otherwise
+//   o_i = Σ_j softmax_j(RoPE(q_i)·RoPE(k_j)/√D + mask_ij) v_j            o: (B, H, Nq, Dv) f32
 //   mask_ij = 0 if j < lim_i else −inf,  lim_i = min(kv_len[b], causal ? i + Nkv − Nq + 1 : Nkv)
 //   weights (need_weights): the probabilities, (B, H, Nq, Nkv) f32
 //
@@ -126,17 +127,18 @@ struct RopeSpan {
 
 /// Sizes of the forward's packed operands and per-thread tiles, in floats.
 struct Layout {
-  int64_t Dp, T, Nkv_p;
+  int64_t Dv, Dp, T, Nkv_p;  // Dp: Dv padded to 16 (V rows, the output accumulator)
   int64_t kpack, vpack, rope, per_thread;
-  bool direct_v;  // f32 V with D a multiple of 16 is read in place, not packed
+  bool direct_v;  // f32 V with Dv a multiple of 16 is read in place, not packed
   // Native bf16 products (bf16 inputs without RoPE or weights): K in pairs along
   // D (dk = D rounded up to 32), V in pairs along keys, per thread the raw query
   // tile and AMX's P parts; sizes in floats.
   bool bf16_ok;
   int64_t dk, kbpack, vbpack;
   explicit Layout(const SdpaParams& p) {
-    Dp = round_up(p.D, 16);
-    direct_v = p.dtype == DType::f32 && Dp == p.D;
+    Dv = sdpa_value_dim(p);
+    Dp = round_up(Dv, 16);
+    direct_v = p.dtype == DType::f32 && Dp == Dv;
     T = (p.Nkv + kTileK - 1) / kTileK;
     Nkv_p = T * kTileK;
     kpack = p.B * p.Hkv * T * p.D * kTileK;
@@ -144,7 +146,8 @@ struct Layout {
     rope = RopeSpan(p).floats;
     // Not when the forward saves the lse for a backward: that recomputes S with the f32
     // products, and P = 2^(S − lse) needs the forward's S bit for bit (attention-inl.h).
-    bf16_ok = p.dtype == DType::bf16 && p.rope == SdpaRope::none && !p.weights && !p.lse;
+    // The bf16 tile kernels take one head dimension for Q·Kᵀ and P·V.
+    bf16_ok = p.dtype == DType::bf16 && p.rope == SdpaRope::none && !p.weights && !p.lse && Dv == p.D;
     dk = round_up(p.D, 32);
     kbpack = bf16_ok ? round_up(p.B * p.Hkv * T * dk * kTileK / 2, 16) : 0;
     vbpack = bf16_ok ? round_up(p.B * p.Hkv * Nkv_p * Dp / 2, 16) : 0;
@@ -156,13 +159,14 @@ struct Layout {
 
 /// Sizes of the backward's packed query side, accumulators and per-thread tiles, in floats.
 struct BackwardLayout {
-  int64_t G, R, ld, Dp, n_kt, groups, splits;
+  int64_t G, R, ld, D, Dv, Dp, n_kt, groups, splits;  // Dp: D padded to 16 (krows, the dq accumulators)
   int64_t side, dq, rope, per_thread;  // side: one group's query side; dq: one group-split accumulator
   bool owned;  // one task per group: its query side and dq accumulator live in the thread's slab
   BackwardLayout(const SdpaParams& p, int threads) {
     G = p.H / p.Hkv;
     R = p.Nq * G;
     ld = round_up(R, 16);
+    D = p.D, Dv = sdpa_value_dim(p);
     Dp = round_up(p.D, 16);
     n_kt = (p.Nkv + kBwdTileK - 1) / kBwdTileK;
     groups = p.B * p.Hkv;
@@ -171,14 +175,15 @@ struct BackwardLayout {
     splits = std::clamp<int64_t>((4 * int64_t(threads) + groups - 1) / groups, 1, std::min<int64_t>(n_kt, 8));
     if (groups >= 2 * int64_t(threads)) splits = 1;
     owned = splits == 1;
-    const int64_t rd = round_up(R * p.D, 16);
-    side = 2 * rd + 2 * p.D * ld + 4 * ld;  // qs, dout, qst, dot, lse2 (hi, lo), delta, lim
+    side = round_up(R * p.D, 16) + round_up(R * Dv, 16) + (p.D + Dv) * ld + 4 * ld;  // qs, dout, qst, dot,
+                                                                                     // lse2 (hi, lo), delta, lim
     dq = ld * Dp;
     rope = RopeSpan(p).floats;
-    const int64_t kt = p.D * kBwdTileK;
-    per_thread = 4 * kt + kBwdTileK * Dp + 2 * kBwdTileQ * kBwdTileK + 16 * round_up(p.D, 16);
+    per_thread = key_tile_floats() + 2 * kBwdTileQ * kBwdTileK + pack_rows_floats(p.D, Dv);
     if (owned) per_thread += side + dq;
   }
+  /// Floats of one thread's KeyTileGrads: kt, dkt (D rows), vt, dvt (Dv rows), krows.
+  int64_t key_tile_floats() const { return 2 * (D + Dv) * kBwdTileK + kBwdTileK * Dp; }
   /// Floats shared by all threads: the query sides and accumulators (split groups), the RoPE table.
   size_t shared() const { return size_t((owned ? 0 : groups * (side + splits * dq)) + rope); }
 };
@@ -266,7 +271,7 @@ void PackKV(const SdpaParams& p, const Layout& lay, const SdpaRopes& ropes, floa
   out.ld = kTileK;
   if (!lay.direct_v) out.vrows = vpack + (bk * lay.Nkv_p + j0) * lay.Dp, out.v_ld = lay.Dp;
   PackKeyTile<T>(
-      p.D, std::min(kTileK, p.Nkv - j0), kTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
+      p.D, lay.Dv, std::min(kTileK, p.Nkv - j0), kTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
       [&](int64_t jt) { return v + (j0 + jt) * p.v_strides.n; }, ropes.k, j0, out, rows);
 }
 
@@ -374,7 +379,8 @@ void AttendQueryTile(const SdpaParams& p, const Layout& lay, const SdpaRopes& ro
                         vbpack ? vbpack + (bk * lay.Nkv_p + j0) * lay.Dp : nullptr});
       },
       [&](const KeyTileView& t, int64_t ncols) { MaskRowLimits(w.s, w.s_ld, rows, lim, t.j0, ncols, w.stale); });
-  FinishRows(w, rows, p.D, [&](int64_t r) { return o_rows[r]; }, [&](int64_t r) { return lse_rows[r]; });
+  FinishRows(
+      w, rows, lay.Dv, [&](int64_t r) { return o_rows[r]; }, [&](int64_t r) { return lse_rows[r]; });
   if (p.weights) WeightsPass(df, p, lay, w, kt_head, w_rows, rows, lim, hi);
 }
 
@@ -402,7 +408,7 @@ void ForwardTyped(const SdpaParams& p, float* scratch, int threads) {
     ForwardTile w = ForwardTile::carve(slab, kTileQ, p.D, kTileK, lay.Dp);
     float* rows = slab + round_up(forward_tile_floats(kTileQ, p.D, kTileK, lay.Dp), 16);
     if (mode != Bf16Mode::off) {
-      float* b16 = rows + 16 * round_up(p.D, 16);
+      float* b16 = rows + pack_rows_floats(p.D, lay.Dv);
       w.mode = mode, w.dk = lay.dk, w.qscale = qscale;
       w.qb = reinterpret_cast<uint16_t*>(b16);
       w.pb = reinterpret_cast<uint16_t*>(b16 + round_up(kTileQ * lay.dk / 2, 16));
@@ -438,13 +444,12 @@ struct GroupSide {
 };
 
 HWY_INLINE GroupSide CarveSide(const SdpaParams& p, const BackwardLayout& bl, float* at) {
-  const int64_t rd = round_up(bl.R * p.D, 16);
   GroupSide gs;
   gs.qs.qs = at;
-  gs.qs.dout = at + rd;
-  gs.qs.qst = at + 2 * rd;
+  gs.qs.dout = at + round_up(bl.R * p.D, 16);
+  gs.qs.qst = gs.qs.dout + round_up(bl.R * bl.Dv, 16);
   gs.qs.dot = gs.qs.qst + p.D * bl.ld;
-  gs.qs.lse2 = gs.qs.dot + p.D * bl.ld;
+  gs.qs.lse2 = gs.qs.dot + bl.Dv * bl.ld;
   gs.qs.lse2lo = gs.qs.lse2 + bl.ld;
   gs.qs.delta = gs.qs.lse2lo + bl.ld;
   gs.lim = reinterpret_cast<int32_t*>(gs.qs.delta + bl.ld);
@@ -465,11 +470,11 @@ void PackQueryRows(const SdpaBackwardParams& bp, const BackwardLayout& bl, const
     const T* q = static_cast<const T*>(p.q) + b * p.q_strides.b + h * p.q_strides.h + i * p.q_strides.n;
     const T* dout = static_cast<const T*>(bp.dout) + b * bp.do_strides.b + h * bp.do_strides.h + i * bp.do_strides.n;
     const float* o = p.o + b * p.o_strides.b + h * p.o_strides.h + i * p.o_strides.n;
-    PackQueryRow(gs.qs, r, p.D, q, dout, o, p.lse[(b * p.H + h) * p.Nq + i], ropes.q, i, qscale);
+    PackQueryRow(gs.qs, r, p.D, bl.Dv, q, dout, o, p.lse[(b * p.H + h) * p.Nq + i], ropes.q, i, qscale);
     gs.lim[r] = int32_t(row_limit(p, b, i));
     for (int64_t s = 0; s < bl.splits; ++s) std::fill_n(dq_g + s * bl.dq + r * bl.Dp, bl.Dp, 0.0f);
   }
-  TransposeQueryRows(gs.qs, p.D, r0, r1, bl.R);
+  TransposeQueryRows(gs.qs, p.D, bl.Dv, r0, r1, bl.R);
 }
 
 /// Key tiles kt ≡ split (mod splits) of group g, into the split's accumulator dq.
@@ -492,18 +497,19 @@ void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, co
     const int64_t j0 = kt * kBwdTileK, span = std::min(kBwdTileK, p.Nkv - j0);
     const int64_t r_first = std::partition_point(gs.lim, gs.lim + bl.R, [&](int32_t l) { return l <= j0; }) - gs.lim;
     if (r_first == bl.R) {  // no query sees these keys
-      for (int64_t jt = 0; jt < span; ++jt) std::fill_n(dk_row(j0 + jt), p.D, 0.0f), std::fill_n(dv_row(j0 + jt), p.D, 0.0f);
+      for (int64_t jt = 0; jt < span; ++jt)
+        std::fill_n(dk_row(j0 + jt), p.D, 0.0f), std::fill_n(dv_row(j0 + jt), bl.Dv, 0.0f);
       continue;
     }
     PackKeyTile<T>(
-        p.D, span, kBwdTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
+        p.D, bl.Dv, span, kBwdTileK, [&](int64_t jt) { return k + (j0 + jt) * p.k_strides.n; },
         [&](int64_t jt) { return v + (j0 + jt) * p.v_strides.n; }, ropes.k, j0, kg.pack(), rows_buf);
     std::fill_n(kg.dkt, p.D * kg.ld, 0.0f);
-    std::fill_n(kg.dvt, p.D * kg.ld, 0.0f);
+    std::fill_n(kg.dvt, bl.Dv * kg.ld, 0.0f);
     for (int64_t r0 = r_first; r0 < bl.R; r0 += kBwdTileQ) {
       const int64_t rows = std::min(kBwdTileQ, bl.R - r0);
       const int32_t* lim = gs.lim + r0;
-      BackwardPair(df, p.D, gs.qs, dq, r0, rows, span, kg, w, [&](float* s, int64_t ncols, float*) {
+      BackwardPair(df, p.D, bl.Dv, gs.qs, dq, r0, rows, span, kg, w, [&](float* s, int64_t ncols, float*) {
         if (lim[0] >= j0 + span) return;  // every row sees the whole tile
         for (int64_t r = 0; r < rows && lim[r] < j0 + span; ++r) {
           const int64_t start = std::clamp<int64_t>(lim[r] - j0, 0, ncols);
@@ -512,7 +518,7 @@ void BackwardKeyTiles(const SdpaBackwardParams& bp, const BackwardLayout& bl, co
       });
     }
     StoreKeyGrads(
-        kg, p.D, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
+        kg, p.D, bl.Dv, span, ropes.k, j0, [&](int64_t jt) { return dk_row(j0 + jt); },
         [&](int64_t jt) { return dv_row(j0 + jt); });
   }
 }
@@ -551,13 +557,14 @@ void BackwardTyped(const SdpaBackwardParams& bp, float* scratch, int threads) {
 #pragma omp parallel num_threads(threads)
   {
     float* slab = slabs + bl.per_thread * omp_get_thread_num();
-    const int64_t kt = p.D * kBwdTileK;
-    KeyTileGrads kg{slab, slab + kt, slab + 2 * kt, slab + 2 * kt + kBwdTileK * bl.Dp, slab + 3 * kt + kBwdTileK * bl.Dp,
-                    kBwdTileK, bl.Dp};
-    float* tiles = slab + 4 * kt + kBwdTileK * bl.Dp;
+    const int64_t kt = p.D * kBwdTileK, vt = bl.Dv * kBwdTileK;
+    KeyTileGrads kg;
+    kg.kt = slab, kg.vt = kg.kt + kt, kg.krows = kg.vt + vt, kg.dkt = kg.krows + kBwdTileK * bl.Dp;
+    kg.dvt = kg.dkt + kt, kg.ld = kBwdTileK, kg.Dp = bl.Dp;
+    float* tiles = slab + bl.key_tile_floats();
     const PairTiles w{tiles, tiles + kBwdTileQ * kBwdTileK, nullptr, kBwdTileK};
     float* rows_buf = tiles + 2 * kBwdTileQ * kBwdTileK;
-    float* own = rows_buf + 16 * round_up(p.D, 16);  // owned: the group's side, then its dq accumulator
+    float* own = rows_buf + pack_rows_floats(p.D, bl.Dv);  // owned: the group's side, then its dq accumulator
     if (bl.owned) {
       const GroupSide gs = CarveSide(p, bl, own);
       float* dq = own + bl.side;
@@ -620,6 +627,7 @@ void check_common(const SdpaParams& p, const char* who) {
     throw std::invalid_argument(std::string(who) + ": q, k, v must be f32, bf16 or f16");
   if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument(std::string(who) + ": RoPE needs an even D");
   if (p.Hkv < 1 || p.H % p.Hkv != 0) throw std::invalid_argument(std::string(who) + ": H must be a multiple of Hkv");
+  if (p.Dv < 0) throw std::invalid_argument(std::string(who) + ": Dv must be >= 0 (0: the same as D)");
 }
 }  // namespace
 

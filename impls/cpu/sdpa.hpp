@@ -30,11 +30,12 @@ inline SdpaStrides sdpa_dense_strides(int64_t heads, int64_t rows, int64_t cols)
 /// device pointers for the CUDA one.
 struct SdpaParams {
   int64_t B = 1, H = 1, Hkv = 1, Nq = 1, Nkv = 1, D = 1;  // H a multiple of Hkv; D even with RoPE
+  int64_t Dv = 0;  // head dimension of v, o and dout when it differs from q's and k's D; 0 = D (CPU only)
   bool causal = false;                                    // bottom-right aligned: j ≤ i + Nkv − Nq
   SdpaRope rope = SdpaRope::none;                         // query i at position i + Nkv − Nq, key j at j
   DType dtype = DType::f32;                               // of q, k, v (f32, bf16, f16)
 
-  float* o = nullptr;  // (B, H, Nq, D) f32
+  float* o = nullptr;  // (B, H, Nq, Dv) f32
   SdpaStrides o_strides;
   float* weights = nullptr;  // (B, H, Nq, Nkv) f32 probabilities, or null (need_weights off)
   SdpaStrides w_strides;
@@ -42,7 +43,7 @@ struct SdpaParams {
   SdpaStrides q_strides;
   const void* k = nullptr;  // (B, Hkv, Nkv, D) in dtype
   SdpaStrides k_strides;
-  const void* v = nullptr;  // (B, Hkv, Nkv, D) in dtype
+  const void* v = nullptr;  // (B, Hkv, Nkv, Dv) in dtype
   SdpaStrides v_strides;
   const int32_t* kv_len = nullptr;  // (B,) keys j ≥ kv_len[b] are masked; null = all Nkv keys
   float* lse = nullptr;  // (B, H, Nq) f32 dense: natural-log log-sum-exp of each row's scaled, masked scores
@@ -52,11 +53,16 @@ struct SdpaParams {
 /// One backward call: the gradients of Σ ⟨dout, o⟩ with respect to q, k and v.
 struct SdpaBackwardParams {
   SdpaParams fwd;                                      // shapes, q, k, v, kv_len, o (read), lse (read)
-  const void* dout = nullptr;  SdpaStrides do_strides;  // (B, H, Nq, D) in fwd.dtype
+  const void* dout = nullptr;
+  SdpaStrides do_strides;                               // (B, H, Nq, Dv) in fwd.dtype
   float* dq = nullptr;  SdpaStrides dq_strides;         // (B, H, Nq, D) f32
   float* dk = nullptr;  SdpaStrides dk_strides;         // (B, Hkv, Nkv, D) f32
-  float* dv = nullptr;  SdpaStrides dv_strides;         // (B, Hkv, Nkv, D) f32
+  float* dv = nullptr;
+  SdpaStrides dv_strides;  // (B, Hkv, Nkv, Dv) f32
 };
+
+/// The head dimension of v, o and dout: p.Dv, or D when it is 0.
+inline int64_t sdpa_value_dim(const SdpaParams& p) { return p.Dv > 0 ? p.Dv : p.D; }
 
 namespace cpu {
 

@@ -27,13 +27,13 @@
 //          is constant in j and cancels in the softmax (q' = q_i, k' = b_j).
 //   value  Σ_j p_ij (C q_i + D x_j) = C q_i + Σ_j p_ij D x_j (rows sum to one;
 //          a causal row always holds j = i).
-//   The forward runs impls/cpu/sdpa.hpp's sdpa_forward_fused on q', k' and v
-//   padded with zeros to 2·dh (that kernel needs Dv = Dqk: the P·V product
-//   costs 2× what it needs with RoPE); q' carries √2 so that the kernel's
+//   The forward runs impls/cpu/sdpa.hpp's sdpa_forward_fused on q', k' (head
+//   dimension 2·dh with RoPE) and the values D x read in place (Dv = dh), the
+//   output written straight into o; q' carries √2 so that the kernel's
 //   1/√(2 dh) is the layer's 1/√dh. The backward recomputes that forward
 //   (saving the rows' log-sum-exp), runs sdpa_backward_fused on the same
-//   operands (dO zero-padded like v), then the chain rule through u, RoPE and
-//   the five projections.
+//   operands (dO and d(D x) in the layer's own (B·T, d) layout), then the chain
+//   rule through u, RoPE and the five projections.
 //
 // Strategies (T 300, d 64, H 2, B 16, 2 shared cores; docs/selective.md):
 //   Highway foreach_target around auto-vectorized loops (the build has no
@@ -43,7 +43,9 @@
 //     (impls/cpu/gemm.hpp): fused fwd 12 → 8.8 ms, fwd_bwd 50 → 40 ms (2 threads).
 //   materialized: causal pairs only (j ≤ i): 2× fewer pairs than the seed.
 //   fused: the sdpa kernels reused (forward and backward), v and dO padded to
-//     2·dh with RoPE: P·V at 2·dh, +50% attention FLOPs.
+//     2·dh with RoPE (P·V at 2·dh, +50% attention FLOPs); then the kernels'
+//     separate value head dimension (SdpaParams::Dv) instead of the padding
+//     (docs/selective.md has the measurement).
 #include "impls/cpu/selective.hpp"
 
 #include <omp.h>
@@ -180,37 +182,38 @@ struct Fused {
   float *X, *Wq, *Wk, *Wv, *cs, *sn,
       *g;                       // g: the projections' GEMM scratch (gemm_floats)
   float *Q, *A, *KB, *CQ, *VD;  // (BT, d): q, A q, B x, C q, D x
-  float *q2, *k2, *v2, *o2;  // (BT, H, Dk) augmented (RoPE only; without RoPE o2 is (BT, d), backward only)
+  float *q2, *k2;               // (BT, H, Dk) augmented queries and keys (RoPE only)
+  float* o2;                    // (BT, d) the recomputed attention output the sdpa backward reads (backward only)
   void* sdpa_scratch = nullptr;
   // backward
   float *dO, *dq2, *dKB, *dVD, *dQ, *dA, *dX;
-  float *do2, *dk2, *dv2;  // (BT, H, Dk) augmented dO (zero-padded) and the key/value gradients (RoPE only)
-  float* lse = nullptr;    // (B, H, T) from the recomputed forward
+  float* dk2 = nullptr;  // (BT, H, Dk) the augmented keys' gradient (RoPE only; first dh columns: d(R b))
+  float* lse = nullptr;  // (B, H, T) from the recomputed forward
 };
 
+/// The attention on the SDPA kernels: queries and keys q', k' with RoPE (head
+/// dimension Dk = 2·dh, (BT, H, Dk) buffers), else q and B x; the values D x,
+/// the output and their gradients in the layer's (B·T, d) layout (Dv = dh), the
+/// output written into `o` (o_strides: the forward's p.o, the backward's o2).
 SdpaParams fused_sdpa_params(const SelectiveParams& p, const Fused& f) {
   SdpaParams s = selective_math::attention_params(p);
-  if (!p.rope) s.o_strides = {p.o_strides.b, f.dh, p.o_strides.t};  // the forward writes o itself
+  s.Dv = f.dh;
+  s.v_strides = s.o_strides = {p.T * p.d, f.dh, p.d};
   return s;
 }
 
-/// The attention backward on the augmented operands: sdpa_backward_fused reading
-/// the recomputed forward's o2 and lse. Gradients land in dq2 (laid out like q2, or
-/// like Q without RoPE) and, with RoPE, dk2 / dv2 (augmented; their first dh
-/// columns per head are d(R b) and d(D x)), without RoPE straight in dKB / dVD.
+/// The attention backward: sdpa_backward_fused reading the recomputed forward's
+/// o2 and lse. Gradients land in dq2 (laid out like q2, or like Q without RoPE),
+/// dk2 (RoPE: augmented, its first dh columns per head are d(R b)) or straight in
+/// dKB without RoPE, and d(D x) straight in dVD.
 SdpaBackwardParams fused_sdpa_backward_params(const SelectiveParams& p, const Fused& f) {
   SdpaBackwardParams b;
   b.fwd = fused_sdpa_params(p, f);
   b.fwd.lse = f.lse;
-  if (p.rope) {
-    b.fwd.q = f.q2, b.fwd.k = f.k2, b.fwd.v = f.v2, b.fwd.o = f.o2;
-    b.dout = f.do2, b.dq = f.dq2, b.dk = f.dk2, b.dv = f.dv2;
-  } else {
-    b.fwd.q = f.Q, b.fwd.k = f.KB, b.fwd.v = f.VD, b.fwd.o = f.o2;
-    b.fwd.o_strides = b.fwd.q_strides;  // o2 is laid out like Q
-    b.dout = f.dO, b.dq = f.dq2, b.dk = f.dKB, b.dv = f.dVD;
-  }
-  b.do_strides = b.dq_strides = b.dk_strides = b.dv_strides = b.fwd.q_strides;
+  b.fwd.q = p.rope ? f.q2 : f.Q, b.fwd.k = p.rope ? f.k2 : f.KB, b.fwd.v = f.VD, b.fwd.o = f.o2;
+  b.dout = f.dO, b.dq = f.dq2, b.dk = p.rope ? f.dk2 : f.dKB, b.dv = f.dVD;
+  b.dq_strides = b.dk_strides = b.fwd.q_strides;
+  b.do_strides = b.dv_strides = b.fwd.v_strides;
   return b;
 }
 
@@ -225,13 +228,10 @@ Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* b
   f.g = c.take(gemm_floats(p.d, threads));
   f.Q = c.take(bt * d), f.A = c.take(bt * d), f.KB = c.take(bt * d), f.CQ = c.take(bt * d), f.VD = c.take(bt * d);
   const size_t aug = size_t(f.BT * p.H * f.Dk);
-  f.q2 = f.k2 = f.v2 = f.o2 = f.do2 = f.dk2 = f.dv2 = nullptr;
-  if (p.rope) {
-    f.q2 = c.take(aug), f.k2 = c.take(aug), f.v2 = c.take(aug), f.o2 = c.take(aug);
-    if (backward) f.do2 = c.take(aug), f.dk2 = c.take(aug), f.dv2 = c.take(aug);
-  } else if (backward) {
-    f.o2 = c.take(bt * d);  // the recomputed attention output the sdpa backward reads
-  }
+  f.q2 = f.k2 = f.o2 = f.dk2 = nullptr;
+  if (p.rope) f.q2 = c.take(aug), f.k2 = c.take(aug);
+  if (backward) f.o2 = c.take(bt * d);
+  if (backward && p.rope) f.dk2 = c.take(aug);
   size_t sdpa_bytes = sdpa_forward_fused_scratch_bytes(fused_sdpa_params(p, f), threads);
   if (backward) {
     f.dO = c.take(bt * d), f.dq2 = c.take(aug), f.dKB = c.take(bt * d), f.dVD = c.take(bt * d);
@@ -393,24 +393,12 @@ size_t BackwardMaterializedBytes(const SelectiveParams& p, int threads) {
   return n;
 }
 
-/// The attention part on the augmented operands: with RoPE q2, k2 and v = D x
-/// zero-padded to Dk (the sdpa kernel has one head dimension) into o2; without
-/// RoPE Q, B x, D x into `o` (strides o_strides). The lse when f.lse is set.
+/// The attention part (fused_sdpa_params) into `o` with strides o_strides; the lse
+/// when f.lse is set.
 void fused_attention_forward(const SelectiveParams& p, const Fused& f, float* o, SdpaStrides o_strides, int threads) {
   SdpaParams s = fused_sdpa_params(p, f);
-  const int64_t d = p.d, H = p.H, dh = f.dh, Dk = f.Dk;
-  if (p.rope) {
-#pragma omp parallel for num_threads(threads)
-    for (int64_t bt = 0; bt < f.BT; ++bt)
-      for (int64_t h = 0; h < H; ++h) {
-        float* v2 = f.v2 + (bt * H + h) * Dk;
-        std::memcpy(v2, f.VD + bt * d + h * dh, size_t(dh) * sizeof(float));
-        std::fill(v2 + dh, v2 + Dk, 0.0f);
-      }
-    s.q = f.q2, s.k = f.k2, s.v = f.v2, s.o = f.o2;
-  } else {
-    s.q = f.Q, s.k = f.KB, s.v = f.VD, s.o = o, s.o_strides = o_strides;
-  }
+  s.q = p.rope ? f.q2 : f.Q, s.k = p.rope ? f.k2 : f.KB, s.v = f.VD;
+  s.o = o, s.o_strides = o_strides;
   s.lse = f.lse;
   sdpa_forward_fused(s, f.sdpa_scratch, threads);
 }
@@ -418,19 +406,14 @@ void fused_attention_forward(const SelectiveParams& p, const Fused& f, float* o,
 void ForwardFused(const SelectiveParams& p, void* scratch, int threads) {
   Fused f = fused_layout(p, threads, false, static_cast<char*>(scratch));
   fused_prepare(p, f, threads);
-  const int64_t d = p.d, H = p.H, dh = f.dh, Dk = f.Dk;
-  fused_attention_forward(p, f, p.o, fused_sdpa_params(p, f).o_strides, threads);  // no RoPE: straight into o
-  // o_i = C q_i + Σ_j p_ij D x_j.
+  const int64_t d = p.d;
+  // o_i = Σ_j p_ij D x_j (the attention, straight into o), then + C q_i.
+  fused_attention_forward(p, f, p.o, {p.o_strides.b, f.dh, p.o_strides.t}, threads);
 #pragma omp parallel for num_threads(threads)
   for (int64_t bt = 0; bt < f.BT; ++bt) {
     float* o = p.o + (bt / p.T) * p.o_strides.b + (bt % p.T) * p.o_strides.t;
     const float* cq = f.CQ + bt * d;
-    if (p.rope) {
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t e = 0; e < dh; ++e) o[h * dh + e] = cq[h * dh + e] + f.o2[(bt * H + h) * Dk + e];
-    } else {
-      for (int64_t c = 0; c < d; ++c) o[c] += cq[c];
-    }
+    for (int64_t c = 0; c < d; ++c) o[c] += cq[c];
   }
 }
 
@@ -443,23 +426,7 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
   // Attention backward on q' (Dk) and D x: the forward recomputed (saving its
   // lse), then sdpa's fused backward: dq', d(R b), d(D x).
   fused_attention_forward(p, f, f.o2, fused_sdpa_backward_params(p, f).fwd.o_strides, threads);
-  if (p.rope) {
-#pragma omp parallel for num_threads(threads)
-    for (int64_t bt = 0; bt < BT; ++bt)
-      for (int64_t h = 0; h < H; ++h) {
-        float* do2 = f.do2 + (bt * H + h) * Dk;
-        std::memcpy(do2, f.dO + bt * d + h * dh, size_t(dh) * sizeof(float));
-        std::fill(do2 + dh, do2 + Dk, 0.0f);
-      }
-  }
   sdpa_backward_fused(fused_sdpa_backward_params(p, f), f.sdpa_scratch, threads);
-  if (p.rope) {
-#pragma omp parallel for num_threads(threads)
-    for (int64_t bt = 0; bt < BT; ++bt)
-      for (int64_t h = 0; h < H; ++h) {
-        std::memcpy(f.dVD + bt * d + h * dh, f.dv2 + (bt * H + h) * Dk, size_t(dh) * sizeof(float));
-      }
-  }
   // Through q' = γ [R_i q_i, u_i(q_i, a_i)] and k' = [R_j b_j, c_j] back to q,
   // a = A q and b = B x.
   if (p.rope) {

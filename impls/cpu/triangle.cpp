@@ -485,22 +485,22 @@ static void TriangleBackwardRow(const cpu_triangle::BackwardArgs& a, int64_t i, 
   const float inv_sqrt_c = float(1.0 / std::sqrt(double(c)));
   for (int64_t h = 0; h < H; ++h) {
     for (int64_t j = 0; j < N; ++j)
-      PackQueryRow<float>(qs, j, c, proj + j * Op + h * c, dcat + j * Hc + h * c, o_saved + j * Hc + h * c,
+      PackQueryRow<float>(qs, j, c, c, proj + j * Op + h * c, dcat + j * Hc + h * c, o_saved + j * Hc + h * c,
                           a.saved->lse[(i * H + h) * N + j], none, j, 1.0f);
-    TransposeQueryRows(qs, c, 0, N, N);
+    TransposeQueryRows(qs, c, c, 0, N, N);
     std::fill_n(dq, N * Dp, 0.f);
     const float* bias_h = a.base + lay.bias + h * N * Np;
     double* db_h = acc + bl.a_db + h * N * Np;
     for (int64_t k0 = 0; k0 < N; k0 += kBwdTileK) {
       const int64_t span = std::min(kBwdTileK, N - k0);
       PackKeyTile<float>(
-          c, span, kBwdTileK, [&](int64_t jt) { return proj + (k0 + jt) * Op + Hc + h * c; },
+          c, c, span, kBwdTileK, [&](int64_t jt) { return proj + (k0 + jt) * Op + Hc + h * c; },
           [&](int64_t jt) { return proj + (k0 + jt) * Op + 2 * Hc + h * c; }, none, k0, kg.pack(), rows_buf);
       std::fill_n(kg.dkt, c * kBwdTileK, 0.f);
       std::fill_n(kg.dvt, c * kBwdTileK, 0.f);
       for (int64_t r0 = 0; r0 < N; r0 += kBwdTileQ) {
         const int64_t rows = std::min(kBwdTileQ, N - r0);
-        BackwardPair(df, c, qs, dq, r0, rows, span, kg, pt, [&](float* sc, int64_t ncols, float*) {
+        BackwardPair(df, c, c, qs, dq, r0, rows, span, kg, pt, [&](float* sc, int64_t ncols, float*) {
           for (int64_t r = 0; r < rows; ++r) {  // + b_jk + mask bias, as the forward adds them
             float* sr = sc + r * pt.ld;
             const float* br = bias_h + (r0 + r) * Np + k0;
@@ -521,7 +521,7 @@ static void TriangleBackwardRow(const cpu_triangle::BackwardArgs& a, int64_t i, 
         }
       }
       StoreKeyGrads(
-          kg, c, span, none, k0, [&](int64_t jt) { return dproj + (k0 + jt) * Op + Hc + h * c; },
+          kg, c, c, span, none, k0, [&](int64_t jt) { return dproj + (k0 + jt) * Op + Hc + h * c; },
           [&](int64_t jt) { return dproj + (k0 + jt) * Op + 2 * Hc + h * c; });
     }
     for (int64_t j = 0; j < N; ++j) StoreQueryGrad(dproj + j * Op + h * c, dq + j * Dp, 1, 0, c, inv_sqrt_c, none, j);

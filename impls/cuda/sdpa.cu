@@ -542,6 +542,8 @@ void validate_common(const SdpaParams& p) {
                                 std::to_string(p.D));
   if (p.H % p.Hkv != 0) throw std::invalid_argument("sdpa cuda: H must be a multiple of Hkv");
   if (p.rope != SdpaRope::none && p.D % 2 != 0) throw std::invalid_argument("sdpa cuda: RoPE needs an even D");
+  if (sdpa_value_dim(p) != p.D)
+    throw std::invalid_argument("sdpa cuda: Dv must equal D (a separate value head dimension is CPU only)");
 }
 
 /// Fills the RoPE table (when p.rope is set) at base; returns {cos, sin} or {null, null}.
