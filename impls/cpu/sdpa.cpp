@@ -175,8 +175,8 @@ struct BackwardLayout {
     splits = std::clamp<int64_t>((4 * int64_t(threads) + groups - 1) / groups, 1, std::min<int64_t>(n_kt, 8));
     if (groups >= 2 * int64_t(threads)) splits = 1;
     owned = splits == 1;
-    side = round_up(R * p.D, 16) + round_up(R * Dv, 16) + (p.D + Dv) * ld + 4 * ld;  // qs, dout, qst, dot,
-                                                                                     // lse2 (hi, lo), delta, lim
+    // qs, dout, qst, dot, lse2 (hi, lo), delta, lim
+    side = round_up(R * p.D, 16) + round_up(R * Dv, 16) + (p.D + Dv) * ld + 4 * ld;
     dq = ld * Dp;
     rope = RopeSpan(p).floats;
     per_thread = key_tile_floats() + 2 * kBwdTileQ * kBwdTileK + pack_rows_floats(p.D, Dv);
