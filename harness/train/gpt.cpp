@@ -120,6 +120,10 @@ struct Gpt<Real>::Layer {
   // this block's own values and the mix logits (value residual, blocks after
   // the first: v holds the mixed values), the up projection (glu).
   Real *g = nullptr, *ag = nullptr, *vl = nullptr, *z = nullptr, *u = nullptr;
+  // Fused selective attention (f32): what its forward keeps for the backward
+  // (projections, augmented queries/keys, attention output, lse), in `keep`.
+  Real* keep = nullptr;
+  SelectiveSaved saved{};
 };
 
 /// `window` attention: the sliding_window mask over a sequence's T positions and its
@@ -233,7 +237,7 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
                                 cpu::sdpa_backward_fused_scratch_bytes(bp, threads_));
     } else if (c.attention == AttentionKind::selective) {
       const SelectiveParams sp = selective_params(c, B);
-      scratch_bytes_ = std::max(cpu::selective_forward_fused_scratch_bytes(sp, threads_),
+      scratch_bytes_ = std::max(cpu::selective_forward_fused_scratch_bytes(sp, threads_, true),
                                 cpu::selective_backward_fused_scratch_bytes(sp, threads_));
     } else if (c.attention == AttentionKind::window) {
       MaskedBackwardParams bp;
@@ -275,6 +279,8 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
       slots.push_back({&ly.z, N * c.heads});
     }
     if (o.glu) slots.push_back({&ly.u, N * 4 * d});
+    if (std::is_same_v<Real, float> && c.attention == AttentionKind::selective)
+      slots.push_back({&ly.keep, int64_t(cpu::selective_saved_bytes(selective_params(c, B)) / sizeof(float))});
   }
   slots.push_back({&logits_, N * V});
   slots.push_back({&dH_, std::max(N * 4 * d, N * V)});  // also the logits' gradient
@@ -300,6 +306,8 @@ Gpt<Real>::Gpt(const GptConfig& c, int64_t B, int threads)
     at += align_up(size_t(s.n) * sizeof(Real));
   }
   scratch_ = at;
+  for (Layer& ly : layers_)
+    if (ly.keep) ly.saved = cpu::selective_saved_at(selective_params(c, B), ly.keep);
 
   // Each layout entry to its parameter and gradient views; what the config lacks stays null.
   for (const ParamInfo& pi : layout_) {
@@ -448,7 +456,7 @@ void Gpt<Real>::attention_forward(size_t l, const Real* x) {
     SelectiveParams p = selective_params(c, B_, x, ly.wq, ly.wk, ly.wv);
     p.o = ly.att;
     if (c.attention == AttentionKind::selective)
-      cpu::selective_forward_fused(p, scratch_, threads_);
+      cpu::selective_forward_fused(p, scratch_, threads_, &ly.saved);
     else
       cpu::selective_forward_materialized(p, scratch_, threads_);
   } else {
@@ -521,7 +529,7 @@ void Gpt<Real>::attention_backward(size_t l, const Real* x, Real* dx) {
     p.dwk = ly.dwk;
     p.dwv = ly.dwv;
     if (c.attention == AttentionKind::selective)
-      cpu::selective_backward_fused(p, scratch_, threads_);
+      cpu::selective_backward_fused(p, ly.saved, scratch_, threads_);
     else
       cpu::selective_backward_materialized(p, scratch_, threads_);
   } else {

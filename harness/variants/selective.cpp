@@ -59,8 +59,9 @@ SelectiveParams kernel_params(const ref::SelectiveDims& d, DType dtype) {
 enum class Algo { fused, materialized };
 
 /// One instance for both CPU algorithms and every pass: fwd runs the forward,
-/// bwd the backward alone (it recomputes the projections and the softmax, so
-/// there is nothing to save in setup), fwd_bwd both.
+/// bwd the backward alone (the fused form's forward runs in setup and saves
+/// what its backward reads; the materialized form saves nothing and recomputes),
+/// fwd_bwd both.
 class SelectiveCpuInstance final : public Instance {
  public:
   SelectiveCpuInstance(const ImplArgs& a, Algo algo) : algo_(algo), pass_(a.pass) {
@@ -79,13 +80,19 @@ class SelectiveCpuInstance final : public Instance {
       p_.dwq = a.outputs.at("dwq").data<float>();
       p_.dwk = a.outputs.at("dwk").data<float>();
       p_.dwv = a.outputs.at("dwv").data<float>();
+      if (algo == Algo::fused)
+        saved_ = cpu::selective_saved_at(p_, a.workspace.allocate(cpu::selective_saved_bytes(p_)));
     }
-    // Every pass may run the forward (bwd fills o in setup): room for both.
-    const size_t bytes = algo == Algo::fused
-                             ? std::max(cpu::selective_forward_fused_scratch_bytes(p_, threads_),
-                                        cpu::selective_backward_fused_scratch_bytes(p_, threads_))
-                             : std::max(cpu::selective_forward_materialized_scratch_bytes(p_, threads_),
-                                        cpu::selective_backward_materialized_scratch_bytes(p_, threads_));
+    // A pass that runs the backward has room for both entry points (bwd runs
+    // the forward in setup).
+    const bool bwd = runs_backward(pass_);
+    size_t bytes = 0;
+    if (algo == Algo::fused)
+      bytes = std::max(cpu::selective_forward_fused_scratch_bytes(p_, threads_, bwd),
+                       bwd ? cpu::selective_backward_fused_scratch_bytes(p_, threads_) : 0);
+    else
+      bytes = std::max(cpu::selective_forward_materialized_scratch_bytes(p_, threads_),
+                       bwd ? cpu::selective_backward_materialized_scratch_bytes(p_, threads_) : 0);
     scratch_ = a.workspace.allocate(bytes);
     // bwd: the forward output is the harness's to fill (it is not checked in
     // bwd).
@@ -95,7 +102,7 @@ class SelectiveCpuInstance final : public Instance {
     if (runs_forward(pass_)) forward();
     if (runs_backward(pass_)) {
       if (algo_ == Algo::fused)
-        cpu::selective_backward_fused(p_, scratch_, threads_);
+        cpu::selective_backward_fused(p_, saved_, scratch_, threads_);
       else
         cpu::selective_backward_materialized(p_, scratch_, threads_);
     }
@@ -104,7 +111,7 @@ class SelectiveCpuInstance final : public Instance {
  private:
   void forward() {
     if (algo_ == Algo::fused)
-      cpu::selective_forward_fused(p_, scratch_, threads_);
+      cpu::selective_forward_fused(p_, scratch_, threads_, runs_backward(pass_) ? &saved_ : nullptr);
     else
       cpu::selective_forward_materialized(p_, scratch_, threads_);
   }
@@ -113,6 +120,7 @@ class SelectiveCpuInstance final : public Instance {
   SelectiveParams p_;
   int threads_ = 1;
   void* scratch_ = nullptr;
+  SelectiveSaved saved_{};
 };
 
 #if ATTNBENCH_HAVE_CUDA
@@ -332,11 +340,12 @@ class SelectiveVariant final : public Variant {
   }
 
  private:
-  /// Scratch of an implementation's entry point (forward or backward).
+  /// Scratch of an implementation's entry point (forward or backward; the
+  /// fused CPU backward's with the forward's saved state).
   static double scratch_bytes(const std::string& impl, const SelectiveParams& kp, bool backward) {
     const int t = omp_get_max_threads();
     if (impl == "cpu")
-      return double(backward ? cpu::selective_backward_fused_scratch_bytes(kp, t)
+      return double(backward ? cpu::selective_backward_fused_scratch_bytes(kp, t) + cpu::selective_saved_bytes(kp)
                              : cpu::selective_forward_fused_scratch_bytes(kp, t));
     if (impl == "cpu_materialized")
       return double(backward ? cpu::selective_backward_materialized_scratch_bytes(kp, t)

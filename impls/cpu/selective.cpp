@@ -29,11 +29,12 @@
 //          a causal row always holds j = i).
 //   The forward runs impls/cpu/sdpa.hpp's sdpa_forward_fused on q', k' (head
 //   dimension 2·dh with RoPE) and the values D x read in place (Dv = dh), the
-//   output written straight into o; q' carries √2 so that the kernel's
-//   1/√(2 dh) is the layer's 1/√dh. The backward recomputes that forward
-//   (saving the rows' log-sum-exp), runs sdpa_backward_fused on the same
-//   operands (dO and d(D x) in the layer's own (B·T, d) layout), then the chain
-//   rule through u, RoPE and the five projections.
+//   output kept with its rows' log-sum-exp (SelectiveSaved) and o = it + C q;
+//   q' carries √2 so that the kernel's 1/√(2 dh) is the layer's 1/√dh. The
+//   backward reads what the forward saved (projections, q', k', output, lse),
+//   runs sdpa_backward_fused on the same operands (dO and d(D x) in the layer's
+//   own (B·T, d) layout), then the chain rule through u, RoPE and the five
+//   projections.
 //
 // Strategies (T 300, d 64, H 2, B 16, 2 shared cores; docs/selective.md):
 //   Highway foreach_target around auto-vectorized loops (the build has no
@@ -45,7 +46,8 @@
 //   fused: the sdpa kernels reused (forward and backward), v and dO padded to
 //     2·dh with RoPE (P·V at 2·dh, +50% attention FLOPs); then the kernels'
 //     separate value head dimension (SdpaParams::Dv) instead of the padding
-//     (docs/selective.md has the measurement).
+//     (docs/selective.md has the measurement); then the forward's state saved
+//     for the backward (SelectiveSaved) instead of recomputed there.
 #include "impls/cpu/selective.hpp"
 
 #include <omp.h>
@@ -174,50 +176,64 @@ void axpy(float* y, float a, const float* x, int64_t n) {
 
 // ---------------------------------------------------------------- fused ----
 
-/// Scratch of the fused form (forward and backward share the front part).
+/// What the fused forward computes and the backward reads (SelectiveSaved),
+/// carved from `c`: the caller's buffer (selective_saved_at) or the scratch of
+/// a forward that keeps nothing.
+SelectiveSaved carve_saved(const SelectiveParams& p, Carve& c) {
+  const size_t bt = size_t(p.B * p.T), d = size_t(p.d), aug = p.rope ? 2 * bt * d : 0;
+  SelectiveSaved s;
+  s.Q = c.take(bt * d), s.KB = c.take(bt * d), s.VD = c.take(bt * d), s.o = c.take(bt * d);
+  s.A = p.rope ? c.take(bt * d) : nullptr;
+  s.q2 = p.rope ? c.take(aug) : nullptr, s.k2 = p.rope ? c.take(aug) : nullptr;
+  s.lse = c.take(size_t(p.B * p.H * p.T));
+  return s;
+}
+
+/// Scratch of the fused form. The forward's state (Q, A q, B x, D x, q', k',
+/// the attention output and its lse) lives in a SelectiveSaved: the caller's
+/// when it keeps it for the backward, else carved from the forward's scratch.
 struct Fused {
   int64_t dh = 0, half = 0, Dk = 0, BT = 0;
   size_t bytes = 0;  // scratch the layout needs
   float gamma = 1;   // q' carries √(Dk/dh) so that sdpa's 1/√Dk is 1/√dh
   float *X, *Wq, *Wk, *Wv, *cs, *sn,
-      *g;                       // g: the projections' GEMM scratch (gemm_floats)
-  float *Q, *A, *KB, *CQ, *VD;  // (BT, d): q, A q, B x, C q, D x
-  float *q2, *k2;               // (BT, H, Dk) augmented queries and keys (RoPE only)
-  float* o2;                    // (BT, d) the recomputed attention output the sdpa backward reads (backward only)
+      *g;               // g: the projections' GEMM scratch (gemm_floats)
+  SelectiveSaved s;     // Q, A, KB, VD (BT, d); q2, k2 (BT, H, Dk) with RoPE; o (BT, d) the attention output; lse
+  float* CQ = nullptr;  // (BT, d) C q (forward only)
   void* sdpa_scratch = nullptr;
   // backward
   float *dO, *dq2, *dKB, *dVD, *dQ, *dA, *dX;
   float* dk2 = nullptr;  // (BT, H, Dk) the augmented keys' gradient (RoPE only; first dh columns: d(R b))
-  float* lse = nullptr;  // (B, H, T) from the recomputed forward
 };
 
 /// The attention on the SDPA kernels: queries and keys q', k' with RoPE (head
 /// dimension Dk = 2·dh, (BT, H, Dk) buffers), else q and B x; the values D x,
-/// the output and their gradients in the layer's (B·T, d) layout (Dv = dh), the
-/// output written into `o` (o_strides: the forward's p.o, the backward's o2).
+/// the output and their gradients in the layer's (B·T, d) layout (Dv = dh).
 SdpaParams fused_sdpa_params(const SelectiveParams& p, const Fused& f) {
   SdpaParams s = selective_math::attention_params(p);
   s.Dv = f.dh;
   s.v_strides = s.o_strides = {p.T * p.d, f.dh, p.d};
+  s.q = p.rope ? f.s.q2 : f.s.Q, s.k = p.rope ? f.s.k2 : f.s.KB, s.v = f.s.VD;
+  s.o = f.s.o, s.lse = f.s.lse;
   return s;
 }
 
-/// The attention backward: sdpa_backward_fused reading the recomputed forward's
-/// o2 and lse. Gradients land in dq2 (laid out like q2, or like Q without RoPE),
-/// dk2 (RoPE: augmented, its first dh columns per head are d(R b)) or straight in
+/// The attention backward: sdpa_backward_fused reading the forward's output and
+/// lse. Gradients land in dq2 (laid out like q2, or like Q without RoPE), dk2
+/// (RoPE: augmented, its first dh columns per head are d(R b)) or straight in
 /// dKB without RoPE, and d(D x) straight in dVD.
 SdpaBackwardParams fused_sdpa_backward_params(const SelectiveParams& p, const Fused& f) {
   SdpaBackwardParams b;
   b.fwd = fused_sdpa_params(p, f);
-  b.fwd.lse = f.lse;
-  b.fwd.q = p.rope ? f.q2 : f.Q, b.fwd.k = p.rope ? f.k2 : f.KB, b.fwd.v = f.VD, b.fwd.o = f.o2;
   b.dout = f.dO, b.dq = f.dq2, b.dk = p.rope ? f.dk2 : f.dKB, b.dv = f.dVD;
   b.dq_strides = b.dk_strides = b.fwd.q_strides;
   b.do_strides = b.dv_strides = b.fwd.v_strides;
   return b;
 }
 
-Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* base) {
+/// The forward's layout (`saved` null: its state carved here too) or the
+/// backward's (`saved` required: the forward's state).
+Fused fused_layout(const SelectiveParams& p, int threads, bool backward, const SelectiveSaved* saved, char* base) {
   Fused f;
   Carve c{base};
   f.dh = p.d / p.H, f.half = f.dh / 2, f.Dk = p.rope ? 2 * f.dh : f.dh, f.BT = p.B * p.T;
@@ -226,50 +242,53 @@ Fused fused_layout(const SelectiveParams& p, int threads, bool backward, char* b
   f.X = c.take(bt * d), f.Wq = c.take(d * d), f.Wk = c.take(2 * d * d), f.Wv = c.take(2 * d * d);
   f.cs = c.take(size_t(p.T * f.half) + 1), f.sn = c.take(size_t(p.T * f.half) + 1);
   f.g = c.take(gemm_floats(p.d, threads));
-  f.Q = c.take(bt * d), f.A = c.take(bt * d), f.KB = c.take(bt * d), f.CQ = c.take(bt * d), f.VD = c.take(bt * d);
-  const size_t aug = size_t(f.BT * p.H * f.Dk);
-  f.q2 = f.k2 = f.o2 = f.dk2 = nullptr;
-  if (p.rope) f.q2 = c.take(aug), f.k2 = c.take(aug);
-  if (backward) f.o2 = c.take(bt * d);
-  if (backward && p.rope) f.dk2 = c.take(aug);
-  size_t sdpa_bytes = sdpa_forward_fused_scratch_bytes(fused_sdpa_params(p, f), threads);
-  if (backward) {
-    f.dO = c.take(bt * d), f.dq2 = c.take(aug), f.dKB = c.take(bt * d), f.dVD = c.take(bt * d);
-    f.dQ = c.take(bt * d), f.dA = c.take(bt * d), f.dX = c.take(bt * d);
-    f.lse = c.take(size_t(p.B * p.H * p.T));
-    // The forward's and the backward's work space are used one after the other.
-    sdpa_bytes = std::max(sdpa_bytes, sdpa_backward_fused_scratch_bytes(fused_sdpa_backward_params(p, f), threads));
+  f.s = saved ? *saved : carve_saved(p, c);
+  if (!backward) {
+    f.CQ = c.take(bt * d);
+    f.sdpa_scratch = c.take_bytes(sdpa_forward_fused_scratch_bytes(fused_sdpa_params(p, f), threads));
+    f.bytes = c.off;
+    return f;
   }
-  f.sdpa_scratch = c.take_bytes(sdpa_bytes);
+  const size_t aug = size_t(f.BT * p.H * f.Dk);
+  f.dO = c.take(bt * d), f.dq2 = c.take(aug), f.dKB = c.take(bt * d), f.dVD = c.take(bt * d);
+  f.dQ = c.take(bt * d), f.dA = c.take(bt * d), f.dX = c.take(bt * d);
+  if (p.rope) f.dk2 = c.take(aug);
+  f.sdpa_scratch = c.take_bytes(sdpa_backward_fused_scratch_bytes(fused_sdpa_backward_params(p, f), threads));
   f.bytes = c.off;
   return f;
 }
 
-/// Projections and the augmented queries/keys shared by forward and backward.
-void fused_prepare(const SelectiveParams& p, Fused& f, int threads) {
-  const int64_t d = p.d, H = p.H, dh = f.dh, half = f.half, Dk = f.Dk;
+/// x and the weights in f32, and the RoPE tables: what forward and backward read.
+void fused_load(const SelectiveParams& p, Fused& f) {
+  const int64_t d = p.d;
   load_btd(f.X, p.x, p.dtype, p, p.x_strides);
   load_rows(f.Wq, p.wq, p.dtype, d, d, d);
   load_rows(f.Wk, p.wk, p.dtype, d, 2 * d, 2 * d);
   load_rows(f.Wv, p.wv, p.dtype, d, 2 * d, 2 * d);
-  linear(f.Q, f.X, f.Wq, d, f.BT, d, d, f.g, threads);
-  linear(f.KB, f.X, f.Wk + d, 2 * d, f.BT, d, d, f.g, threads);
-  linear(f.CQ, f.Q, f.Wv, 2 * d, f.BT, d, d, f.g, threads);
-  linear(f.VD, f.X, f.Wv + d, 2 * d, f.BT, d, d, f.g, threads);
+  if (p.rope) rope_table(f.cs, f.sn, p.T, f.dh);
+}
+
+/// The forward's projections and augmented queries/keys.
+void fused_project(const SelectiveParams& p, Fused& f, int threads) {
+  const int64_t d = p.d, H = p.H, dh = f.dh, half = f.half, Dk = f.Dk;
+  const SelectiveSaved& s = f.s;
+  linear(s.Q, f.X, f.Wq, d, f.BT, d, d, f.g, threads);
+  linear(s.KB, f.X, f.Wk + d, 2 * d, f.BT, d, d, f.g, threads);
+  linear(f.CQ, s.Q, f.Wv, 2 * d, f.BT, d, d, f.g, threads);
+  linear(s.VD, f.X, f.Wv + d, 2 * d, f.BT, d, d, f.g, threads);
   if (!p.rope) return;
-  linear(f.A, f.Q, f.Wk, 2 * d, f.BT, d, d, f.g, threads);
-  rope_table(f.cs, f.sn, p.T, dh);
+  linear(s.A, s.Q, f.Wk, 2 * d, f.BT, d, d, f.g, threads);
 #pragma omp parallel for num_threads(threads)
   for (int64_t bt = 0; bt < f.BT; ++bt) {
     const int64_t i = bt % p.T;
     const float* cs = f.cs + i * half;
     const float* sn = f.sn + i * half;
     for (int64_t h = 0; h < H; ++h) {
-      const float* q = f.Q + bt * d + h * dh;
-      const float* a = f.A + bt * d + h * dh;
-      const float* kb = f.KB + bt * d + h * dh;
-      float* q2 = f.q2 + (bt * H + h) * Dk;
-      float* k2 = f.k2 + (bt * H + h) * Dk;
+      const float* q = s.Q + bt * d + h * dh;
+      const float* a = s.A + bt * d + h * dh;
+      const float* kb = s.KB + bt * d + h * dh;
+      float* q2 = s.q2 + (bt * H + h) * Dk;
+      float* k2 = s.k2 + (bt * H + h) * Dk;
       for (int64_t t = 0; t < half; ++t)
         selective_math::augment_pair(q, a, kb, cs[t], sn[t], f.gamma, t, half, q2, k2);
     }
@@ -376,11 +395,22 @@ void mat_query_forward(const SelectiveParams& p, const Materialized& m, int64_t 
 
 }  // namespace
 
-size_t ForwardFusedBytes(const SelectiveParams& p, int threads) {
-  return fused_layout(p, threads, false, nullptr).bytes;
+size_t ForwardFusedBytes(const SelectiveParams& p, int threads, bool saving) {
+  const SelectiveSaved caller{};  // with `saving` the state is the caller's
+  return fused_layout(p, threads, false, saving ? &caller : nullptr, nullptr).bytes;
 }
 size_t BackwardFusedBytes(const SelectiveParams& p, int threads) {
-  return fused_layout(p, threads, true, nullptr).bytes;
+  const SelectiveSaved caller{};
+  return fused_layout(p, threads, true, &caller, nullptr).bytes;
+}
+size_t SavedBytes(const SelectiveParams& p) {
+  Carve c;
+  carve_saved(p, c);
+  return c.off;
+}
+SelectiveSaved SavedAt(const SelectiveParams& p, void* base) {
+  Carve c{static_cast<char*>(base)};
+  return carve_saved(p, c);
 }
 size_t ForwardMaterializedBytes(const SelectiveParams& p, int threads) {
   size_t n = 0;
@@ -393,39 +423,30 @@ size_t BackwardMaterializedBytes(const SelectiveParams& p, int threads) {
   return n;
 }
 
-/// The attention part (fused_sdpa_params) into `o` with strides o_strides; the lse
-/// when f.lse is set.
-void fused_attention_forward(const SelectiveParams& p, const Fused& f, float* o, SdpaStrides o_strides, int threads) {
-  SdpaParams s = fused_sdpa_params(p, f);
-  s.q = p.rope ? f.q2 : f.Q, s.k = p.rope ? f.k2 : f.KB, s.v = f.VD;
-  s.o = o, s.o_strides = o_strides;
-  s.lse = f.lse;
-  sdpa_forward_fused(s, f.sdpa_scratch, threads);
-}
-
-void ForwardFused(const SelectiveParams& p, void* scratch, int threads) {
-  Fused f = fused_layout(p, threads, false, static_cast<char*>(scratch));
-  fused_prepare(p, f, threads);
+void ForwardFused(const SelectiveParams& p, void* scratch, int threads, const SelectiveSaved* saved) {
+  Fused f = fused_layout(p, threads, false, saved, static_cast<char*>(scratch));
+  fused_load(p, f);
+  fused_project(p, f, threads);
+  // o_i = Σ_j p_ij D x_j (the attention, kept with its lse), then + C q_i.
+  sdpa_forward_fused(fused_sdpa_params(p, f), f.sdpa_scratch, threads);
   const int64_t d = p.d;
-  // o_i = Σ_j p_ij D x_j (the attention, straight into o), then + C q_i.
-  fused_attention_forward(p, f, p.o, {p.o_strides.b, f.dh, p.o_strides.t}, threads);
 #pragma omp parallel for num_threads(threads)
   for (int64_t bt = 0; bt < f.BT; ++bt) {
     float* o = p.o + (bt / p.T) * p.o_strides.b + (bt % p.T) * p.o_strides.t;
-    const float* cq = f.CQ + bt * d;
-    for (int64_t c = 0; c < d; ++c) o[c] += cq[c];
+    const float *att = f.s.o + bt * d, *cq = f.CQ + bt * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = att[c] + cq[c];
   }
 }
 
-void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
-  Fused f = fused_layout(p, threads, true, static_cast<char*>(scratch));
-  fused_prepare(p, f, threads);
+void BackwardFused(const SelectiveParams& p, const SelectiveSaved& saved, void* scratch, int threads) {
+  Fused f = fused_layout(p, threads, true, &saved, static_cast<char*>(scratch));
+  fused_load(p, f);
+  const SelectiveSaved& s = f.s;
   const int64_t d = p.d, H = p.H, T = p.T, dh = f.dh, half = f.half, Dk = f.Dk, BT = f.BT;
   const size_t n = size_t(BT * d);
   load_btd(f.dO, p.dout, p.dtype, p, p.dout_strides);
-  // Attention backward on q' (Dk) and D x: the forward recomputed (saving its
-  // lse), then sdpa's fused backward: dq', d(R b), d(D x).
-  fused_attention_forward(p, f, f.o2, fused_sdpa_backward_params(p, f).fwd.o_strides, threads);
+  // Attention backward on q' (Dk) and D x from the forward's output and lse:
+  // dq', d(R b), d(D x).
   sdpa_backward_fused(fused_sdpa_backward_params(p, f), f.sdpa_scratch, threads);
   // Through q' = γ [R_i q_i, u_i(q_i, a_i)] and k' = [R_j b_j, c_j] back to q,
   // a = A q and b = B x.
@@ -437,8 +458,8 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
       const float* sn = f.sn + i * half;
       for (int64_t h = 0; h < H; ++h) {
         const float* dq2 = f.dq2 + (bt * H + h) * Dk;
-        const float* qh = f.Q + bt * d + h * dh;
-        const float* ah = f.A + bt * d + h * dh;
+        const float* qh = s.Q + bt * d + h * dh;
+        const float* ah = s.A + bt * d + h * dh;
         float* dq = f.dQ + bt * d + h * dh;
         float* da = f.dA + bt * d + h * dh;
         float* dkb = f.dKB + bt * d + h * dh;
@@ -448,8 +469,7 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
       }
     }
   } else {
-    std::memcpy(f.dQ, f.dq2,
-                n * sizeof(float));  // dq2 laid out like Q without RoPE
+    std::memcpy(f.dQ, f.dq2, n * sizeof(float));  // dq2 laid out like Q without RoPE
   }
   // The five projections: a = A q, b = B x, Cq, D x, q = wq x.
   std::fill(p.dwq, p.dwq + d * d, 0.0f);
@@ -458,10 +478,10 @@ void BackwardFused(const SelectiveParams& p, void* scratch, int threads) {
   std::fill(f.dX, f.dX + n, 0.0f);
   if (p.rope) {
     linear_dx(f.dQ, f.dA, f.Wk, 2 * d, BT, d, d, f.g, threads);
-    linear_dw(p.dwk, 2 * d, f.dA, f.Q, BT, d, d, f.g, threads);
+    linear_dw(p.dwk, 2 * d, f.dA, s.Q, BT, d, d, f.g, threads);
   }
   linear_dx(f.dQ, f.dO, f.Wv, 2 * d, BT, d, d, f.g, threads);
-  linear_dw(p.dwv, 2 * d, f.dO, f.Q, BT, d, d, f.g, threads);
+  linear_dw(p.dwv, 2 * d, f.dO, s.Q, BT, d, d, f.g, threads);
   linear_dw(p.dwk + d, 2 * d, f.dKB, f.X, BT, d, d, f.g, threads);
   linear_dw(p.dwv + d, 2 * d, f.dVD, f.X, BT, d, d, f.g, threads);
   linear_dw(p.dwq, d, f.dQ, f.X, BT, d, d, f.g, threads);
@@ -591,6 +611,8 @@ namespace attnbench::cpu {
 
 HWY_EXPORT(ForwardFusedBytes);
 HWY_EXPORT(BackwardFusedBytes);
+HWY_EXPORT(SavedBytes);
+HWY_EXPORT(SavedAt);
 HWY_EXPORT(ForwardMaterializedBytes);
 HWY_EXPORT(BackwardMaterializedBytes);
 HWY_EXPORT(ForwardFused);
@@ -607,11 +629,15 @@ void check(const SelectiveParams& p, const char* who) {
 }
 }  // namespace
 
-size_t selective_forward_fused_scratch_bytes(const SelectiveParams& p, int threads) {
-  return HWY_DYNAMIC_DISPATCH(ForwardFusedBytes)(p, std::max(1, threads));
+size_t selective_forward_fused_scratch_bytes(const SelectiveParams& p, int threads, bool saving) {
+  return HWY_DYNAMIC_DISPATCH(ForwardFusedBytes)(p, std::max(1, threads), saving);
 }
 size_t selective_backward_fused_scratch_bytes(const SelectiveParams& p, int threads) {
   return HWY_DYNAMIC_DISPATCH(BackwardFusedBytes)(p, std::max(1, threads));
+}
+size_t selective_saved_bytes(const SelectiveParams& p) { return HWY_DYNAMIC_DISPATCH(SavedBytes)(p); }
+SelectiveSaved selective_saved_at(const SelectiveParams& p, void* base) {
+  return HWY_DYNAMIC_DISPATCH(SavedAt)(p, base);
 }
 size_t selective_forward_materialized_scratch_bytes(const SelectiveParams& p, int threads) {
   return HWY_DYNAMIC_DISPATCH(ForwardMaterializedBytes)(p, std::max(1, threads));
@@ -619,13 +645,13 @@ size_t selective_forward_materialized_scratch_bytes(const SelectiveParams& p, in
 size_t selective_backward_materialized_scratch_bytes(const SelectiveParams& p, int threads) {
   return HWY_DYNAMIC_DISPATCH(BackwardMaterializedBytes)(p, std::max(1, threads));
 }
-void selective_forward_fused(const SelectiveParams& p, void* scratch, int threads) {
+void selective_forward_fused(const SelectiveParams& p, void* scratch, int threads, const SelectiveSaved* saved) {
   check(p, "selective_forward_fused");
-  HWY_DYNAMIC_DISPATCH(ForwardFused)(p, scratch, std::max(1, threads));
+  HWY_DYNAMIC_DISPATCH(ForwardFused)(p, scratch, std::max(1, threads), saved);
 }
-void selective_backward_fused(const SelectiveParams& p, void* scratch, int threads) {
+void selective_backward_fused(const SelectiveParams& p, const SelectiveSaved& saved, void* scratch, int threads) {
   check(p, "selective_backward_fused");
-  HWY_DYNAMIC_DISPATCH(BackwardFused)(p, scratch, std::max(1, threads));
+  HWY_DYNAMIC_DISPATCH(BackwardFused)(p, saved, scratch, std::max(1, threads));
 }
 void selective_forward_materialized(const SelectiveParams& p, void* scratch, int threads) {
   check(p, "selective_forward_materialized");

@@ -46,20 +46,45 @@ struct SelectiveParams {
   float* dwv = nullptr;  // (d, 2d) dense
 };
 
+/// What the fused forward keeps for the backward (FlashAttention's convention:
+/// the attention's inputs, output and log-sum-exp; the probabilities are
+/// recomputed per tile). Every buffer is (B·T, ·) f32, token-major:
+struct SelectiveSaved {
+  float* Q = nullptr;    // (B·T, d)       q = wq x
+  float* A = nullptr;    // (B·T, d)       A q (RoPE only, else null)
+  float* KB = nullptr;   // (B·T, d)       B x
+  float* VD = nullptr;   // (B·T, d)       D x, the attention's values
+  float* q2 = nullptr;   // (B·T, H, 2dh)  the augmented queries q' (RoPE only)
+  float* k2 = nullptr;   // (B·T, H, 2dh)  the augmented keys k' (RoPE only)
+  float* o = nullptr;    // (B·T, d)       the attention output Σ_j p_ij D x_j (o − C q)
+  float* lse = nullptr;  // (B, H, T)      its rows' natural-log log-sum-exp
+};
+
 namespace cpu {
 
+/// Bytes of a SelectiveSaved (64-byte aligned buffers) and its buffers carved
+/// from `base` (that many bytes, 64-byte aligned).
+size_t selective_saved_bytes(const SelectiveParams& p);
+SelectiveSaved selective_saved_at(const SelectiveParams& p, void* base);
+
 /// Bytes of 64-byte aligned scratch each entry point needs with `threads`
-/// OpenMP threads.
-size_t selective_forward_fused_scratch_bytes(const SelectiveParams& p, int threads);
+/// OpenMP threads (`saving`: the forward is given a SelectiveSaved, so its
+/// state is not in the scratch).
+size_t selective_forward_fused_scratch_bytes(const SelectiveParams& p, int threads, bool saving = false);
 size_t selective_backward_fused_scratch_bytes(const SelectiveParams& p, int threads);
 size_t selective_forward_materialized_scratch_bytes(const SelectiveParams& p, int threads);
 size_t selective_backward_materialized_scratch_bytes(const SelectiveParams& p, int threads);
 
-/// o (f32 arithmetic and output) from x, wq, wk, wv.
-void selective_forward_fused(const SelectiveParams& p, void* scratch, int threads);
-/// dx, dwq, dwk, dwv from x, the weights and dout (recomputes the projections
-/// and the softmax statistics; does not write o).
-void selective_backward_fused(const SelectiveParams& p, void* scratch, int threads);
+/// o (f32 arithmetic and output) from x, wq, wk, wv; with `saved`, what the
+/// backward reads is kept there.
+void selective_forward_fused(const SelectiveParams& p, void* scratch, int threads,
+                             const SelectiveSaved* saved = nullptr);
+/// dx, dwq, dwk, dwv from x, the weights, dout and what the forward with the
+/// same x and weights saved (nothing of the forward is recomputed but the
+/// attention's probabilities, per tile).
+void selective_backward_fused(const SelectiveParams& p, const SelectiveSaved& saved, void* scratch, int threads);
+/// The materialized form keeps nothing: its backward rebuilds every query's
+/// keys and values (the seed's cost).
 void selective_forward_materialized(const SelectiveParams& p, void* scratch, int threads);
 void selective_backward_materialized(const SelectiveParams& p, void* scratch, int threads);
 

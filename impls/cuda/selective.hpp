@@ -16,7 +16,7 @@ size_t selective_forward_fused_cuda_scratch_bytes(const SelectiveParams& p);
 size_t selective_backward_fused_cuda_scratch_bytes(const SelectiveParams& p);
 
 /// Enqueue the fused exact form on `stream` (a cudaStream_t): the forward writes o, the
-/// backward dx, dwq, dwk, dwv (recomputing the forward, as the CPU entry point does).
+/// backward dx, dwq, dwk, dwv (recomputing the forward; the CPU entry point reads a saved one).
 /// x, the weights and dout: f32 or bf16; everything written is f32. Throws
 /// std::invalid_argument when the augmented head dimension exceeds the SDPA kernel's limit,
 /// std::runtime_error on launch errors.
